@@ -1,0 +1,32 @@
+"""Call: what the serving layer knows about the request it works for.
+
+Generators outlive Flask's request context, so the request id and the timing travel in
+this object instead of ``flask.g``.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Iterator
+
+
+@dataclass
+class Call:
+    request_id: str
+    started: float = field(default_factory=perf_counter)
+    upstream_seconds: float = 0.0  # time spent waiting on the controller and workers
+
+    @contextmanager
+    def waiting_upstream(self) -> Iterator[None]:
+        began = perf_counter()
+        try:
+            yield
+        finally:
+            self.upstream_seconds += perf_counter() - began
+
+    def server_timing(self) -> str:
+        """The Server-Timing header: the gateway's own time and the time spent upstream."""
+        total = perf_counter() - self.started
+        own = max(total - self.upstream_seconds, 0.0)
+        return f"gateway;dur={own * 1000:.2f}, upstream;dur={self.upstream_seconds * 1000:.2f}"

@@ -1,0 +1,208 @@
+"""Settings for the gateway and the controller: one frozen dataclass each.
+
+Every setting has a command-line flag and a ``FLASKCHAT_*`` environment variable; a flag
+beats the variable, which beats the default. FastChat's own variables are honoured as
+fallbacks so that an existing FastChat deployment keeps its tuning.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    """A JSON array (FastChat's flag format) or a comma-separated list."""
+    text = text.strip()
+    if text.startswith("["):
+        items = json.loads(text)
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError(f"expected a JSON array of strings, got {text!r}")
+        return tuple(i.strip() for i in items if i.strip())
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean, got {text!r}")
+
+
+def _positive(cast: Callable[[str], T]) -> Callable[[str], T]:
+    def parse(text: str) -> T:
+        value = cast(text)
+        if value <= 0:  # type: ignore[operator]
+            raise ValueError(f"must be positive, got {text!r}")
+        return value
+    return parse
+
+
+def read_key_file(path: str) -> tuple[str, ...]:
+    """One key per line; blank lines and #-comments are skipped."""
+    with open(path, encoding="utf-8") as handle:
+        lines = (line.strip() for line in handle)
+        return tuple(line for line in lines if line and not line.startswith("#"))
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one settings field is spelled on the command line and in the environment."""
+
+    flag: str
+    parse: Callable[[str], Any]
+    help: str
+    env: tuple[str, ...] = ()  # extra variable names, checked after FLASKCHAT_<NAME>
+    is_switch: bool = False  # a flag without a value (FastChat's --allow-credentials)
+
+
+def _opt(default: Any, flag: str, parse: Callable[[str], Any], help: str,
+         env: tuple[str, ...] = (), is_switch: bool = False) -> Any:
+    option = Option(flag, parse, help, env, is_switch)
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for defaults")
+    return field(default=default, metadata={"option": option})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The gateway (API server) settings."""
+
+    host: str = _opt("localhost", "--host", str, "address to bind")
+    port: int = _opt(8000, "--port", int, "port to bind")
+    controller_address: str = _opt(
+        "http://localhost:21001", "--controller-address", str,
+        "FastChat-protocol controller URL", env=("CONTROLLER_ADDRESS",))
+    api_keys: tuple[str, ...] = _opt(
+        (), "--api-keys", parse_list,
+        "comma-separated API keys; auth is off when none are set (prefer "
+        "--api-keys-file or FLASKCHAT_API_KEYS: flags show in ps)", env=("API_KEYS",))
+    api_keys_file: str = _opt("", "--api-keys-file", str, "file with one API key per line")
+    allow_credentials: bool = _opt(False, "--allow-credentials", parse_bool,
+                                   "CORS: allow credentials", is_switch=True)
+    allowed_origins: tuple[str, ...] = _opt(
+        (), "--allowed-origins", parse_list,
+        'CORS origins as a JSON array or comma list, e.g. \'["https://a.example"]\'; '
+        "CORS is closed when empty")
+    allowed_methods: tuple[str, ...] = _opt(("*",), "--allowed-methods", parse_list,
+                                            "CORS methods (JSON array or comma list)")
+    allowed_headers: tuple[str, ...] = _opt(("*",), "--allowed-headers", parse_list,
+                                            "CORS request headers (JSON array or comma list)")
+    workers: int = _opt(1, "--workers", _positive(int), "gunicorn worker processes")
+    worker_connections: int = _opt(
+        10000, "--worker-connections", _positive(int),
+        "open connections per worker process (each stream holds one)")
+    connect_timeout: float = _opt(5.0, "--connect-timeout", _positive(float),
+                                  "seconds to connect to a worker or the controller")
+    read_timeout: float = _opt(
+        100.0, "--read-timeout", _positive(float),
+        "longest wait, in seconds, for a worker's next bytes (not for a whole generation)",
+        env=("FASTCHAT_WORKER_API_TIMEOUT",))
+    embedding_batch_size: int = _opt(
+        4, "--embedding-batch-size", _positive(int), "inputs per worker embedding call",
+        env=("FASTCHAT_WORKER_API_EMBEDDING_BATCH_SIZE",))
+    max_body_bytes: int = _opt(16 * 1024 * 1024, "--max-body-bytes", _positive(int),
+                               "largest accepted request body")
+    max_n: int = _opt(128, "--max-n", _positive(int),
+                      "largest n (choices per prompt) a request may ask for")
+    max_inputs: int = _opt(2048, "--max-inputs", _positive(int),
+                           "most prompts or embedding inputs in one request")
+    models_ttl: float = _opt(3.0, "--models-ttl", _positive(float),
+                             "seconds before the cached model/worker list is refreshed "
+                             "(in the background; requests never wait for it)")
+    worker_info_ttl: float = _opt(
+        60.0, "--worker-info-ttl", _positive(float),
+        "seconds before a worker's cached template and context length are refreshed")
+    keepalive_interval: float = _opt(
+        10.0, "--keepalive-interval", _positive(float),
+        "seconds between SSE comment lines while a stream waits for its first token")
+    log_level: str = _opt("info", "--log-level", str, "debug, info, warning or error")
+
+    def __post_init__(self) -> None:
+        if self.api_keys_file and not self.api_keys:
+            object.__setattr__(self, "api_keys", read_key_file(self.api_keys_file))
+        object.__setattr__(self, "controller_address", self.controller_address.rstrip("/"))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        return _build(cls, None, os.environ if environ is None else environ)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace,
+                  environ: Mapping[str, str] | None = None) -> "Settings":
+        return _build(cls, args, os.environ if environ is None else environ)
+
+
+DISPATCH_METHODS = ("shortest_queue", "lottery")
+
+
+def _dispatch(text: str) -> str:
+    if text not in DISPATCH_METHODS:
+        raise ValueError(f"dispatch method must be one of {', '.join(DISPATCH_METHODS)}")
+    return text
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    """The controller settings. FLASKCHAT_CONTROLLER_* variables, FastChat's as fallback."""
+
+    host: str = _opt("localhost", "--host", str, "address to bind")
+    port: int = _opt(21001, "--port", int, "port to bind")
+    dispatch_method: str = _opt("shortest_queue", "--dispatch-method", _dispatch,
+                                "shortest_queue or lottery")
+    heart_beat_expiration: float = _opt(
+        90.0, "--heart-beat-expiration", _positive(float),
+        "seconds without a heartbeat before a worker is dropped",
+        env=("FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION",))
+    log_level: str = _opt("info", "--log-level", str, "debug, info, warning or error")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace,
+                  environ: Mapping[str, str] | None = None) -> "ControllerSettings":
+        return _build(cls, args, os.environ if environ is None else environ,
+                      prefix="FLASKCHAT_CONTROLLER_")
+
+
+S = TypeVar("S")
+
+
+def _build(cls: type[S], args: argparse.Namespace | None, environ: Mapping[str, str],
+           prefix: str = "FLASKCHAT_") -> S:
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        option: Option = f.metadata["option"]
+        given = getattr(args, f.name, None) if args is not None else None
+        if given is not None:
+            values[f.name] = given
+            continue
+        for name in (prefix + f.name.upper(),) + option.env:
+            if environ.get(name, "") != "":
+                try:
+                    values[f.name] = option.parse(environ[name])
+                except ValueError as exc:
+                    raise SystemExit(f"invalid {name}: {exc}") from None
+                break
+    return cls(**values)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[Any],
+                  skip: Sequence[str] = ()) -> None:
+    """Adds one flag per settings field; unset flags stay None so env vars can fill them."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        option: Option = f.metadata["option"]
+        help_text = f"{option.help} (default: {f.default!r})"
+        if option.is_switch:
+            parser.add_argument(option.flag, dest=f.name, action="store_const", const=True,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(option.flag, dest=f.name, type=option.parse, default=None,
+                                help=help_text)

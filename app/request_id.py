@@ -1,0 +1,43 @@
+"""The request id: the client's X-Request-ID if it is sane, else a new one. It is returned
+in the response, sent to the worker, and stamped on every log line of the request."""
+from __future__ import annotations
+
+import logging
+import re
+
+from flask import Flask, Response, g, has_request_context
+
+from app.calls import Call
+from app.ids import new_id
+
+HEADER = "X-Request-ID"
+_SANE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(_start)
+    app.after_request(_finish)
+
+
+def _start() -> None:
+    from flask import request
+
+    incoming = request.headers.get(HEADER, "")
+    g.call = Call(incoming if _SANE.match(incoming) else new_id("req-"))
+
+
+def _finish(response: Response) -> Response:
+    call: Call | None = g.get("call")
+    if call is not None:
+        response.headers[HEADER] = call.request_id
+        response.headers["Server-Timing"] = call.server_timing()
+    return response
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` to every record ("-" outside a request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        call = g.get("call") if has_request_context() else None
+        record.request_id = call.request_id if call is not None else "-"
+        return True

@@ -1,0 +1,34 @@
+"""POST /v1/chat/completions and FastChat's POST /api/v1/chat/completions."""
+from __future__ import annotations
+
+from flask import Blueprint
+from flask.typing import ResponseReturnValue
+from marshmallow import Schema
+
+from app import sse
+from app.auth import require_api_key
+from app.context import call, schemas, upstream
+from app.http_json import json_response, read_json_object
+from app.serving import chat
+from app.validation import load
+
+bp = Blueprint("chat", __name__)
+bp.before_request(require_api_key)
+
+
+@bp.post("/v1/chat/completions")
+def create_chat_completion() -> ResponseReturnValue:
+    return _chat(schemas().chat)
+
+
+@bp.post("/api/v1/chat/completions")
+def create_api_chat_completion() -> ResponseReturnValue:
+    return _chat(schemas().api_chat)
+
+
+def _chat(schema: Schema) -> ResponseReturnValue:
+    body = load(schema, read_json_object())
+    if body["stream"]:
+        events, on_close = chat.open_stream(body, upstream(), call())
+        return sse.response(events, on_close)
+    return json_response(chat.complete(body, upstream(), call()))

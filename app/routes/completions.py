@@ -1,0 +1,24 @@
+"""POST /v1/completions."""
+from __future__ import annotations
+
+from flask import Blueprint
+from flask.typing import ResponseReturnValue
+
+from app import sse
+from app.auth import require_api_key
+from app.context import call, schemas, upstream
+from app.http_json import json_response, read_json_object
+from app.serving import completions
+from app.validation import load
+
+bp = Blueprint("completions", __name__)
+bp.before_request(require_api_key)
+
+
+@bp.post("/v1/completions")
+def create_completion() -> ResponseReturnValue:
+    body = load(schemas().completion, read_json_object())
+    if body["stream"]:
+        events, on_close = completions.open_stream(body, upstream(), call())
+        return sse.response(events, on_close)
+    return json_response(completions.complete(body, upstream(), call()))

@@ -1,0 +1,21 @@
+"""POST /v1/embeddings and POST /v1/engines/{model}/embeddings."""
+from __future__ import annotations
+
+from flask import Blueprint
+from flask.typing import ResponseReturnValue
+
+from app.auth import require_api_key
+from app.context import call, schemas, upstream
+from app.http_json import json_response, read_json_object
+from app.serving.embeddings import embed
+from app.validation import load
+
+bp = Blueprint("embeddings", __name__)
+bp.before_request(require_api_key)
+
+
+@bp.post("/v1/embeddings")
+@bp.post("/v1/engines/<path:model_name>/embeddings")
+def create_embeddings(model_name: str | None = None) -> ResponseReturnValue:
+    body = load(schemas().embedding, read_json_object())
+    return json_response(embed(body, model_name, upstream(), call()))

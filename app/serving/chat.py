@@ -1,0 +1,172 @@
+"""Chat completions: request -> prompt and worker params -> completion dict or SSE bytes."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Iterator
+
+import orjson
+
+from app.calls import Call
+from app.conversation import TemplateError, render, stop_strings
+from app.errors import InvalidRequest, UpstreamError
+from app.ids import new_id
+from app.serving.concurrency import run_all
+from app.serving.frame_sources import MergedSource, SingleSource
+from app.serving.generation import (UsageTally, on_worker, once, sampling_params,
+                                    token_budget)
+from app.serving.stream_driver import drive
+from app.serving.text_stream import TextTracker, cut_at_stop, finish_reason
+from app.upstream import Upstream
+from app.upstream.worker import RENDERS_MESSAGES
+from schemas import ChatMessage, ChatRequest
+
+
+@dataclass
+class ChatPlan:
+    address: str
+    params: dict[str, Any]
+    stops: list[str]  # enforced by the gateway too
+    prompt_tokens: int | None
+    response: Any = None  # the open worker stream (stream, n = 1)
+
+
+def complete(body: ChatRequest, upstream: Upstream, call: Call) -> dict[str, Any]:
+    def attempt(address: str) -> tuple[ChatPlan, list[dict[str, Any]]]:
+        plan = _plan(body, upstream, call, address)
+        generate = partial(upstream.workers.generate, address, plan.params, call.request_id)
+        with call.waiting_upstream():
+            return plan, run_all([generate] * body["n"])
+
+    address, (plan, frames) = on_worker(upstream, body["model"], attempt)
+    upstream.controller.release(address)
+    usage = UsageTally(body["n"], [plan.prompt_tokens])
+    choices = []
+    for index, frame in enumerate(frames):
+        usage.record(index, frame)
+        text, stopped = cut_at_stop(str(frame.get("text") or "").rstrip("\ufffd"), plan.stops)
+        choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": "stop" if stopped else finish_reason(frame) or "stop"})
+    return {"id": new_id("chatcmpl-"), "object": "chat.completion",
+            "created": int(time.time()), "model": body["model"], "choices": choices,
+            "usage": usage.total()}
+
+
+def open_stream(body: ChatRequest, upstream: Upstream,
+                call: Call) -> tuple[Iterator[bytes], list[Callable[[], object]]]:
+    """Everything that can fail with a status happens here, before the first byte; the
+    returned events and close callbacks go to ``sse.response``."""
+    n = body["n"]
+
+    def attempt(address: str) -> ChatPlan:
+        plan = _plan(body, upstream, call, address)
+        if n == 1:
+            with call.waiting_upstream():
+                plan.response = upstream.workers.open_stream(address, plan.params,
+                                                             call.request_id)
+        return plan
+
+    address, plan = on_worker(upstream, body["model"], attempt)
+    release = once(partial(upstream.controller.release, address))
+    source: SingleSource | MergedSource
+    keepalive = upstream.settings.keepalive_interval
+    if n == 1:
+        source = SingleSource(plan.response, keepalive)
+    else:
+        opener = partial(upstream.workers.open_stream, address, plan.params, call.request_id)
+        source = MergedSource([opener] * n, keepalive)
+    fmt = ChatChunks(new_id("chatcmpl-"), int(time.time()), body["model"],
+                     body["include_usage"])
+    usage = UsageTally(n, [plan.prompt_tokens]) if body["include_usage"] else None
+    trackers = [TextTracker(plan.stops) for _ in range(n)]
+    return drive(source, fmt, trackers, usage), [source.close, release]
+
+
+def _plan(body: ChatRequest, upstream: Upstream, call: Call, address: str) -> ChatPlan:
+    model = body["model"]
+    messages = body["messages"]
+    if not isinstance(messages, str):
+        _check_images(messages, upstream, model)
+    with call.waiting_upstream():
+        details = upstream.workers.details(address, model)
+    stop = list(body["stop"])
+    stop_token_ids = None
+    images: list[str] = []
+    if RENDERS_MESSAGES in details.capabilities and not isinstance(messages, str):
+        prompt = ""  # the worker applies its own chat template to "messages"
+    else:
+        with call.waiting_upstream():
+            template = upstream.workers.template(address, model)
+        prompt, images = _prompt(template, messages)
+        stop += stop_strings(template)
+        stop_token_ids = template.get("stop_token_ids")
+    max_new_tokens, prompt_tokens = token_budget(
+        upstream, call, address, model, details, prompt, body["max_tokens"], "messages")
+    params = sampling_params(body, stop, stop_token_ids)
+    params["prompt"] = prompt
+    params["max_new_tokens"] = max_new_tokens
+    if images:
+        params["images"] = [_image_payload(url) for url in images]
+    if not isinstance(messages, str):
+        params["messages"] = messages
+    return ChatPlan(address, params, list(body["stop"]), prompt_tokens)
+
+
+def _prompt(template: dict[str, Any], messages: list[ChatMessage] | str) -> tuple[str, list[str]]:
+    if isinstance(messages, str):
+        return messages, []
+    try:
+        return render(template, messages)
+    except TemplateError as exc:
+        raise UpstreamError(f"The model worker's conversation template is unusable: {exc}") \
+            from None
+
+
+def _check_images(messages: list[ChatMessage], upstream: Upstream, model: str) -> None:
+    for index, message in enumerate(messages):
+        if message.get("images") and not upstream.controller.is_multimodal(model):
+            raise InvalidRequest(f"The model '{model}' does not accept images.",
+                                 f"messages[{index}].content")
+
+
+def _image_payload(url: str) -> str:
+    """FastChat's vision workers take base64 image data; data: URLs are unwrapped."""
+    if url.startswith("data:") and ";base64," in url:
+        return url.split(";base64,", 1)[1]
+    return url
+
+
+class ChatChunks:
+    """chat.completion.chunk events, built from byte templates prepared once per stream."""
+
+    def __init__(self, completion_id: str, created: int, model: str,
+                 include_usage: bool) -> None:
+        self._head = (b'data: {"id":' + orjson.dumps(completion_id)
+                      + b',"object":"chat.completion.chunk","created":' + str(created).encode()
+                      + b',"model":' + orjson.dumps(model) + b',"system_fingerprint":null,')
+        self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        self._prefixes: dict[int, bytes] = {}
+
+    def _prefix(self, index: int) -> bytes:
+        prefix = self._prefixes.get(index)
+        if prefix is None:
+            prefix = self._head + b'"choices":[{"index":' + str(index).encode() + b',"delta":'
+            self._prefixes[index] = prefix
+        return prefix
+
+    def opening(self, index: int) -> bytes:
+        return (self._prefix(index) + b'{"role":"assistant","content":""}'
+                + b',"logprobs":null,"finish_reason":null}]' + self._tail)
+
+    def delta(self, index: int, text: str, frame: dict[str, Any]) -> bytes:
+        return (self._prefix(index) + b'{"content":' + orjson.dumps(text)
+                + b'},"logprobs":null,"finish_reason":null}]' + self._tail)
+
+    def finish(self, index: int, reason: str) -> bytes:
+        return (self._prefix(index) + b'{},"logprobs":null,"finish_reason":'
+                + orjson.dumps(reason) + b"}]" + self._tail)
+
+    def usage(self, usage: dict[str, int]) -> bytes:
+        return self._head + b'"choices":[],"usage":' + orjson.dumps(usage) + b"}\n\n"

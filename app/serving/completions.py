@@ -1,0 +1,159 @@
+"""Text completions: prompts -> worker params -> completion dict or SSE bytes.
+
+Each prompt is sent as it is (no template), but the worker's template still adds its stop
+strings and stop token ids, as FastChat does. Choice ``index`` is
+``prompt_index * n + choice_index``, so it never collides across prompts.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Iterator
+
+import orjson
+
+from app.calls import Call
+from app.conversation import stop_strings
+from app.ids import new_id
+from app.serving.concurrency import run_all
+from app.serving.frame_sources import MergedSource, SingleSource
+from app.serving.generation import (UsageTally, on_worker, once, sampling_params,
+                                    token_budget)
+from app.serving.stream_driver import drive
+from app.serving.text_stream import TextTracker, cut_at_stop, finish_reason
+from app.upstream import Upstream
+from app.upstream.worker import RENDERS_MESSAGES
+from schemas import CompletionRequest
+
+
+@dataclass
+class PromptPlan:
+    params: dict[str, Any]
+    floor: int  # with echo, stop strings are looked for after the prompt
+    prompt_tokens: int | None
+
+
+def complete(body: CompletionRequest, upstream: Upstream, call: Call) -> dict[str, Any]:
+    n = body["n"]
+
+    def attempt(address: str) -> tuple[list[PromptPlan], list[dict[str, Any]]]:
+        plans = _plans(body, upstream, call, address)
+        calls = [partial(upstream.workers.generate, address, plan.params, call.request_id)
+                 for plan in plans for _ in range(n)]
+        with call.waiting_upstream():
+            return plans, run_all(calls)
+
+    address, (plans, frames) = on_worker(upstream, body["model"], attempt)
+    upstream.controller.release(address)
+    usage = UsageTally(n, [plan.prompt_tokens for plan in plans])
+    choices = []
+    for index, frame in enumerate(frames):
+        usage.record(index, frame)
+        plan = plans[index // n]
+        text, stopped = cut_at_stop(str(frame.get("text") or "").rstrip("\ufffd"),
+                                    body["stop"], plan.floor)
+        choices.append({
+            "index": index, "text": text,
+            "logprobs": frame.get("logprobs") if body["logprobs"] is not None else None,
+            "finish_reason": "stop" if stopped else finish_reason(frame) or "stop"})
+    return {"id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()),
+            "model": body["model"], "choices": choices, "usage": usage.total()}
+
+
+def open_stream(body: CompletionRequest, upstream: Upstream,
+                call: Call) -> tuple[Iterator[bytes], list[Callable[[], object]]]:
+    n = body["n"]
+    single = n == 1 and len(body["prompt"]) == 1
+
+    def attempt(address: str) -> tuple[list[PromptPlan], Any]:
+        plans = _plans(body, upstream, call, address)
+        if not single:
+            return plans, None
+        with call.waiting_upstream():
+            return plans, upstream.workers.open_stream(address, plans[0].params,
+                                                       call.request_id)
+
+    address, (plans, response) = on_worker(upstream, body["model"], attempt)
+    release = once(partial(upstream.controller.release, address))
+    keepalive = upstream.settings.keepalive_interval
+    source: SingleSource | MergedSource
+    if single:
+        source = SingleSource(response, keepalive)
+    else:
+        source = MergedSource([partial(upstream.workers.open_stream, address, plan.params,
+                                       call.request_id) for plan in plans for _ in range(n)],
+                              keepalive)
+    fmt = CompletionChunks(new_id("cmpl-"), int(time.time()), body["model"],
+                           body["include_usage"], body["logprobs"] is not None)
+    usage = UsageTally(n, [p.prompt_tokens for p in plans]) if body["include_usage"] else None
+    trackers = [TextTracker(body["stop"], plan.floor) for plan in plans for _ in range(n)]
+    return drive(source, fmt, trackers, usage), [source.close, release]
+
+
+def _plans(body: CompletionRequest, upstream: Upstream, call: Call,
+           address: str) -> list[PromptPlan]:
+    model = body["model"]
+    with call.waiting_upstream():
+        details = upstream.workers.details(address, model)
+    stop = list(body["stop"])
+    stop_token_ids = None
+    if RENDERS_MESSAGES not in details.capabilities:
+        with call.waiting_upstream():
+            template = upstream.workers.template(address, model)
+        stop += stop_strings(template)
+        stop_token_ids = template.get("stop_token_ids")
+    base = sampling_params(body, stop, stop_token_ids)
+    base["echo"] = body["echo"]
+    base["logprobs"] = body["logprobs"]
+    if body["best_of"] is not None:
+        base["best_of"] = body["best_of"]
+    if body["use_beam_search"] is not None:
+        base["use_beam_search"] = body["use_beam_search"]
+    plans = []
+    for prompt in body["prompt"]:
+        max_new_tokens, prompt_tokens = token_budget(
+            upstream, call, address, model, details, prompt, body["max_tokens"], "prompt")
+        params = dict(base, prompt=prompt, max_new_tokens=max_new_tokens)
+        plans.append(PromptPlan(params, len(prompt) if body["echo"] else 0, prompt_tokens))
+    return plans
+
+
+class CompletionChunks:
+    """text_completion chunks; logprobs carry only this chunk's tokens (FastChat's are
+    cumulative)."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool,
+                 with_logprobs: bool) -> None:
+        self._head = (b'data: {"id":' + orjson.dumps(completion_id)
+                      + b',"object":"text_completion","created":' + str(created).encode()
+                      + b',"model":' + orjson.dumps(model) + b",")
+        self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        self._with_logprobs = with_logprobs
+        self._tokens_sent: dict[int, int] = {}
+
+    def opening(self, index: int) -> bytes:
+        return b""
+
+    def delta(self, index: int, text: str, frame: dict[str, Any]) -> bytes:
+        logprobs = self._new_logprobs(index, frame.get("logprobs"))
+        return self._choice(index, text, logprobs, None)
+
+    def finish(self, index: int, reason: str) -> bytes:
+        return self._choice(index, "", None, reason)
+
+    def usage(self, usage: dict[str, int]) -> bytes:
+        return self._head + b'"choices":[],"usage":' + orjson.dumps(usage) + b"}\n\n"
+
+    def _choice(self, index: int, text: str, logprobs: Any, reason: str | None) -> bytes:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        return self._head + b'"choices":[' + orjson.dumps(choice) + b"]" + self._tail
+
+    def _new_logprobs(self, index: int, logprobs: Any) -> Any:
+        if not self._with_logprobs or not isinstance(logprobs, dict):
+            return None
+        start = self._tokens_sent.get(index, 0)
+        tokens = logprobs.get("tokens") or []
+        self._tokens_sent[index] = len(tokens)
+        return {key: value[start:] if isinstance(value, list) else value
+                for key, value in logprobs.items()}

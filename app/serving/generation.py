@@ -1,0 +1,129 @@
+"""What chat and text completions share: worker params, the token budget, failover, usage."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence, TypeVar
+
+from app.calls import Call
+from app.errors import ContextLengthExceeded, WorkerUnreachable
+from app.upstream import Upstream
+from app.upstream.worker import LENGTH_CHECK, WorkerDetails
+from schemas import SamplingRequest
+
+T = TypeVar("T")
+log = logging.getLogger("flaskchat.generation")
+
+WORKER_ATTEMPTS = 2  # a worker that refuses the connection is skipped, once
+
+
+def on_worker(upstream: Upstream, model: str, attempt: Callable[[str], T]) -> tuple[str, T]:
+    """Runs ``attempt(address)`` on a worker for ``model``, trying another worker if the
+    first cannot be reached. The returned address is still acquired: release it."""
+    tried: list[str] = []
+    while True:
+        address = upstream.controller.acquire(model, exclude=tried)
+        try:
+            return address, attempt(address)
+        except WorkerUnreachable:
+            upstream.controller.release(address)
+            upstream.controller.mark_failed(address)
+            upstream.workers.forget(address, model)
+            tried.append(address)
+            log.warning("worker %s unreachable for %s", address, model)
+            if len(tried) >= WORKER_ATTEMPTS:
+                raise
+        except BaseException:
+            upstream.controller.release(address)
+            raise
+
+
+def once(function: Callable[[], object]) -> Callable[[], None]:
+    """``function`` wrapped so that only its first call runs (close callbacks overlap)."""
+    called = False
+
+    def run() -> None:
+        nonlocal called
+        if not called:
+            called = True
+            function()
+    return run
+
+
+def sampling_params(body: SamplingRequest, stop: Sequence[str],
+                    stop_token_ids: Any = None) -> dict[str, Any]:
+    """The worker params every generation carries (FastChat's get_gen_params)."""
+    params: dict[str, Any] = {
+        "model": body["model"],
+        "temperature": body["temperature"],
+        "logprobs": None,
+        "top_p": body["top_p"],
+        "top_k": body["top_k"],
+        "presence_penalty": body["presence_penalty"],
+        "frequency_penalty": body["frequency_penalty"],
+        "echo": False,
+        "stop_token_ids": stop_token_ids,
+        "stop": list(dict.fromkeys(stop)),
+    }
+    if body["repetition_penalty"] is not None:
+        params["repetition_penalty"] = body["repetition_penalty"]
+    if body["seed"] is not None:
+        params["seed"] = body["seed"]
+    return params
+
+
+def token_budget(upstream: Upstream, call: Call, address: str, model: str,
+                 details: WorkerDetails, prompt: str, max_tokens: int | None,
+                 param: str) -> tuple[int, int | None]:
+    """``(max_new_tokens, prompt_tokens)``. A worker that checks the length itself gets the
+    request's limit unchecked (one fewer round trip); otherwise the prompt is counted and
+    the limit clamped to the room left."""
+    if LENGTH_CHECK in details.capabilities:
+        return (max_tokens or details.context_length), None
+    with call.waiting_upstream():
+        prompt_tokens = upstream.workers.count_tokens(address, model, prompt, call.request_id)
+    return clamp_to_context(details.context_length, prompt_tokens, max_tokens, param), \
+        prompt_tokens
+
+
+def clamp_to_context(context_length: int, prompt_tokens: int, max_tokens: int | None,
+                     param: str) -> int:
+    # One token is kept back: FastChat's worker keeps the last context - max_new_tokens - 1
+    # prompt tokens, so a budget of context - prompt would silently drop the first one.
+    room = context_length - prompt_tokens - 1
+    if room <= 0:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context_length} tokens. However, your "
+            f"messages resulted in {prompt_tokens} tokens. Please reduce the length of the "
+            "messages.", param)
+    return min(max_tokens, room) if max_tokens else room
+
+
+class UsageTally:
+    """Usage as OpenAI counts it: each prompt once, every choice's completion tokens."""
+
+    def __init__(self, choices_per_prompt: int, prompt_tokens: Sequence[int | None]) -> None:
+        self._per_prompt = choices_per_prompt
+        self._known_prompt_tokens = list(prompt_tokens)
+        self._last: dict[int, dict[str, Any]] = {}
+
+    def record(self, index: int, frame: dict[str, Any]) -> None:
+        usage = frame.get("usage")
+        if isinstance(usage, dict):
+            self._last[index] = usage
+
+    def total(self) -> dict[str, int]:
+        prompt = 0
+        for group, known in enumerate(self._known_prompt_tokens):
+            counted = [_count(self._last.get(group * self._per_prompt + i), "prompt_tokens")
+                       for i in range(self._per_prompt)]
+            prompt += max(counted + [known or 0])
+        completion = sum(_count(u, "completion_tokens") for u in self._last.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+
+
+def _count(usage: dict[str, Any] | None, key: str) -> int:
+    if not usage:
+        return 0
+    value = usage.get(key)
+    return value if isinstance(value, int) and value >= 0 else 0

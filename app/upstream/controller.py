@@ -1,0 +1,203 @@
+"""ControllerClient: which models exist and which worker serves a request.
+
+Against flaskchat's controller, the gateway fetches every worker with its models
+(``/list_workers``) into a cache refreshed in the background, and picks a worker itself
+from its own in-flight counts: no controller call on the hot path. Against a stock
+FastChat controller (no ``/list_workers``), the model list is cached the same way and each
+request makes exactly one ``/get_worker_address`` call, which keeps FastChat's balancing.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import requests
+
+from app.errors import ModelNotFound, UpstreamError, UpstreamUnavailable
+from app.upstream.cache import RefreshingCache
+from app.upstream.http import mapped_errors
+
+log = logging.getLogger("flaskchat.controller_client")
+
+# How long a worker that failed a call is skipped, unless it is the only one left.
+FAILED_WORKER_COOLDOWN = 10.0
+# A model missing from the cache triggers at most one synchronous refresh this often.
+MISSING_MODEL_REFRESH_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    address: str
+    model_names: tuple[str, ...]
+    speed: float = 1.0
+    queue_length: int = 0
+    multimodal: bool = False
+
+
+@dataclass
+class Directory:
+    """One snapshot of the controller's view. ``workers`` is empty for a stock controller."""
+
+    models: list[str]
+    multimodal: set[str] = field(default_factory=set)
+    workers: dict[str, list[WorkerInfo]] = field(default_factory=dict)
+    stock: bool = False
+
+
+class ControllerClient:
+    def __init__(self, session: requests.Session, address: str, timeouts: tuple[float, float],
+                 ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._session = session
+        self.address = address
+        self._timeouts = timeouts
+        self._clock = clock
+        self._directory: RefreshingCache[str, Directory] = RefreshingCache(
+            self._fetch_directory, ttl, clock)
+        self._stock: bool | None = None  # unknown until the first refresh
+        self._in_flight: dict[str, int] = {}
+        self._failed_until: dict[str, float] = {}
+        self._last_forced_refresh = -MISSING_MODEL_REFRESH_INTERVAL
+
+    # ---- what exists ---------------------------------------------------------------
+
+    def directory(self) -> Directory:
+        return self._directory.get("")
+
+    def status(self) -> dict[str, Any]:
+        """For /ready: the cached view, its age, and the last refresh error if any."""
+        cached = self._directory.peek("")
+        return {"models": cached.models if cached else [],
+                "age": self._directory.age(""),
+                "error": self._directory.errors.get("")}
+
+    def require_model(self, model: str) -> Directory:
+        directory = self.directory()
+        if model in directory.models:
+            return directory
+        # A worker may have registered since the last refresh: look once more, rate-limited.
+        now = self._clock()
+        if now - self._last_forced_refresh >= MISSING_MODEL_REFRESH_INTERVAL:
+            self._last_forced_refresh = now
+            directory = self._directory.load("")
+            if model in directory.models:
+                return directory
+        raise ModelNotFound(
+            f"The model '{model}' does not exist. Available models: "
+            f"{', '.join(directory.models) or 'none'}.", "model")
+
+    def is_multimodal(self, model: str) -> bool:
+        return model in self.directory().multimodal
+
+    # ---- which worker --------------------------------------------------------------
+
+    def acquire(self, model: str, exclude: Iterable[str] = ()) -> str:
+        """A worker address for ``model``; call :meth:`release` when the request ends."""
+        directory = self.require_model(model)
+        if directory.stock:
+            address = self._ask_controller(model, exclude)
+        else:
+            address = self._pick_locally(directory.workers.get(model, []), model, exclude)
+        self._in_flight[address] = self._in_flight.get(address, 0) + 1
+        return address
+
+    def release(self, address: str) -> None:
+        count = self._in_flight.get(address, 0) - 1
+        if count > 0:
+            self._in_flight[address] = count
+        else:
+            self._in_flight.pop(address, None)
+
+    def mark_failed(self, address: str) -> None:
+        """Skip ``address`` for a while and refresh the worker list soon."""
+        self._failed_until[address] = self._clock() + FAILED_WORKER_COOLDOWN
+        self._directory.refresh_soon("")
+
+    def _pick_locally(self, workers: list[WorkerInfo], model: str,
+                      exclude: Iterable[str]) -> str:
+        excluded = set(exclude)
+        now = self._clock()
+        candidates = [w for w in workers if w.address not in excluded]
+        healthy = [w for w in candidates if self._failed_until.get(w.address, 0) <= now]
+        pool = healthy or candidates
+        if not pool:
+            raise UpstreamUnavailable(f"No worker is available for model '{model}'.")
+        # Fewest requests in flight from this process per unit of speed; ties at random so
+        # that several gateway processes do not all pick the same worker.
+        return min(pool, key=lambda w: (self._in_flight.get(w.address, 0) / max(w.speed, 1e-3),
+                                        random.random())).address
+
+    def _ask_controller(self, model: str, exclude: Iterable[str]) -> str:
+        excluded = set(exclude)
+        for _ in range(3):  # the controller may hand back an excluded worker; ask again
+            address = self._post("/get_worker_address", {"model": model}).get("address")
+            if not isinstance(address, str):
+                raise UpstreamError("The controller's /get_worker_address answer has no address.")
+            if not address:
+                raise UpstreamUnavailable(f"No worker is available for model '{model}'.")
+            if address not in excluded:
+                return address.rstrip("/")
+        raise UpstreamUnavailable(f"No other worker is available for model '{model}'.")
+
+    # ---- talking to the controller ---------------------------------------------------
+
+    def _fetch_directory(self, _key: str) -> Directory:
+        if self._stock is not True:
+            try:
+                body = self._post("/list_workers", {})
+                self._stock = False
+                return _directory_from_workers(body)
+            except _NotOurs:
+                log.info("controller at %s is a stock FastChat controller", self.address)
+                self._stock = True
+        models = self._post("/list_models", {}).get("models")
+        if not isinstance(models, list):
+            raise UpstreamError("The controller's /list_models answer has no model list.")
+        try:
+            multimodal = set(self._post("/list_multimodal_models", {}).get("models") or ())
+        except (UpstreamError, _NotOurs):
+            multimodal = set()
+        return Directory(models=sorted(set(str(m) for m in models)), multimodal=multimodal,
+                         stock=True)
+
+    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        with mapped_errors("the controller"):
+            response = self._session.post(self.address + path, json=payload,
+                                          timeout=self._timeouts)
+            if response.status_code in (404, 405):
+                raise _NotOurs(path)
+            if response.status_code != 200:
+                raise UpstreamError(f"The controller answered {path} with HTTP "
+                                    f"{response.status_code}.")
+            try:
+                body = response.json()
+            except ValueError:
+                raise UpstreamError(f"The controller answered {path} with invalid JSON.") \
+                    from None
+        return body if isinstance(body, dict) else {}
+
+
+class _NotOurs(Exception):
+    """The controller has no such endpoint (a stock FastChat controller)."""
+
+
+def _directory_from_workers(body: dict[str, Any]) -> Directory:
+    workers: dict[str, list[WorkerInfo]] = {}
+    multimodal: set[str] = set()
+    for item in body.get("workers") or ():
+        try:
+            info = WorkerInfo(address=str(item["name"]).rstrip("/"),
+                              model_names=tuple(str(m) for m in item["model_names"]),
+                              speed=float(item.get("speed") or 1.0),
+                              queue_length=int(item.get("queue_length") or 0),
+                              multimodal=bool(item.get("multimodal")))
+        except (KeyError, TypeError, ValueError):
+            log.warning("skipping malformed worker entry from the controller: %r", item)
+            continue
+        for model in info.model_names:
+            workers.setdefault(model, []).append(info)
+            if info.multimodal:
+                multimodal.add(model)
+    return Directory(models=sorted(workers), multimodal=multimodal, workers=workers)

@@ -1,0 +1,192 @@
+"""WorkerClient: every call the gateway makes to a FastChat-protocol model worker.
+
+A worker's conversation template and details (context length, capabilities) are cached
+per (worker, model) and refreshed in the background, so a steady-state chat request makes
+one or two worker calls: ``/count_token`` (only for workers that do not check the context
+length themselves) and the generation.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import requests
+
+from app import errors
+from app.upstream.cache import RefreshingCache
+from app.upstream.frames import FrameError, decode_frame, iter_frames
+from app.upstream.http import mapped_errors
+
+# Capabilities a worker may list in its /model_details answer under "capabilities".
+# "length_check": the worker enforces the context length itself and answers 40303.
+# "messages": the worker renders the prompt from the "messages" field (own chat template).
+LENGTH_CHECK = "length_check"
+RENDERS_MESSAGES = "messages"
+VISION = "vision"
+
+Key = tuple[str, str]  # (worker address, model)
+
+
+@dataclass(frozen=True)
+class WorkerDetails:
+    context_length: int
+    capabilities: frozenset[str] = frozenset()
+
+
+class WorkerClient:
+    def __init__(self, session: requests.Session, timeouts: tuple[float, float],
+                 info_ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._session = session
+        self._timeouts = timeouts
+        self._templates: RefreshingCache[Key, dict[str, Any]] = RefreshingCache(
+            self._fetch_template, info_ttl, clock)
+        self._details: RefreshingCache[Key, WorkerDetails] = RefreshingCache(
+            self._fetch_details, info_ttl, clock)
+
+    # ---- cached facts ---------------------------------------------------------------
+
+    def template(self, address: str, model: str) -> dict[str, Any]:
+        return self._templates.get((address, model))
+
+    def details(self, address: str, model: str) -> WorkerDetails:
+        return self._details.get((address, model))
+
+    def forget(self, address: str, model: str) -> None:
+        """Drops what is cached about a worker that failed (it may come back different)."""
+        self._templates.invalidate((address, model))
+        self._details.invalidate((address, model))
+
+    def _fetch_template(self, key: Key) -> dict[str, Any]:
+        body = self._post_json(key[0], "/worker_get_conv_template", {"model": key[1]}, None)
+        conv = body.get("conv")
+        if not isinstance(conv, dict):
+            raise errors.UpstreamError("The worker's conversation template is missing.")
+        return conv
+
+    def _fetch_details(self, key: Key) -> WorkerDetails:
+        body = self._post_json(key[0], "/model_details", {"model": key[1]}, None)
+        try:
+            context_length = int(body["context_length"])
+        except (KeyError, TypeError, ValueError):
+            raise errors.UpstreamError("The worker's /model_details has no context_length.") \
+                from None
+        capabilities = body.get("capabilities") or ()
+        return WorkerDetails(context_length, frozenset(str(c) for c in capabilities))
+
+    # ---- per-request calls ------------------------------------------------------------
+
+    def count_tokens(self, address: str, model: str, prompt: str, request_id: str) -> int:
+        body = self._post_json(address, "/count_token", {"model": model, "prompt": prompt},
+                               request_id)
+        raise_for_frame(body)
+        try:
+            return int(body["count"])
+        except (KeyError, TypeError, ValueError):
+            raise errors.UpstreamError("The worker's /count_token answer has no count.") \
+                from None
+
+    def generate(self, address: str, params: dict[str, Any], request_id: str) -> dict[str, Any]:
+        frame = self._post_json(address, "/worker_generate", params, request_id)
+        raise_for_frame(frame)
+        return frame
+
+    def embeddings(self, address: str, payload: dict[str, Any],
+                   request_id: str) -> dict[str, Any]:
+        body = self._post_json(address, "/worker_get_embeddings", payload, request_id)
+        raise_for_frame(body)
+        return body
+
+    def open_stream(self, address: str, params: dict[str, Any],
+                    request_id: str) -> requests.Response:
+        """The open /worker_generate_stream response, its status checked; close it when done."""
+        with mapped_errors("the model worker"):
+            response = self._session.post(address + "/worker_generate_stream", json=params,
+                                          headers={"X-Request-Id": request_id},
+                                          timeout=self._timeouts, stream=True)
+        if response.status_code != 200:
+            detail = _error_text(response)
+            response.close()
+            raise _status_error(response.status_code, detail)
+        return response
+
+    @staticmethod
+    def frames(response: requests.Response) -> Iterator[dict[str, Any]]:
+        """The stream's frames; errors (including ``error_code`` frames) as our exceptions."""
+        with mapped_errors("the model worker"):
+            try:
+                for frame in iter_frames(response.iter_content(chunk_size=None)):
+                    raise_for_frame(frame)
+                    yield frame
+            except FrameError as exc:
+                raise errors.UpstreamError(f"The model worker sent a malformed stream: {exc}.") \
+                    from None
+
+    def _post_json(self, address: str, path: str, payload: dict[str, Any],
+                   request_id: str | None) -> dict[str, Any]:
+        headers = {"X-Request-Id": request_id} if request_id else None
+        with mapped_errors("the model worker"):
+            response = self._session.post(address + path, json=payload, headers=headers,
+                                          timeout=self._timeouts)
+            if response.status_code != 200:
+                raise _status_error(response.status_code, _error_text(response))
+            try:
+                return decode_frame(response.content)
+            except FrameError:
+                raise errors.UpstreamError(f"The model worker answered {path} with invalid "
+                                           "JSON.") from None
+
+
+def raise_for_frame(frame: dict[str, Any]) -> None:
+    """Raises the exception for a frame whose ``error_code`` is not 0."""
+    code = frame.get("error_code", 0)
+    if not code:
+        return
+    text = str(frame.get("text") or "The model worker reported an error.")
+    try:
+        numeric = int(code)
+    except (TypeError, ValueError):
+        numeric = errors.INTERNAL_ERROR
+    raise _code_error(numeric, text)
+
+
+def _code_error(code: int, text: str) -> errors.APIError:
+    error: errors.APIError
+    if code == errors.CONTEXT_OVERFLOW:
+        error = errors.ContextLengthExceeded(text, "messages")
+    elif code == errors.INVALID_MODEL:
+        error = errors.ModelNotFound(text, "model")
+    elif 40000 <= code < 41000 and code != 40101:
+        error = errors.InvalidRequest(text)
+    elif code in (errors.RATE_LIMIT, 42902):
+        error = errors.Overloaded(text)
+    elif code == errors.CUDA_OUT_OF_MEMORY:
+        error = errors.WorkerOutOfMemory(text)
+    elif code in (errors.ENGINE_OVERLOADED, errors.CONTROLLER_NO_WORKER):
+        error = errors.UpstreamUnavailable(text)
+    elif code == errors.CONTROLLER_WORKER_TIMEOUT:
+        error = errors.UpstreamTimeout(text)
+    else:
+        error = errors.UpstreamError(text)
+    error.fastchat_code = code
+    return error
+
+
+def _status_error(status: int, detail: str) -> errors.APIError:
+    message = f"The model worker answered with HTTP {status}" + (f": {detail}" if detail else ".")
+    if status == 429:
+        return errors.Overloaded(message)
+    if status in (502, 503):
+        return errors.UpstreamUnavailable(message)
+    if status == 504:
+        return errors.UpstreamTimeout(message)
+    return errors.UpstreamError(message)
+
+
+def _error_text(response: requests.Response) -> str:
+    """A short, printable excerpt of an error body (a FastChat worker sends plain text)."""
+    try:
+        text = response.content[:300].decode("utf-8", "replace").strip()
+    except requests.RequestException:
+        return ""
+    return " ".join(text.split())

@@ -1,0 +1,35 @@
+"""marshmallow schemas for every request body, and the TypedDicts their load() returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from schemas.chat import ApiChatSchema, ChatRequest, ChatSchema
+from schemas.completions import CompletionRequest, CompletionSchema
+from schemas.embeddings import EmbeddingRequest, EmbeddingSchema
+from schemas.messages import ChatMessage
+from schemas.sampling import SamplingRequest
+from schemas.token_check import TokenCheckRequest, TokenCheckSchema
+
+__all__ = ["ApiChatSchema", "ChatMessage", "ChatRequest", "ChatSchema", "CompletionRequest",
+           "CompletionSchema", "EmbeddingRequest", "EmbeddingSchema", "RequestSchemas",
+           "SamplingRequest", "TokenCheckRequest", "TokenCheckSchema"]
+
+
+@dataclass
+class RequestSchemas:
+    """One instance of each request schema, built with the server's limits."""
+
+    max_n: int = 128
+    max_inputs: int = 2048
+    chat: ChatSchema = field(init=False)
+    api_chat: ApiChatSchema = field(init=False)
+    completion: CompletionSchema = field(init=False)
+    embedding: EmbeddingSchema = field(init=False)
+    token_check: TokenCheckSchema = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.chat = ChatSchema(max_n=self.max_n)
+        self.api_chat = ApiChatSchema(max_n=self.max_n)
+        self.completion = CompletionSchema(max_n=self.max_n, max_inputs=self.max_inputs)
+        self.embedding = EmbeddingSchema(max_inputs=self.max_inputs)
+        self.token_check = TokenCheckSchema(max_inputs=self.max_inputs)

@@ -1,0 +1,89 @@
+"""Fields shared by chat and text completions: model, sampling, limits, streaming."""
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validates_schema
+
+from schemas.fields import Bool, Int, Number, Stop, Str, at_least, between, top_k_rule
+
+
+class SamplingRequest(TypedDict):
+    model: str
+    max_tokens: int | None  # None: as many as the context allows
+    n: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float | None  # FastChat's /api/v1 extension
+    seed: int | None
+
+
+class StreamOptionsSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    include_usage = Bool(allow_none=True, load_default=False)
+
+
+def _model_name(value: str) -> None:
+    if not value.strip():
+        raise ValidationError("must be a non-empty model name")
+
+
+class SamplingSchema(Schema):
+    """Validation as FastChat's check_requests, plus nulls meaning "the default"."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    DEFAULTS: dict[str, Any] = {
+        "n": 1, "temperature": 0.7, "top_p": 1.0, "top_k": -1, "stop": [], "stream": False,
+        "presence_penalty": 0.0, "frequency_penalty": 0.0,
+    }
+
+    model = Str(required=True, validate=_model_name)
+    max_tokens = Int(allow_none=True, load_default=None, validate=at_least(1, "max_tokens"))
+    n = Int(allow_none=True, load_default=None, validate=at_least(1, "n"))
+    temperature = Number(allow_none=True, load_default=None,
+                         validate=between(0, 2, "temperature"))
+    top_p = Number(allow_none=True, load_default=None, validate=between(0, 1, "top_p"))
+    top_k = Int(allow_none=True, load_default=None, validate=top_k_rule)
+    stop = Stop(allow_none=True, load_default=None)
+    stream = Bool(allow_none=True, load_default=None)
+    stream_options = fields.Nested(StreamOptionsSchema, allow_none=True, load_default=None)
+    presence_penalty = Number(allow_none=True, load_default=None,
+                              validate=between(-2, 2, "presence_penalty"))
+    frequency_penalty = Number(allow_none=True, load_default=None,
+                               validate=between(-2, 2, "frequency_penalty"))
+    seed = Int(allow_none=True, load_default=None)
+    user = Str(allow_none=True, load_default=None)
+
+    def __init__(self, *, max_n: int = 128, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_n = max_n
+
+    @validates_schema
+    def _check_limits(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("n") is not None and data["n"] > self.max_n:
+            raise ValidationError(f"{data['n']} is greater than the maximum of "
+                                  f"{self.max_n} - 'n'", "n")
+        if data.get("stream_options") is not None and not data.get("stream"):
+            raise ValidationError("stream_options is only allowed when stream is true",
+                                  "stream_options")
+
+    @post_load
+    def _fill_defaults(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        for name, default in self.DEFAULTS.items():
+            if data.get(name) is None:
+                data[name] = default
+        options = data.pop("stream_options", None) or {}
+        data["include_usage"] = bool(options.get("include_usage"))
+        data.setdefault("repetition_penalty", None)
+        data.pop("user", None)
+        return data

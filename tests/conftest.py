@@ -1,0 +1,154 @@
+"""Real processes on 127.0.0.1: our controller, fake workers, and the gateway under gunicorn
+with gevent workers. Each starts once per test session on a socket bound to port 0."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "test-key-123"
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes], path: str,
+                  timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited with {process.returncode}")
+        try:
+            if requests.get(url + path, timeout=2).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def start_on_socket(argv: list[str], path: str, env: dict[str, str] | None = None) -> Server:
+    """Starts ``argv`` (with ``{fd}`` replaced) on a socket bound here, so no port race."""
+    sock = bound_socket()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    args = [a.replace("{fd}", str(sock.fileno())) for a in argv]
+    process = subprocess.Popen(args, cwd=ROOT, pass_fds=(sock.fileno(),),
+                               env={**os.environ, **(env or {})})
+    sock.close()
+    wait_until_up(url, process, path)
+    return Server(url, process)
+
+
+def start_controller(*extra: str) -> Server:
+    return start_on_socket([sys.executable, "-m", "app.cli", "controller", "--fd", "{fd}",
+                            "--log-level", "warning", *extra], "/test_connection")
+
+
+def start_gateway(controller_url: str, *extra: str, env: dict[str, str] | None = None) -> Server:
+    return start_on_socket([sys.executable, "-m", "app.cli", "serve", "--fd", "{fd}",
+                            "--controller-address", controller_url, "--log-level", "warning",
+                            *extra], "/health", env)
+
+
+def start_fake_worker(controller_url: str, *extra: str) -> Server:
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "fake_worker.py"), "--controller",
+         controller_url, *extra], cwd=ROOT, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    line = process.stdout.readline().decode()
+    if not line.startswith("PORT "):
+        process.kill()
+        raise RuntimeError(f"fake worker did not start: {line!r}")
+    return Server(f"http://127.0.0.1:{int(line.split()[1])}", process)
+
+
+# Workers registered with the session's controller: model name -> fake_worker.py flags.
+WORKERS: dict[str, list[str]] = {
+    "fake-model": ["--capabilities", "length_check,messages", "--embedding-dim", "384"],
+    "vicuna-stock": ["--conv-template", "vicuna_v1.1", "--context-length", "64"],
+    "llama2-stock": ["--conv-template", "llama-2"],
+    "qwen-stock": ["--conv-template", "qwen-7b-chat"],
+    "ignores-stop": ["--ignore-stop"],
+    "vision-model": ["--multimodal", "--conv-template", "vicuna_v1.1"],
+}
+
+
+@dataclass
+class Stack:
+    controller: Server
+    gateway: Server
+    workers: dict[str, Server]
+
+    @property
+    def base_url(self) -> str:
+        return self.gateway.url + "/v1"
+
+    def worker(self, model: str) -> Server:
+        return self.workers[model]
+
+    def worker_log(self, model: str) -> list[dict[str, Any]]:
+        log: list[dict[str, Any]] = requests.get(self.worker(model).url + "/fake/log",
+                                                 timeout=5).json()
+        return log
+
+    def worker_stats(self, model: str) -> dict[str, Any]:
+        stats: dict[str, Any] = requests.get(self.worker(model).url + "/fake/stats",
+                                             timeout=5).json()
+        return stats
+
+    def reset_worker(self, model: str) -> None:
+        requests.post(self.worker(model).url + "/fake/reset", timeout=5)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    servers: list[Server] = []
+    try:
+        controller = start_controller()
+        servers.append(controller)
+        workers = {}
+        for model, flags in WORKERS.items():
+            workers[model] = start_fake_worker(controller.url, "--models", model, *flags)
+            servers.append(workers[model])
+        gateway = start_gateway(
+            controller.url, "--api-keys", f"{API_KEY},second-key", "--workers", "2",
+            env={"FLASKCHAT_READ_TIMEOUT": "3", "FLASKCHAT_KEEPALIVE_INTERVAL": "0.5"})
+        servers.append(gateway)
+        yield Stack(controller, gateway, workers)
+    finally:
+        for server in reversed(servers):
+            server.stop()
+
+
+@pytest.fixture()
+def headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
