@@ -71,6 +71,7 @@ def _controller(args: argparse.Namespace) -> int:
         "workers": 1,
         "worker_class": "gthread",
         "threads": 16,
+        "keepalive": 75,  # gateways poll it every few seconds over one connection
         "timeout": 60,
         "control_socket_disable": True,
         "loglevel": settings.log_level,

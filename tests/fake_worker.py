@@ -18,8 +18,11 @@ Test-only routes: GET /fake/log (recorded requests), POST /fake/reset, GET /fake
 """
 from __future__ import annotations
 
+from gevent import monkey
+
+monkey.patch_all()
+
 import argparse
-import hashlib
 import re
 import sys
 import threading
@@ -29,45 +32,14 @@ from typing import Any, Callable, Iterator
 
 import orjson
 import requests
-from werkzeug.serving import WSGIRequestHandler, make_server
+from gevent.pywsgi import WSGIServer
 from werkzeug.wrappers import Request, Response
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.upstream.frames import encode_frame  # noqa: E402
+from tests.fake_data import DEFAULT_REPLY, TEMPLATES, vector  # noqa: E402
 
-DEFAULT_REPLY = "Hello! I am a fake model."
 LONG_WAIT = 3600.0
-
-TEMPLATES: dict[str, dict[str, Any]] = {
-    "vicuna_v1.1": {
-        "name": "vicuna_v1.1", "system_template": "{system_message}",
-        "system_message": "A chat between a curious user and an artificial intelligence "
-        "assistant. The assistant gives helpful, detailed, and polite answers to the user's "
-        "questions.",
-        "system_message_vision": "", "roles": ["USER", "ASSISTANT"], "messages": [],
-        "offset": 0, "sep_style": 2, "sep": " ", "sep2": "</s>", "stop_str": None,
-        "stop_token_ids": None, "max_image_size_mb": None},
-    "llama-2": {
-        "name": "llama-2", "system_template": "[INST] <<SYS>>\n{system_message}\n<</SYS>>\n\n",
-        "system_message": "", "system_message_vision": "", "roles": ["[INST]", "[/INST]"],
-        "messages": [], "offset": 0, "sep_style": 7, "sep": " ", "sep2": " </s><s>",
-        "stop_str": None, "stop_token_ids": None, "max_image_size_mb": None},
-    "llama-3": {
-        "name": "llama-3",
-        "system_template": "<|start_header_id|>system<|end_header_id|>\n\n{system_message}"
-        "<|eot_id|>",
-        "system_message": "", "system_message_vision": "", "roles": ["user", "assistant"],
-        "messages": [], "offset": 0, "sep_style": 8, "sep": "", "sep2": None,
-        "stop_str": "<|eot_id|>", "stop_token_ids": [128001, 128009],
-        "max_image_size_mb": None},
-    "qwen-7b-chat": {
-        "name": "qwen-7b-chat", "system_template": "<|im_start|>system\n{system_message}",
-        "system_message": "You are a helpful assistant.", "system_message_vision": "",
-        "roles": ["<|im_start|>user", "<|im_start|>assistant"], "messages": [], "offset": 0,
-        "sep_style": 10, "sep": "<|im_end|>", "sep2": None, "stop_str": "<|endoftext|>",
-        "stop_token_ids": [151643, 151644, 151645], "max_image_size_mb": None},
-}
-
 _DIRECTIVE = re.compile(r"\[\[(\w+)(?::([^\]]*))?\]\]")
 
 
@@ -203,7 +175,11 @@ class FakeWorker:
                     self.active -= 1
                     if not finished:
                         self.cancelled += 1
-        return Response(body(), direct_passthrough=True)
+        def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+            write = start_response("200 OK", [("Content-Type", "application/octet-stream")])
+            write(b"")  # headers now, as FastChat's worker (Starlette) sends them
+            return body()
+        return app  # type: ignore[return-value]
 
     def generate(self, request: Request) -> Response:
         params = request.environ["fake.body"]
@@ -229,7 +205,7 @@ class FakeWorker:
         inputs = params.get("input") or []
         if any("[[error" in text for text in inputs):
             return _json({"text": "fake embedding failure", "error_code": 50001})
-        vectors = [_vector(text, self.args.embedding_dim) for text in inputs]
+        vectors = [vector(text, self.args.embedding_dim) for text in inputs]
         return _json({"embedding": vectors, "token_num": sum(_count(t) for t in inputs)})
 
     def count_token(self, request: Request) -> Response:
@@ -289,20 +265,8 @@ def _cut(text: str, stops: list[str]) -> str | None:
     return text[:min(positions)] if positions else None
 
 
-def _vector(text: str, dim: int) -> list[float]:
-    digest = hashlib.sha256(text.encode()).digest()
-    values = [(digest[i % len(digest)] - 128) / 128.0 for i in range(dim)]
-    norm = sum(v * v for v in values) ** 0.5 or 1.0
-    return [v / norm for v in values]
-
-
 def _json(payload: Any) -> Response:
     return Response(orjson.dumps(payload), mimetype="application/json")
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass
 
 
 def _register(worker: FakeWorker, address: str) -> None:
@@ -338,8 +302,10 @@ def main() -> None:
     parser.add_argument("--multimodal", action="store_true")
     args = parser.parse_args()
     worker = FakeWorker(args)
-    server = make_server("127.0.0.1", 0, worker, threaded=True,
-                         request_handler=_QuietHandler)
+    # gevent's pywsgi keeps connections alive, as uvicorn does for FastChat's workers
+    # (werkzeug's server closes every connection).
+    server = WSGIServer(("127.0.0.1", 0), worker, log=None)
+    server.init_socket()
     address = f"http://127.0.0.1:{server.server_port}"
     if args.controller:
         _register(worker, address)

@@ -32,16 +32,18 @@ class TextTracker:
         start = max(self.sent, self.floor)
         if self.stops:
             cut = _first_stop(text, self.stops, start)
-            if cut is not None:
+            # Text from here on might still become (the start of) a stop string.
+            pending = len(text) if final else \
+                len(text) - _held_suffix(text, start, self.stops, self.longest)
+            if cut is not None and cut <= pending:
                 delta = text[self.sent:cut] if cut > self.sent else ""
                 self.sent = max(self.sent, cut)
                 self.stopped = True
                 return delta
-            if not final:
-                release = len(text) - _held_suffix(text, start, self.stops, self.longest)
-                delta = text[self.sent:release] if release > self.sent else ""
-                self.sent = max(self.sent, release)
-                return delta
+            # A stop string that starts earlier than a complete one may still complete.
+            delta = text[self.sent:pending] if pending > self.sent else ""
+            self.sent = max(self.sent, pending)
+            return delta
         delta = text[self.sent:]
         self.sent = len(text)
         return delta

@@ -7,10 +7,12 @@ else that went wrong on the wire).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from http.client import RemoteDisconnected
+from typing import Any, Iterator
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from app.errors import UpstreamError, UpstreamTimeout, WorkerUnreachable
 
@@ -30,6 +32,24 @@ def build_session(pool_size: int) -> requests.Session:
     return session
 
 
+def post(session: requests.Session, url: str, **kwargs: Any) -> requests.Response:
+    """``session.post``, sent once more if a pooled keep-alive connection turns out to have
+    been closed by the peer (it idled out just as we picked it): nothing was processed."""
+    try:
+        return session.post(url, **kwargs)
+    except requests.exceptions.ConnectionError as exc:
+        if not _stale_connection(exc):
+            raise
+    return session.post(url, **kwargs)
+
+
+def _stale_connection(exc: requests.exceptions.ConnectionError) -> bool:
+    cause = exc.args[0] if exc.args else None
+    if not isinstance(cause, ProtocolError) or len(cause.args) < 2:
+        return False
+    return isinstance(cause.args[1], (RemoteDisconnected, ConnectionResetError, BrokenPipeError))
+
+
 @contextmanager
 def mapped_errors(what: str) -> Iterator[None]:
     """Re-raises requests' exceptions as ours, naming ``what`` we were talking to."""
@@ -39,16 +59,14 @@ def mapped_errors(what: str) -> Iterator[None]:
         raise UpstreamTimeout(f"Timed out connecting to {what}.") from None
     except requests.exceptions.Timeout:
         raise UpstreamTimeout(f"{what} did not answer in time.") from None
+    except requests.exceptions.ChunkedEncodingError:
+        raise UpstreamError(f"{what} closed the connection unexpectedly.") from None
     except requests.exceptions.ConnectionError as exc:
-        if _is_read_side(exc):
+        cause = exc.args[0] if exc.args else None
+        if isinstance(cause, ReadTimeoutError):  # requests wraps body read timeouts so
+            raise UpstreamTimeout(f"{what} did not answer in time.") from None
+        if isinstance(cause, ProtocolError):
             raise UpstreamError(f"{what} closed the connection unexpectedly.") from None
         raise WorkerUnreachable(f"Could not connect to {what}.") from None
     except requests.exceptions.RequestException as exc:
         raise UpstreamError(f"Error talking to {what}: {type(exc).__name__}.") from None
-
-
-def _is_read_side(exc: requests.exceptions.ConnectionError) -> bool:
-    """A failure after the connection was made (reset, truncated body), not a refusal."""
-    text = repr(exc)
-    return any(word in text for word in ("ProtocolError", "IncompleteRead", "ChunkedEncoding",
-                                         "RemoteDisconnected", "Connection aborted"))

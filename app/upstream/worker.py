@@ -16,7 +16,7 @@ import requests
 from app import errors
 from app.upstream.cache import RefreshingCache
 from app.upstream.frames import FrameError, decode_frame, iter_frames
-from app.upstream.http import mapped_errors
+from app.upstream.http import mapped_errors, post
 
 # Capabilities a worker may list in its /model_details answer under "capabilities".
 # "length_check": the worker enforces the context length itself and answers 40303.
@@ -101,9 +101,9 @@ class WorkerClient:
                     request_id: str) -> requests.Response:
         """The open /worker_generate_stream response, its status checked; close it when done."""
         with mapped_errors("the model worker"):
-            response = self._session.post(address + "/worker_generate_stream", json=params,
-                                          headers={"X-Request-Id": request_id},
-                                          timeout=self._timeouts, stream=True)
+            response = post(self._session, address + "/worker_generate_stream", json=params,
+                            headers={"X-Request-Id": request_id}, timeout=self._timeouts,
+                            stream=True)
         if response.status_code != 200:
             detail = _error_text(response)
             response.close()
@@ -126,8 +126,8 @@ class WorkerClient:
                    request_id: str | None) -> dict[str, Any]:
         headers = {"X-Request-Id": request_id} if request_id else None
         with mapped_errors("the model worker"):
-            response = self._session.post(address + path, json=payload, headers=headers,
-                                          timeout=self._timeouts)
+            response = post(self._session, address + path, json=payload, headers=headers,
+                            timeout=self._timeouts)
             if response.status_code != 200:
                 raise _status_error(response.status_code, _error_text(response))
             try:
