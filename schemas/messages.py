@@ -72,14 +72,20 @@ def _message(item: Any) -> ChatMessage:
     message["content"] = text
     if images:
         message["images"] = images
-    for key in ("name", "tool_call_id"):
-        if item.get(key) is not None:
-            if not isinstance(item[key], str):
-                raise ValidationError({key: ["must be a string"]})
-            message[key] = item[key]  # type: ignore[literal-required]
+    if item.get("name") is not None:
+        message["name"] = _string(item, "name")
+    if item.get("tool_call_id") is not None:
+        message["tool_call_id"] = _string(item, "tool_call_id")
     if item.get("tool_calls") is not None:
         message["tool_calls"] = _tool_calls(item["tool_calls"])
     return message
+
+
+def _string(item: dict[str, Any], key: str) -> str:
+    value = item[key]
+    if not isinstance(value, str):
+        raise ValidationError({key: ["must be a string"]})
+    return value
 
 
 def _content(content: Any) -> tuple[str, list[str]]:

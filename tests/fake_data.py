@@ -36,6 +36,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
         "stop_token_ids": [151643, 151644, 151645], "max_image_size_mb": None},
 }
 
+
 def vector(text: str, dim: int) -> list[float]:
     digest = hashlib.sha256(text.encode()).digest()
     values = [(digest[i % len(digest)] - 128) / 128.0 for i in range(dim)]

@@ -36,8 +36,8 @@ from gevent.pywsgi import WSGIServer
 from werkzeug.wrappers import Request, Response
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from app.upstream.frames import encode_frame  # noqa: E402
-from tests.fake_data import DEFAULT_REPLY, TEMPLATES, vector  # noqa: E402
+from app.upstream.frames import encode_frame
+from tests.fake_data import DEFAULT_REPLY, TEMPLATES, vector
 
 LONG_WAIT = 3600.0
 _DIRECTIVE = re.compile(r"\[\[(\w+)(?::([^\]]*))?\]\]")
@@ -175,6 +175,7 @@ class FakeWorker:
                     self.active -= 1
                     if not finished:
                         self.cancelled += 1
+
         def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
             write = start_response("200 OK", [("Content-Type", "application/octet-stream")])
             write(b"")  # headers now, as FastChat's worker (Starlette) sends them

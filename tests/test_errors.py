@@ -12,7 +12,7 @@ from tests.conftest import API_KEY, Stack
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = "/v1/chat/completions"
-HI = [{"role": "user", "content": "Hi"}]
+HI: Any = [{"role": "user", "content": "Hi"}]
 
 
 def assert_envelope(response: requests.Response, status: int, type_: str | None = None,
@@ -183,7 +183,7 @@ def test_openai_client_sees_typed_errors(stack: Stack) -> None:
     client = openai.OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="fake-model", messages=HI, temperature=5)
-    assert info.value.param == "temperature"  # type: ignore[attr-defined]
+    assert info.value.param == "temperature"
 
 
 # ---- worker failures before the first byte ------------------------------------------------

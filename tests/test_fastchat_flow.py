@@ -3,15 +3,17 @@ FastChat's protocol (no capabilities; it ignores the messages field). The prompt
 must be FastChat's rendering of its template, and the calls per request must be few."""
 from __future__ import annotations
 
+from typing import Any
+
 import openai
 import pytest
 
 from tests.conftest import API_KEY, Stack
 
-MESSAGES = [{"role": "system", "content": "Answer briefly."},
-            {"role": "user", "content": "Hello!"},
-            {"role": "assistant", "content": "Hi there."},
-            {"role": "user", "content": "What is 2+2?"}]
+MESSAGES: Any = [{"role": "system", "content": "Answer briefly."},
+                 {"role": "user", "content": "Hello!"},
+                 {"role": "assistant", "content": "Hi there."},
+                 {"role": "user", "content": "What is 2+2?"}]
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +32,9 @@ def client(stack: Stack) -> openai.OpenAI:
 def test_worker_receives_fastchat_prompt(client: openai.OpenAI, stack: Stack, model: str,
                                          prompt: str, stream: bool) -> None:
     stack.reset_worker(model)
-    result = client.chat.completions.create(model=model, messages=MESSAGES,  # type: ignore
-                                            stream=stream)
+    result = client.chat.completions.create(model=model, messages=MESSAGES, stream=stream)
     if stream:
-        list(result)  # type: ignore[arg-type]
+        list(result)
     log = stack.worker_log(model)
     generation = [e for e in log if e["path"].startswith("/worker_generate")]
     assert len(generation) == 1
@@ -78,4 +79,3 @@ def test_backend_calls_per_request_in_steady_state(client: openai.OpenAI, stack:
     assert all(e["request_id"] for e in log)
     # Pooled keep-alive connections: no new TCP connection per request.
     assert stack.worker_stats(model)["connections"] <= 4
-

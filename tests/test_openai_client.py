@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import struct
+from typing import Any
 
 import openai
 import pytest
@@ -102,7 +103,7 @@ def test_chat_n2_non_stream(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_is_honoured_when_the_worker_ignores_it(client: openai.OpenAI,
                                                      stream: bool) -> None:
-    messages = [{"role": "user", "content": "[[reply:one two STOP three four]]"}]
+    messages: Any = [{"role": "user", "content": "[[reply:one two STOP three four]]"}]
     if stream:
         chunks = list(client.chat.completions.create(
             model="ignores-stop", messages=messages, stop=["STOP"], stream=True))

@@ -14,9 +14,9 @@ import requests
 
 from app.upstream.worker import WorkerClient
 
-KEEPALIVE = "keepalive"
 Frame = dict[str, Any]
-Item = Union[tuple[int, Union[Frame, None]], str]
+Item = tuple[int, Union[Frame, None]]
+KEEPALIVE: Item = (-1, None)  # nothing arrived for a while
 Opener = Callable[[], requests.Response]
 
 

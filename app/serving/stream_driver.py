@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Iterator, Protocol, Sequence, Union
 
 from app import sse
-from app.serving.frame_sources import KEEPALIVE, MergedSource, SingleSource
+from app.serving.frame_sources import MergedSource, SingleSource
 from app.serving.generation import UsageTally
 from app.serving.text_stream import TextTracker, finish_reason
 
@@ -34,30 +34,27 @@ def drive(source: Source, fmt: ChunkFormat, trackers: Sequence[TextTracker],
         opening = b"".join(fmt.opening(i) for i in range(len(trackers)))
         if opening:
             yield opening
-        for item in items:
-            if item == KEEPALIVE:
+        for index, frame in items:
+            if index < 0:  # KEEPALIVE
                 yield sse.KEEPALIVE
                 continue
-            index, frame = item  # type: ignore[misc]
             if done[index]:
                 continue
             tracker = trackers[index]
+            reason: str | None
             if frame is None:  # the stream ended without a finish_reason
-                reason: str | None = "stop"
-                text = tracker.flush()
-                if text:
-                    yield fmt.delta(index, text, {})
+                text, reason = tracker.flush(), "stop"
             else:
                 if usage is not None:
                     usage.record(index, frame)
                 reason = finish_reason(frame)
                 text = tracker.feed(frame.get("text") or "", final=reason is not None)
-                if text:
-                    yield fmt.delta(index, text, frame)
                 if tracker.stopped:
                     reason = "stop"
-                if reason is None:
-                    continue
+            if text:
+                yield fmt.delta(index, text, frame or {})
+            if reason is None:
+                continue
             yield fmt.finish(index, reason)
             done[index] = True
             remaining -= 1

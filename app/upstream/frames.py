@@ -29,7 +29,8 @@ def decode_frame(data: bytes) -> dict[str, Any]:
     return frame
 
 
-def iter_frames(chunks: Iterable[bytes], max_frame: int = MAX_FRAME_BYTES) -> Iterator[dict[str, Any]]:
+def iter_frames(chunks: Iterable[bytes],
+                max_frame: int = MAX_FRAME_BYTES) -> Iterator[dict[str, Any]]:
     """Frames from raw body chunks split anywhere; one chunk may hold several frames."""
     buffer = b""
     for chunk in chunks:

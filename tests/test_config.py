@@ -1,0 +1,99 @@
+"""Settings precedence, `gunicorn -c gunicorn.conf.py wsgi:app` from env vars, and CORS."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+
+from app.cli import main
+from app.config import Settings, add_arguments, parse_list
+from tests.conftest import Server, Stack, start_on_socket
+
+
+def parse(argv: list[str], env: dict[str, str]) -> Settings:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Settings)
+    return Settings.from_args(parser.parse_args(argv), env)
+
+
+def test_flag_beats_env_beats_default() -> None:
+    assert parse([], {}).read_timeout == 100.0
+    assert parse([], {"FASTCHAT_WORKER_API_TIMEOUT": "7"}).read_timeout == 7.0
+    assert parse([], {"FLASKCHAT_READ_TIMEOUT": "8",
+                      "FASTCHAT_WORKER_API_TIMEOUT": "7"}).read_timeout == 8.0
+    assert parse(["--read-timeout", "9"], {"FLASKCHAT_READ_TIMEOUT": "8"}).read_timeout == 9.0
+    assert parse([], {"FASTCHAT_WORKER_API_EMBEDDING_BATCH_SIZE": "16"}
+                 ).embedding_batch_size == 16
+    assert parse(["--allow-credentials"], {}).allow_credentials is True
+    assert parse([], {"FLASKCHAT_ALLOW_CREDENTIALS": "true"}).allow_credentials is True
+    assert parse(["--controller-address", "http://c:1/"], {}).controller_address == "http://c:1"
+
+
+def test_lists_take_fastchat_json_or_commas(tmp_path: Path) -> None:
+    assert parse_list('["https://a.example", "https://b.example"]') == (
+        "https://a.example", "https://b.example")
+    assert parse_list("k1, k2,,") == ("k1", "k2")
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nkey-one\n\nkey-two\n")
+    assert parse(["--api-keys-file", str(keys)], {}).api_keys == ("key-one", "key-two")
+    assert parse([], {"FLASKCHAT_API_KEYS": "a,b"}).api_keys == ("a", "b")
+    assert parse([], {"API_KEYS": "c"}).api_keys == ("c",)
+
+
+def test_bad_flag_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--workers", "0"])
+    assert "--workers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse([], {"FLASKCHAT_PORT": "eighty"})
+
+
+@pytest.fixture(scope="module")
+def env_gateway(stack: Stack) -> Iterator[Server]:
+    """The gateway as an operator runs it: gunicorn with our config file, env settings."""
+    server = start_on_socket(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app",
+         "--bind", "fd://{fd}"], "/health",
+        env={"FLASKCHAT_CONTROLLER_ADDRESS": stack.controller.url,
+             "FLASKCHAT_ALLOWED_ORIGINS": '["https://app.example"]',
+             "FLASKCHAT_ALLOW_CREDENTIALS": "1", "FLASKCHAT_LOG_LEVEL": "warning"})
+    yield server
+    server.stop()
+
+
+def test_gunicorn_conf_serves_with_env_settings(env_gateway: Server) -> None:
+    response = requests.post(env_gateway.url + "/v1/chat/completions", json={
+        "model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]})
+    assert response.status_code == 200  # no keys configured: auth is off
+    assert response.json()["choices"][0]["message"]["content"]
+
+
+def test_cors_preflight_allowed_and_refused(env_gateway: Server) -> None:
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    allowed = requests.options(env_gateway.url + "/v1/chat/completions",
+                               headers={"Origin": "https://app.example", **preflight})
+    assert allowed.status_code == 204
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert allowed.headers["Access-Control-Allow-Credentials"] == "true"
+    assert "POST" in allowed.headers["Access-Control-Allow-Methods"]
+    assert "authorization" in allowed.headers["Access-Control-Allow-Headers"]
+    refused = requests.options(env_gateway.url + "/v1/chat/completions",
+                               headers={"Origin": "https://evil.example", **preflight})
+    assert "Access-Control-Allow-Origin" not in refused.headers
+    simple = requests.get(env_gateway.url + "/v1/models",
+                          headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in simple.headers
+
+
+def test_cors_is_closed_by_default(stack: Stack) -> None:
+    response = requests.options(stack.gateway.url + "/v1/chat/completions", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+    assert "Access-Control-Allow-Origin" not in response.headers
+    response = requests.get(stack.gateway.url + "/health",
+                            headers={"Origin": "https://app.example"})
+    assert "Access-Control-Allow-Origin" not in response.headers
