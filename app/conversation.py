@@ -26,6 +26,16 @@ Turn = tuple[str, Message]
  ROBIN, FALCON_CHAT, CHATGLM3, DEEPSEEK_CHAT, METAMATH, YUAN2, GEMMA, CLLM,
  DEFAULT) = range(1, 24)
 
+_STYLE_NAMES = {
+    "ADD_COLON_SINGLE": ADD_COLON_SINGLE, "ADD_COLON_TWO": ADD_COLON_TWO,
+    "ADD_COLON_SPACE_SINGLE": ADD_COLON_SPACE_SINGLE, "NO_COLON_SINGLE": NO_COLON_SINGLE,
+    "NO_COLON_TWO": NO_COLON_TWO, "ADD_NEW_LINE_SINGLE": ADD_NEW_LINE_SINGLE,
+    "LLAMA2": LLAMA2, "LLAMA3": LLAMA3, "CHATGLM": CHATGLM, "CHATML": CHATML,
+    "CHATINTERN": CHATINTERN, "DOLLY": DOLLY, "RWKV": RWKV, "PHOENIX": PHOENIX,
+    "ROBIN": ROBIN, "FALCON_CHAT": FALCON_CHAT, "CHATGLM3": CHATGLM3,
+    "DEEPSEEK_CHAT": DEEPSEEK_CHAT, "METAMATH": METAMATH, "YUAN2": YUAN2, "GEMMA": GEMMA,
+    "CLLM": CLLM, "DEFAULT": DEFAULT}
+
 # Styles that show images as placeholders; the others take the text alone.
 _PLACEHOLDER_STYLES = {ADD_COLON_SINGLE, ADD_COLON_TWO, CHATML, CLLM}
 
@@ -37,7 +47,7 @@ class TemplateError(ValueError):
 def render(template: Mapping[str, Any], messages: Sequence[ChatMessage]) -> tuple[str, list[str]]:
     """The prompt for ``messages`` and the images to send along, in order."""
     try:
-        style = int(template["sep_style"])
+        style = style_of(template)
         roles = template["roles"]
         system_message = template["system_message"] or ""
         turns: list[Turn] = [(t[0], t[1]) for t in template.get("messages") or ()]
@@ -61,10 +71,29 @@ def render(template: Mapping[str, Any], messages: Sequence[ChatMessage]) -> tupl
         else:  # user, and tool results, which the model reads as the next user turn
             turns.append((roles[0], text))
     turns.append((roles[1], None))
-    system_prompt = _system_prompt(template.get("system_template") or "{system_message}",
-                                   system_message)
+    system_template = template.get("system_template")
+    system_prompt = _system_prompt(
+        "{system_message}" if system_template is None else system_template, system_message)
     conv = _Conv(template, style, system_prompt, system_message, turns)
     return renderer(conv), images
+
+
+def style_of(template: Mapping[str, Any]) -> int:
+    """The template's sep_style in the numbering above (FastChat's git main).
+
+    The fschat 0.2.36 release on PyPI numbers the styles differently: LLAMA3 was inserted
+    after LLAMA2 later, shifting CHATGLM (8) and everything after it by one. Templates from
+    those newer versions also carry ``max_image_size_mb``/``system_message_vision``, which
+    is how the two numberings are told apart.
+    """
+    value = template["sep_style"]
+    if isinstance(value, str) and not value.isdigit():
+        return _STYLE_NAMES[value.upper()]
+    number = int(value)
+    newer = "max_image_size_mb" in template or "system_message_vision" in template
+    if not newer and number >= CHATGLM - 1:
+        return number + 1
+    return number
 
 
 def _tool_call_text(message: ChatMessage) -> str:

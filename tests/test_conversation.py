@@ -97,3 +97,14 @@ def test_stop_strings() -> None:
     assert stop_strings(TEMPLATES["llama-3"]) == ["<|eot_id|>"]
     assert stop_strings(TEMPLATES["vicuna_v1.1"]) == []
     assert stop_strings({"stop_str": ["a", "", "b"]}) == ["a", "b"]
+
+
+def test_pypi_fastchat_numbering_is_recognised() -> None:
+    """fschat 0.2.36 (PyPI) numbers CHATML 9; newer FastChat numbers it 10 and sends
+    max_image_size_mb/system_message_vision along, which tells the two apart."""
+    newer = TEMPLATES["qwen-7b-chat"]
+    older = {k: v for k, v in newer.items()
+             if k not in ("max_image_size_mb", "system_message_vision")}
+    older["sep_style"] = 9
+    assert render(older, MESSAGES) == render(newer, MESSAGES)
+    assert render({**newer, "sep_style": "CHATML"}, MESSAGES) == render(newer, MESSAGES)

@@ -1,0 +1,191 @@
+"""Stock FastChat 0.2.36 on either side of ours.
+
+- our gateway in front of FastChat's controller (workers registered there);
+- FastChat's openai_api_server in front of our controller;
+- our prompt rendering against FastChat's Conversation.get_prompt for every template it
+  ships.
+FastChat is installed once into .venvs/fastchat (pydantic 1: its streaming breaks on 2).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import openai
+import pytest
+import requests
+
+from app.conversation import render
+from tests.conftest import (ROOT, Server, start_controller, start_fake_worker,
+                            start_gateway, wait_until_up)
+from tests.fake_data import DEFAULT_REPLY
+
+pytestmark = pytest.mark.fastchat
+
+FASTCHAT_VENV = ROOT / ".venvs" / "fastchat"
+FASTCHAT_REQUIREMENTS = ["fschat==0.2.36", "pydantic<2", "fastapi==0.115.12"]
+
+
+@pytest.fixture(scope="session")
+def fastchat_python() -> str:
+    python = FASTCHAT_VENV / "bin" / "python"
+    marker = FASTCHAT_VENV / ".installed"
+    if not marker.exists() or marker.read_text() != " ".join(FASTCHAT_REQUIREMENTS):
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(FASTCHAT_VENV)],
+                       check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q",
+                        "--disable-pip-version-check", *FASTCHAT_REQUIREMENTS], check=True)
+        marker.write_text(" ".join(FASTCHAT_REQUIREMENTS))
+    return str(python)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_fastchat(python: str, module: str, tmp: Path, *args: str, probe: str) -> Server:
+    port = free_port()
+    process = subprocess.Popen(
+        [python, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args],
+        cwd=tmp, env={**os.environ, "LOGDIR": str(tmp)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(url, process, probe)
+    return Server(url, process)
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    for server in reversed(started):
+        server.stop()
+
+
+def test_our_gateway_in_front_of_fastchat_controller(
+        fastchat_python: str, tmp_path: Path, servers: list[Server]) -> None:
+    controller = start_fastchat(fastchat_python, "fastchat.serve.controller", tmp_path,
+                                probe="/test_connection")
+    servers.append(controller)
+    servers.append(start_fake_worker(controller.url, "--models", "stock-a",
+                                     "--conv-template", "vicuna_v1.1"))
+    worker = start_fake_worker(controller.url, "--models", "modern-b",
+                               "--capabilities", "length_check,messages")
+    servers.append(worker)
+    gateway = start_gateway(controller.url)
+    servers.append(gateway)
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0)
+
+    assert [m.id for m in client.models.list().data] == ["modern-b", "stock-a"]
+    for model in ("stock-a", "modern-b"):
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}])
+        assert reply.choices[0].message.content == DEFAULT_REPLY
+        chunks = list(client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks
+                       if c.choices) == DEFAULT_REPLY
+    completion = client.completions.create(model="stock-a", prompt="x", max_tokens=2)
+    assert completion.choices[0].text == "Hello! I "
+    embedding = client.embeddings.create(model="modern-b", input=["a", "b"])
+    assert len(embedding.data) == 2
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="absent",
+                                       messages=[{"role": "user", "content": "Hi"}])
+    # With a stock controller each request asks it for a worker; the worker itself still
+    # sees only the generation (it checks the context length itself).
+    requests.post(worker.url + "/fake/reset", timeout=5)
+    client.chat.completions.create(model="modern-b",
+                                   messages=[{"role": "user", "content": "Hi"}])
+    paths = [e["path"] for e in requests.get(worker.url + "/fake/log", timeout=5).json()]
+    assert paths == ["/worker_generate"]
+
+
+def test_fastchat_api_server_in_front_of_our_controller(
+        fastchat_python: str, tmp_path: Path, servers: list[Server]) -> None:
+    controller = start_controller()
+    servers.append(controller)
+    servers.append(start_fake_worker(controller.url, "--models", "stock-c",
+                                     "--conv-template", "llama-2"))
+    api = start_fastchat(fastchat_python, "fastchat.serve.openai_api_server", tmp_path,
+                         "--controller-address", controller.url, probe="/v1/models")
+    servers.append(api)
+    client = openai.OpenAI(base_url=api.url + "/v1", api_key="none", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["stock-c"]
+    reply = client.chat.completions.create(model="stock-c",
+                                           messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content == DEFAULT_REPLY
+    chunks = list(client.chat.completions.create(
+        model="stock-c", messages=[{"role": "user", "content": "Hi"}], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks
+                   if c.choices) == DEFAULT_REPLY
+    assert client.completions.create(model="stock-c", prompt="x",
+                                     max_tokens=1).choices[0].text == "Hello! "
+
+
+DUMP_TEMPLATES = r"""
+import dataclasses, json, sys
+from fastchat.conversation import conv_templates
+cases = json.loads(sys.stdin.read())
+out = {}
+for name, template in conv_templates.items():
+    if template.sep_style is None:  # API-model placeholders, not prompt templates
+        continue
+    conv_json = dataclasses.asdict(template)
+    conv_json["sep_style"] = int(template.sep_style)
+    prompts = []
+    for messages in cases:
+        conv = template.copy()
+        try:
+            for m in messages:
+                if m["role"] == "system":
+                    conv.set_system_message(m["content"])
+                elif m["role"] == "user":
+                    conv.append_message(conv.roles[0], m["content"])
+                else:
+                    conv.append_message(conv.roles[1], m["content"])
+            conv.append_message(conv.roles[1], None)
+            prompts.append(conv.get_prompt())
+        except Exception as exc:
+            prompts.append(None)
+    out[name] = {"conv": conv_json, "prompts": prompts}
+print(json.dumps(out))
+"""
+
+CASES: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hello!"},
+     {"role": "assistant", "content": "Hi there."},
+     {"role": "user", "content": "What is 2+2?\nThink."}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+     {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"},
+     {"role": "user", "content": "e"}],
+    [{"role": "user", "content": "first"}, {"role": "user", "content": "second"},
+     {"role": "system", "content": "late system"}],
+    [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""},
+     {"role": "user", "content": "  spaced  "}],
+]
+
+
+def test_rendering_matches_fastchat_for_every_template(fastchat_python: str) -> None:
+    result = subprocess.run([fastchat_python, "-c", DUMP_TEMPLATES], input=json.dumps(CASES),
+                            capture_output=True, text=True, check=True)
+    templates: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(templates) > 70
+    compared = 0
+    for name, entry in templates.items():
+        for messages, expected in zip(CASES, entry["prompts"]):
+            if expected is None:
+                continue  # FastChat itself fails on this one
+            prompt, _ = render(entry["conv"], messages)  # type: ignore[arg-type]
+            assert prompt == expected, f"template {name}, messages {messages}"
+            compared += 1
+    assert compared > 300
