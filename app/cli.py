@@ -1,4 +1,4 @@
-"""The ``flaskchat`` console script: serve | controller.
+"""The ``flaskchat`` console script: up | serve | controller | worker.
 
 Flags become Settings here and nowhere else. The gateway and the controller run under
 gunicorn; this process is gunicorn's arbiter and never imports requests, so the gevent
@@ -12,7 +12,8 @@ from typing import Any, Callable, Sequence
 
 from gunicorn.app.base import BaseApplication
 
-from app.config import ControllerSettings, Settings, add_arguments
+from app.config import (ControllerSettings, Settings, WorkerSettings, add_arguments,
+                        parse_list, read_key_file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,6 +29,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(controller, ControllerSettings)
     controller.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     controller.set_defaults(run=_controller)
+
+    worker = commands.add_parser("worker", help="run a FastChat-protocol model worker")
+    add_arguments(worker, WorkerSettings)
+    worker.set_defaults(run=_worker)
+
+    up = commands.add_parser("up", help="controller + chat and embedding workers + API "
+                             "server, on the embedded models, in one command")
+    up.add_argument("--host", default="localhost", help="API server address")
+    up.add_argument("--port", type=int, default=8000, help="API server port")
+    up.add_argument("--chat-model", default="smollm2",
+                    help="model path or embedded name for the chat worker ('none' to skip)")
+    up.add_argument("--embedding-model", default="all-minilm-l6-v2",
+                    help="model path or embedded name for the embedding worker ('none' to skip)")
+    up.add_argument("--api-keys", type=parse_list, default=None,
+                    help="comma-separated API keys (or FLASKCHAT_API_KEYS)")
+    up.add_argument("--api-keys-file", default=None, help="file with one API key per line")
+    up.add_argument("--workers", type=int, default=1, help="API server processes")
+    up.add_argument("--limit-worker-concurrency", type=int, default=5)
+    up.add_argument("--controller-port", type=int, default=0, help="0: any free port")
+    up.set_defaults(run=_up)
 
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
@@ -78,6 +99,60 @@ def _controller(args: argparse.Namespace) -> int:
     }
     _Gunicorn(load, options).run()
     return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from app.worker.loading import LoadError, resolve
+
+    settings = WorkerSettings.from_args(args)
+    try:
+        resolve(settings.model_path)  # a wrong path fails here, clearly, before any fork
+    except LoadError as exc:
+        print(f"flaskchat worker: {exc}", file=sys.stderr)
+        return 2
+
+    def load() -> Any:
+        from app.worker import create_worker_app
+        return create_worker_app(settings)
+
+    # Never monkey-patched: generation is CPU/GPU-bound and runs in real threads.
+    options = {
+        "bind": [f"{settings.host}:{settings.port}"],
+        "workers": 1,  # one copy of the model
+        "worker_class": "gthread",
+        "threads": settings.limit_worker_concurrency + 16,
+        "timeout": 300,  # covers the first load, which converts a GGUF file
+        "keepalive": 75,
+        "control_socket_disable": True,
+        "loglevel": settings.log_level,
+    }
+    _Gunicorn(load, options).run()
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    import os
+
+    from app.launcher import Plan, Stack
+    from app.worker.loading import LoadError, resolve
+
+    keys: tuple[str, ...] = args.api_keys or ()
+    if args.api_keys_file:
+        keys = read_key_file(args.api_keys_file)
+    elif not keys and os.environ.get("FLASKCHAT_API_KEYS"):
+        keys = parse_list(os.environ["FLASKCHAT_API_KEYS"])
+    for model in (args.chat_model, args.embedding_model):
+        if model.lower() != "none":
+            try:
+                resolve(model)
+            except LoadError as exc:
+                print(f"flaskchat up: {exc}", file=sys.stderr)
+                return 2
+    plan = Plan(host=args.host, port=args.port, chat_model=args.chat_model,
+                embedding_model=args.embedding_model, api_keys=keys, workers=args.workers,
+                concurrency=args.limit_worker_concurrency,
+                controller_port=args.controller_port)
+    return Stack(plan).run()
 
 
 def _bind(fd: int | None, host: str, port: int) -> list[str]:

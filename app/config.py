@@ -170,6 +170,48 @@ class ControllerSettings:
                       prefix="FLASKCHAT_CONTROLLER_")
 
 
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The model worker settings (FastChat's model_worker flags). FLASKCHAT_WORKER_*."""
+
+    host: str = _opt("localhost", "--host", str, "address to bind")
+    port: int = _opt(21002, "--port", int, "port to bind")
+    worker_address: str = _opt("", "--worker-address", str,
+                               "URL the controller and gateways use to reach this worker "
+                               "(default: http://HOST:PORT)")
+    controller_address: str = _opt("http://localhost:21001", "--controller-address", str,
+                                   "controller to register with")
+    model_path: str = _opt("smollm2", "--model-path", str,
+                           "a transformers folder, a .gguf file, a sentence-transformers "
+                           "folder, or an embedded model: smollm2, all-minilm-l6-v2")
+    model_names: tuple[str, ...] = _opt((), "--model-names", parse_list,
+                                        "comma-separated names to serve the model as")
+    limit_worker_concurrency: int = _opt(5, "--limit-worker-concurrency", _positive(int),
+                                         "generations (or embedding batches) at once")
+    device: str = _opt("cpu", "--device", str, "cpu, cuda or mps")
+    no_register: bool = _opt(False, "--no-register", parse_bool,
+                             "do not register with the controller", is_switch=True)
+    conv_template: str = _opt("", "--conv-template", str,
+                              "FastChat conversation template for models without a chat "
+                              "template (e.g. vicuna_v1.1, llama-2, chatml)")
+    stream_interval: int = _opt(2, "--stream-interval", _positive(int),
+                                "tokens between streamed frames")
+    heart_beat_interval: float = _opt(45.0, "--heart-beat-interval", _positive(float),
+                                      "seconds between heartbeats",
+                                      env=("FASTCHAT_WORKER_HEART_BEAT_INTERVAL",))
+    log_level: str = _opt("info", "--log-level", str, "debug, info, warning or error")
+
+    @property
+    def address(self) -> str:
+        return (self.worker_address or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace,
+                  environ: Mapping[str, str] | None = None) -> "WorkerSettings":
+        return _build(cls, args, os.environ if environ is None else environ,
+                      prefix="FLASKCHAT_WORKER_")
+
+
 S = TypeVar("S")
 
 

@@ -11,7 +11,7 @@ from openai._streaming import SSEDecoder
 
 from app import sse
 from app.errors import UpstreamError
-from app.serving.text_stream import TextTracker, cut_at_stop
+from app.text_stream import TextTracker, cut_at_stop
 from app.upstream.frames import FrameError, encode_frame, iter_frames
 
 json_values = st.recursive(

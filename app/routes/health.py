@@ -5,7 +5,7 @@ from flask import Blueprint
 from flask.typing import ResponseReturnValue
 
 from app.context import upstream
-from app.errors import APIError, UpstreamUnavailable
+from app.errors import APIError, UpstreamUnavailable, error_response
 from app.http_json import json_response
 
 bp = Blueprint("health", __name__)
@@ -24,9 +24,10 @@ def ready() -> ResponseReturnValue:
     try:
         models = controller.directory().models
     except APIError as exc:
-        raise UpstreamUnavailable(f"Not ready: {exc.message}") from None
+        # Returned, not raised: probes poll this, and the handler would log each one.
+        return error_response(UpstreamUnavailable(f"Not ready: {exc.message}"))
     if not models:
-        raise UpstreamUnavailable("Not ready: no model worker is registered.")
+        return error_response(UpstreamUnavailable("Not ready: no model worker is registered."))
     error = controller.status()["error"]
     return json_response({"status": "degraded" if error else "ready", "models": models,
                           "controller_error": error})

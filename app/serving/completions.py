@@ -21,7 +21,7 @@ from app.serving.frame_sources import MergedSource, SingleSource
 from app.serving.generation import (UsageTally, on_worker, once, sampling_params,
                                     token_budget)
 from app.serving.stream_driver import drive
-from app.serving.text_stream import TextTracker, cut_at_stop, finish_reason
+from app.text_stream import TextTracker, cut_at_stop, finish_reason
 from app.upstream import Upstream
 from app.upstream.worker import RENDERS_MESSAGES
 from schemas import CompletionRequest

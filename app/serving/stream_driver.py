@@ -12,7 +12,7 @@ from typing import Any, Iterator, Protocol, Sequence, Union
 from app import sse
 from app.serving.frame_sources import MergedSource, SingleSource
 from app.serving.generation import UsageTally
-from app.serving.text_stream import TextTracker, finish_reason
+from app.text_stream import TextTracker, finish_reason
 
 Source = Union[SingleSource, MergedSource]
 

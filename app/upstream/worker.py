@@ -105,9 +105,9 @@ class WorkerClient:
                             headers={"X-Request-Id": request_id}, timeout=self._timeouts,
                             stream=True)
         if response.status_code != 200:
-            detail = _error_text(response)
+            error = _status_error(response)
             response.close()
-            raise _status_error(response.status_code, detail)
+            raise error
         return response
 
     @staticmethod
@@ -129,7 +129,7 @@ class WorkerClient:
             response = post(self._session, address + path, json=payload, headers=headers,
                             timeout=self._timeouts)
             if response.status_code != 200:
-                raise _status_error(response.status_code, _error_text(response))
+                raise _status_error(response)
             try:
                 return decode_frame(response.content)
             except FrameError:
@@ -172,7 +172,22 @@ def _code_error(code: int, text: str) -> errors.APIError:
     return error
 
 
-def _status_error(status: int, detail: str) -> errors.APIError:
+def _status_error(response: requests.Response) -> errors.APIError:
+    """The error for a non-200 answer. A worker may explain itself with an error frame
+    (flaskchat's worker refuses an over-long prompt with 400 and code 40303)."""
+    try:
+        body = next(response.iter_content(4096), b"")  # never a whole hostile body
+    except requests.RequestException:
+        body = b""
+    try:
+        frame = decode_frame(body)
+        raise_for_frame(frame)
+    except errors.APIError as exc:
+        return exc
+    except FrameError:
+        pass
+    detail = " ".join(body[:300].decode("utf-8", "replace").split())
+    status = response.status_code
     message = f"The model worker answered with HTTP {status}" + (f": {detail}" if detail else ".")
     if status == 429:
         return errors.Overloaded(message)
@@ -181,12 +196,3 @@ def _status_error(status: int, detail: str) -> errors.APIError:
     if status == 504:
         return errors.UpstreamTimeout(message)
     return errors.UpstreamError(message)
-
-
-def _error_text(response: requests.Response) -> str:
-    """A short, printable excerpt of an error body (a FastChat worker sends plain text)."""
-    try:
-        text = response.content[:300].decode("utf-8", "replace").strip()
-    except requests.RequestException:
-        return ""
-    return " ".join(text.split())

@@ -1,0 +1,51 @@
+"""The model worker process: one model (chat or embeddings) behind FastChat's protocol."""
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Flask
+
+from app.config import WorkerSettings
+
+log = logging.getLogger("flaskchat.worker")
+
+
+def create_worker_app(settings: WorkerSettings, register: bool = True) -> Flask:
+    from app import errors
+    from app.logs import configure_logging
+    from app.worker import loading, registration
+    from app.worker.routes import STATE, WorkerState, bp
+    from app.worker.slots import Slots
+
+    configure_logging(settings.log_level)
+    source = loading.resolve(settings.model_path)
+    names = list(settings.model_names) or [source.name]
+    state = WorkerState(settings, names, Slots(settings.limit_worker_concurrency))
+    started = time.monotonic()
+    log.info("loading %s from %s%s", names[0], source.folder,
+             f" ({source.gguf_file})" if source.gguf_file else "")
+    if source.is_embedding:
+        from app.worker.embedding_model import EmbeddingModel
+        state.embedder = EmbeddingModel(*loading.load_embedding_model(source, settings.device),
+                                        source.folder)
+        detail = f"embeddings, window {state.embedder.max_seq_length} tokens"
+    else:
+        from app.worker.chat_model import ChatModel
+        model, tokenizer = loading.load_causal_lm(source, settings.device)
+        state.chat = ChatModel(model, tokenizer, settings.conv_template,
+                               settings.stream_interval)
+        detail = (f"context {state.chat.context_length} tokens, "
+                  f"{'own chat template' if state.chat.has_chat_template else 'template ' + state.chat.conv['name']}")
+    model_obj = state.chat.model if state.chat else state.embedder.model  # type: ignore[union-attr]
+    params = sum(p.numel() for p in model_obj.parameters())
+    log.info("loaded %s in %.1f s: %.0fM parameters, %s", names[0], time.monotonic() - started,
+             params / 1e6, detail)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024
+    app.extensions[STATE] = state
+    errors.init_app(app)
+    app.register_blueprint(bp)
+    if register and not settings.no_register:
+        registration.start(settings, state.status)
+    return app

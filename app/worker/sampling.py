@@ -1,0 +1,69 @@
+"""Choosing the next token: penalties, temperature, top-k, top-p, as FastChat maps them.
+
+Greedy below temperature 1e-5 or top_p 1e-8 (FastChat's thresholds). The repetition
+penalty is CTRL's, over prompt and reply; presence and frequency penalties are OpenAI's,
+over the reply only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5 or self.top_p < 1e-8
+
+    @classmethod
+    def from_params(cls, params: Any) -> "Sampling":
+        return cls(temperature=float(params["temperature"]), top_p=float(params["top_p"]),
+                   top_k=int(params["top_k"]),
+                   repetition_penalty=float(params["repetition_penalty"]),
+                   presence_penalty=float(params["presence_penalty"]),
+                   frequency_penalty=float(params["frequency_penalty"]))
+
+
+def next_token(logits: torch.Tensor, context: list[int], reply: list[int], cfg: Sampling,
+               generator: torch.Generator | None) -> int:
+    """``logits``: the last position's scores (1-D). Returns the chosen token id."""
+    scores = _penalized(logits.float(), context, reply, cfg)
+    if cfg.greedy:
+        return int(torch.argmax(scores))
+    scores = scores / cfg.temperature
+    if 0 < cfg.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, cfg.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=True)
+        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        drop = cumulative - torch.softmax(ordered, dim=-1) >= cfg.top_p
+        scores = scores.index_put((order[drop],), torch.tensor(float("-inf")))
+    probabilities = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+def _penalized(scores: torch.Tensor, context: list[int], reply: list[int],
+               cfg: Sampling) -> torch.Tensor:
+    if cfg.repetition_penalty != 1.0 and (context or reply):
+        seen = torch.tensor(sorted(set(context) | set(reply)), dtype=torch.long)
+        picked = scores[seen]
+        scores = scores.clone()
+        scores[seen] = torch.where(picked > 0, picked / cfg.repetition_penalty,
+                                   picked * cfg.repetition_penalty)
+    if (cfg.presence_penalty or cfg.frequency_penalty) and reply:
+        ids, counts = torch.unique(torch.tensor(reply, dtype=torch.long), return_counts=True)
+        scores = scores.clone()
+        scores[ids] -= cfg.presence_penalty + cfg.frequency_penalty * counts.float()
+    return scores
