@@ -32,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     worker = commands.add_parser("worker", help="run a FastChat-protocol model worker")
     add_arguments(worker, WorkerSettings)
+    worker.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     worker.set_defaults(run=_worker)
 
     up = commands.add_parser("up", help="controller + chat and embedding workers + API "
@@ -117,7 +118,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     # Never monkey-patched: generation is CPU/GPU-bound and runs in real threads.
     options = {
-        "bind": [f"{settings.host}:{settings.port}"],
+        "bind": _bind(args.fd, settings.host, settings.port),
         "workers": 1,  # one copy of the model
         "worker_class": "gthread",
         "threads": settings.limit_worker_concurrency + 16,

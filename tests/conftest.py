@@ -59,10 +59,12 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], path: str,
 
 
 def start_on_socket(argv: list[str], path: str, env: dict[str, str] | None = None) -> Server:
-    """Starts ``argv`` (with ``{fd}`` replaced) on a socket bound here, so no port race."""
+    """Starts ``argv`` (``{fd}`` and ``{port}`` replaced) on a socket bound here, so there
+    is no race for a free port."""
     sock = bound_socket()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    args = [a.replace("{fd}", str(sock.fileno())) for a in argv]
+    port = str(sock.getsockname()[1])
+    url = f"http://127.0.0.1:{port}"
+    args = [a.replace("{fd}", str(sock.fileno())).replace("{port}", port) for a in argv]
     process = subprocess.Popen(args, cwd=ROOT, pass_fds=(sock.fileno(),),
                                env={**os.environ, **(env or {})})
     sock.close()

@@ -108,3 +108,16 @@ def test_pypi_fastchat_numbering_is_recognised() -> None:
     older["sep_style"] = 9
     assert render(older, MESSAGES) == render(newer, MESSAGES)
     assert render({**newer, "sep_style": "CHATML"}, MESSAGES) == render(newer, MESSAGES)
+
+
+@pytest.mark.parametrize("ours, reference", [("chatml", "qwen-7b-chat"),
+                                             ("llama-3", "llama-3")])
+def test_worker_templates_render_like_the_styles_they_stand_in_for(ours: str,
+                                                                   reference: str) -> None:
+    """The worker reports ChatML and Llama 3 with styles numbered the same in every FastChat
+    version; they must render what CHATML and LLAMA3 render."""
+    from app.worker.templates import TEMPLATES as WORKER_TEMPLATES
+    template = dict(WORKER_TEMPLATES[ours])
+    assert template["sep_style"] < 8
+    expected = dict(TEMPLATES[reference])
+    assert render(template, MESSAGES)[0] == render(expected, MESSAGES)[0]

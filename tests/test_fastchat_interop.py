@@ -189,3 +189,45 @@ def test_rendering_matches_fastchat_for_every_template(fastchat_python: str) -> 
             assert prompt == expected, f"template {name}, messages {messages}"
             compared += 1
     assert compared > 300
+
+
+@pytest.mark.worker
+def test_fastchat_api_server_uses_our_model_worker(
+        fastchat_python: str, tmp_path: Path, servers: list[Server]) -> None:
+    """Stock FastChat's API server sends no `messages`: it renders the prompt from the
+    template our worker reports (ChatML, as the model's own chat template)."""
+    pytest.importorskip("torch")
+    from tests.test_worker import start_worker
+    from tests.tiny_model import build
+
+    controller = start_controller()
+    servers.append(controller)
+    worker = start_worker(controller.url, str(build(tmp_path / "tiny")), "--model-names",
+                          "tiny-chatml")
+    servers.append(worker)
+    api = start_fastchat(fastchat_python, "fastchat.serve.openai_api_server", tmp_path,
+                         "--controller-address", controller.url, probe="/v1/models")
+    servers.append(api)
+    client = openai.OpenAI(base_url=api.url + "/v1", api_key="none", max_retries=0)
+    messages: Any = [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "Hi"}]
+    reply = client.chat.completions.create(model="tiny-chatml", messages=messages,
+                                           max_tokens=6, temperature=0)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None and reply.usage.completion_tokens == 6
+    chunks = list(client.chat.completions.create(model="tiny-chatml", messages=messages,
+                                                 max_tokens=6, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        reply.choices[0].message.content
+    completion = client.completions.create(model="tiny-chatml", prompt="One two",
+                                           max_tokens=3, temperature=0)
+    assert completion.choices[0].finish_reason == "length"
+    # Our gateway sends `messages` and the worker applies the model's own template: the
+    # same prompt (same token count), hence the same greedy reply.
+    gateway = start_gateway(controller.url)
+    servers.append(gateway)
+    ours = openai.OpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0)
+    direct = ours.chat.completions.create(model="tiny-chatml", messages=messages,
+                                          max_tokens=6, temperature=0)
+    assert direct.choices[0].message.content == reply.choices[0].message.content
+    assert direct.usage is not None and direct.usage.prompt_tokens == reply.usage.prompt_tokens

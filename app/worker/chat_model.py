@@ -7,6 +7,7 @@ usage and per-token logprobs.
 """
 from __future__ import annotations
 
+import inspect
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -53,6 +54,9 @@ class ChatModel:
                                  self._default_system())
         self.eos_ids = _eos_ids(model, tokenizer)
         self.device = next(model.parameters()).device
+        # transformers 5 renamed past_key_values to cache (and warns on the old name).
+        self._cache = "cache" if "cache" in inspect.signature(model.forward).parameters \
+            else "past_key_values"
 
     # ---- preparing -------------------------------------------------------------------
 
@@ -132,7 +136,7 @@ class ChatModel:
                 if step % self.stream_interval == 0:
                     yield self._frame(prefix + text, job, len(reply), None, logprobs)
                 output = self.model(input_ids=torch.tensor([[token]], device=self.device),
-                                    past_key_values=output.past_key_values, use_cache=True)
+                                    use_cache=True, **{self._cache: output[self._cache]})
         if not tracker.stopped:
             text += tracker.flush()
         yield self._frame(prefix + text, job, len(reply), finish, logprobs)

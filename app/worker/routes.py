@@ -58,6 +58,11 @@ def state() -> WorkerState:
     return found
 
 
+@bp.get("/health")
+def health() -> ResponseReturnValue:
+    return json_response({"status": "ok"})
+
+
 @bp.post("/worker_generate_stream")
 def generate_stream() -> ResponseReturnValue:
     job = _prepare()

