@@ -165,14 +165,18 @@ def _print_welcome(url: str, models: list[str], auth: bool) -> None:
     chat = next((m for m in models if "minilm" not in m.lower()), models[0])
     key = "YOUR_KEY" if auth else "none"
     header = f' -H "Authorization: Bearer {key}"' if auth else ""
+    body = json.dumps({"model": chat, "messages": [
+        {"role": "user", "content": "What is the capital of France?"}]})
+    python = (f"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{key}'); "
+              f"print(c.chat.completions.create(model='{chat}', messages=[{{'role': 'user', "
+              f"'content': 'Hi!'}}]).choices[0].message.content)")
     print(f"""
 flaskchat is up: {url}/v1   (models: {', '.join(models)})
 
   curl {url}/v1/chat/completions -H "Content-Type: application/json"{header} \\
-    -d '{{"model": "{chat}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+    -d '{body}'
 
-  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{key}'); \\
-print(c.chat.completions.create(model='{chat}', messages=[{{'role': 'user', 'content': 'Hi!'}}]).choices[0].message.content)"
+  python -c "{python}"
 
 Ctrl-C stops everything.
 """, flush=True)

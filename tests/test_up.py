@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import openai
 import pytest
@@ -20,7 +20,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.worker
 pytest.importorskip("torch")
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: Any = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")

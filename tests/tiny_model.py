@@ -29,7 +29,7 @@ def build(folder: Path, context_length: int = 2048) -> Path:
     tokenizer.train_from_iterator(TEXT, trainers.BpeTrainer(
         vocab_size=320, special_tokens=["<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer)  # type: ignore[no-untyped-call]
     fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     fast.chat_template = CHATML
     torch.manual_seed(0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from flask import Flask
 
@@ -25,20 +26,21 @@ def create_worker_app(settings: WorkerSettings, register: bool = True) -> Flask:
     started = time.monotonic()
     log.info("loading %s from %s%s", names[0], source.folder,
              f" ({source.gguf_file})" if source.gguf_file else "")
+    model: Any
     if source.is_embedding:
         from app.worker.embedding_model import EmbeddingModel
-        state.embedder = EmbeddingModel(*loading.load_embedding_model(source, settings.device),
-                                        source.folder)
+        model, tokenizer = loading.load_embedding_model(source, settings.device)
+        state.embedder = EmbeddingModel(model, tokenizer, source.folder)
         detail = f"embeddings, window {state.embedder.max_seq_length} tokens"
     else:
         from app.worker.chat_model import ChatModel
         model, tokenizer = loading.load_causal_lm(source, settings.device)
         state.chat = ChatModel(model, tokenizer, settings.conv_template,
                                settings.stream_interval)
-        detail = (f"context {state.chat.context_length} tokens, "
-                  f"{'own chat template' if state.chat.has_chat_template else 'template ' + state.chat.conv['name']}")
-    model_obj = state.chat.model if state.chat else state.embedder.model  # type: ignore[union-attr]
-    params = sum(p.numel() for p in model_obj.parameters())
+        prompts = "own chat template" if state.chat.has_chat_template \
+            else f"template {state.chat.conv['name']}"
+        detail = f"context {state.chat.context_length} tokens, {prompts}"
+    params = sum(p.numel() for p in model.parameters())
     log.info("loaded %s in %.1f s: %.0fM parameters, %s", names[0], time.monotonic() - started,
              params / 1e6, detail)
     app = Flask(__name__)

@@ -112,7 +112,8 @@ def converted_gguf(source: ModelSource) -> Path:
     started = time.monotonic()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file)
+        model: Any = AutoModelForCausalLM.from_pretrained(source.folder,
+                                                          gguf_file=source.gguf_file)
     except Exception as exc:
         raise LoadError(f"Could not load {gguf}: {exc}") from exc
     # The weights are de-quantized already; drop the GGUF marker so they can be saved.
@@ -132,7 +133,7 @@ def _load_folder(folder: Path, device: str) -> tuple[Any, Any]:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder)
+        model: Any = AutoModelForCausalLM.from_pretrained(folder)
     except Exception as exc:
         raise LoadError(f"Could not load a causal language model from {folder}: {exc}") \
             from exc
@@ -146,7 +147,7 @@ def load_embedding_model(source: ModelSource, device: str) -> tuple[Any, Any]:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.folder)
-        model = AutoModel.from_pretrained(source.folder)
+        model: Any = AutoModel.from_pretrained(source.folder)
     except Exception as exc:
         raise LoadError(f"Could not load an embedding model from {source.folder}: {exc}") \
             from exc
