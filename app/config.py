@@ -141,6 +141,13 @@ class Settings:
 
 
 DISPATCH_METHODS = ("shortest_queue", "lottery")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _dtype(text: str) -> str:
+    if text not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+    return text
 
 
 def _dispatch(text: str) -> str:
@@ -189,6 +196,8 @@ class WorkerSettings:
     limit_worker_concurrency: int = _opt(5, "--limit-worker-concurrency", _positive(int),
                                          "generations (or embedding batches) at once")
     device: str = _opt("cpu", "--device", str, "cpu, cuda or mps")
+    dtype: str = _opt("auto", "--dtype", _dtype,
+                      "auto (float16 on a GPU, float32 on CPU), float32, float16 or bfloat16")
     no_register: bool = _opt(False, "--no-register", parse_bool,
                              "do not register with the controller", is_switch=True)
     conv_template: str = _opt("", "--conv-template", str,

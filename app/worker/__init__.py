@@ -34,15 +34,16 @@ def create_worker_app(settings: WorkerSettings, register: bool = True) -> Flask:
         detail = f"embeddings, window {state.embedder.max_seq_length} tokens"
     else:
         from app.worker.chat_model import ChatModel
-        model, tokenizer = loading.load_causal_lm(source, settings.device)
+        model, tokenizer = loading.load_causal_lm(source, settings.device, settings.dtype)
         state.chat = ChatModel(model, tokenizer, settings.conv_template,
                                settings.stream_interval)
         prompts = "own chat template" if state.chat.has_chat_template \
             else f"template {state.chat.conv['name']}"
         detail = f"context {state.chat.context_length} tokens, {prompts}"
     params = sum(p.numel() for p in model.parameters())
-    log.info("loaded %s in %.1f s: %.0fM parameters, %s", names[0], time.monotonic() - started,
-             params / 1e6, detail)
+    log.info("loaded %s in %.1f s: %.0fM parameters, %s, %s", names[0],
+             time.monotonic() - started, params / 1e6, str(model.dtype).replace("torch.", ""),
+             detail)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024
     app.extensions[STATE] = state
