@@ -64,20 +64,16 @@ def _serve(args: argparse.Namespace) -> int:
         return create_app(settings)
 
     options = {
-        "bind": _bind(args.fd, settings.host, settings.port),
         "workers": settings.workers,
         "worker_class": "gevent",
         "worker_connections": settings.worker_connections,
         "timeout": 60,  # only catches a blocked hub; streams are bounded by read_timeout
-        "graceful_timeout": 120,
-        "keepalive": 75,
-        "control_socket_disable": True,
-        "loglevel": settings.log_level,
+        "graceful_timeout": 120,  # lets running streams finish on a deploy
     }
     print(f"flaskchat: serving the API on http://{settings.host}:{settings.port}/v1 "
           f"(controller {settings.controller_address})", file=sys.stderr, flush=True)
-    _Gunicorn(load, options).run()
-    return 0
+    return _run_gunicorn(load, args.fd, settings.host, settings.port, settings.log_level,
+                         options)
 
 
 def _controller(args: argparse.Namespace) -> int:
@@ -88,18 +84,9 @@ def _controller(args: argparse.Namespace) -> int:
         return create_controller_app(settings)
 
     # The registry lives in process memory: exactly one process, threads for concurrency.
-    options = {
-        "bind": _bind(args.fd, settings.host, settings.port),
-        "workers": 1,
-        "worker_class": "gthread",
-        "threads": 16,
-        "keepalive": 75,  # gateways poll it every few seconds over one connection
-        "timeout": 60,
-        "control_socket_disable": True,
-        "loglevel": settings.log_level,
-    }
-    _Gunicorn(load, options).run()
-    return 0
+    options = {"workers": 1, "worker_class": "gthread", "threads": 16, "timeout": 60}
+    return _run_gunicorn(load, args.fd, settings.host, settings.port, settings.log_level,
+                         options)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -116,19 +103,12 @@ def _worker(args: argparse.Namespace) -> int:
         from app.worker import create_worker_app
         return create_worker_app(settings)
 
-    # Never monkey-patched: generation is CPU/GPU-bound and runs in real threads.
-    options = {
-        "bind": _bind(args.fd, settings.host, settings.port),
-        "workers": 1,  # one copy of the model
-        "worker_class": "gthread",
-        "threads": settings.limit_worker_concurrency + 16,
-        "timeout": 300,  # covers the first load, which converts a GGUF file
-        "keepalive": 75,
-        "control_socket_disable": True,
-        "loglevel": settings.log_level,
-    }
-    _Gunicorn(load, options).run()
-    return 0
+    # Never monkey-patched: generation is CPU/GPU-bound and runs in real threads. One
+    # process holds one copy of the model; the long timeout covers a first GGUF conversion.
+    options = {"workers": 1, "worker_class": "gthread",
+               "threads": settings.limit_worker_concurrency + 16, "timeout": 300}
+    return _run_gunicorn(load, args.fd, settings.host, settings.port, settings.log_level,
+                         options)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -156,8 +136,16 @@ def _up(args: argparse.Namespace) -> int:
     return Stack(plan).run()
 
 
-def _bind(fd: int | None, host: str, port: int) -> list[str]:
-    return [f"fd://{fd}"] if fd is not None else [f"{host}:{port}"]
+def _run_gunicorn(load: Callable[[], Any], fd: int | None, host: str, port: int,
+                  log_level: str, options: dict[str, Any]) -> int:
+    _Gunicorn(load, {
+        "bind": [f"fd://{fd}"] if fd is not None else [f"{host}:{port}"],
+        "keepalive": 75,  # callers reuse their connections; gunicorn's default is 2 s
+        "control_socket_disable": True,
+        "loglevel": log_level,
+        **options,
+    }).run()
+    return 0
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]

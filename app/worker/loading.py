@@ -139,29 +139,27 @@ def converted_gguf(source: ModelSource) -> Path:
 
 
 def _load_folder(folder: Path, device: str, dtype: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch_dtype(dtype, device))
-    except Exception as exc:
-        raise LoadError(f"Could not load a causal language model from {folder}: {exc}") \
-            from exc
-    model.to(device)
-    model.eval()
-    return model, tokenizer
+    return _load(AutoModelForCausalLM, folder, device, "a causal language model",
+                 dtype=torch_dtype(dtype, device))
 
 
 def load_embedding_model(source: ModelSource, device: str) -> tuple[Any, Any]:
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
+
+    return _load(AutoModel, source.folder, device, "an embedding model")
+
+
+def _load(model_class: Any, folder: Path, device: str, what: str,
+          **kwargs: Any) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder)
-        model: Any = AutoModel.from_pretrained(source.folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = model_class.from_pretrained(folder, **kwargs)
     except Exception as exc:
-        raise LoadError(f"Could not load an embedding model from {source.folder}: {exc}") \
-            from exc
+        raise LoadError(f"Could not load {what} from {folder}: {exc}") from exc
     model.to(device)
     model.eval()
     return model, tokenizer
