@@ -1,8 +1,14 @@
 """Where a stream's frames come from: one worker stream, or n of them interleaved.
 
-Both yield ``(index, frame)`` pairs, ``(index, None)`` when that stream has ended, and
-``KEEPALIVE`` whenever nothing has arrived for ``keepalive`` seconds, so that the caller
-can write an SSE comment while a worker is still queueing or reading the prompt.
+Both yield ``(index, frames)``: the frames that arrived together in one read (a worker
+that is ahead sends several per read, and only the last one's cumulative text matters),
+``(index, None)`` when that stream has ended, and ``KEEPALIVE`` whenever nothing has
+arrived for ``keepalive`` seconds, so that the caller can write an SSE comment while a
+worker is still queueing or reading the prompt.
+
+``finish(index)`` closes a stream the caller is done with early (a stop string cut it),
+which cancels the generation; a stream that ended by itself is read to its end instead,
+so that its keep-alive connection goes back to the pool.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import requests
 from app.upstream.worker import WorkerClient
 
 Frame = dict[str, Any]
-Item = tuple[int, Union[Frame, None]]
+Item = tuple[int, Union[list[Frame], None]]
 KEEPALIVE: Item = (-1, None)  # nothing arrived for a while
 Opener = Callable[[], requests.Response]
 
@@ -28,15 +34,15 @@ class SingleSource:
         self._keepalive = keepalive
 
     def __iter__(self) -> Iterator[Item]:
-        frames = WorkerClient.frames(self._response)
-        first = _FirstFrame(frames)
+        batches = WorkerClient.frame_batches(self._response)
+        first = _FirstBatch(batches)
         while not first.arrived.wait(self._keepalive):
             yield KEEPALIVE
-        frame = first.result()
-        if frame is not None:
-            yield 0, frame
-            for frame in frames:
-                yield 0, frame
+        batch = first.result()
+        if batch is not None:
+            yield 0, batch
+            for batch in batches:
+                yield 0, batch
         yield 0, None
 
     def finish(self, index: int) -> None:
@@ -46,27 +52,27 @@ class SingleSource:
         self._response.close()
 
 
-class _FirstFrame:
-    """Reads the first frame in a helper thread so the caller can wait with a timeout."""
+class _FirstBatch:
+    """Reads the first frames in a helper thread so the caller can wait with a timeout."""
 
-    def __init__(self, frames: Iterator[Frame]) -> None:
+    def __init__(self, batches: Iterator[list[Frame]]) -> None:
         self.arrived = threading.Event()
-        self._frame: Frame | None = None
+        self._batch: list[Frame] | None = None
         self._error: BaseException | None = None
-        threading.Thread(target=self._read, args=(frames,), daemon=True).start()
+        threading.Thread(target=self._read, args=(batches,), daemon=True).start()
 
-    def _read(self, frames: Iterator[Frame]) -> None:
+    def _read(self, batches: Iterator[list[Frame]]) -> None:
         try:
-            self._frame = next(frames, None)
+            self._batch = next(batches, None)
         except BaseException as exc:  # handed to the caller by result()
             self._error = exc
         finally:
             self.arrived.set()
 
-    def result(self) -> Frame | None:
+    def result(self) -> list[Frame] | None:
         if self._error is not None:
             raise self._error
-        return self._frame
+        return self._batch
 
 
 class MergedSource:
@@ -78,7 +84,8 @@ class MergedSource:
         self._responses: dict[int, requests.Response] = {}
         self._finished: set[int] = set()
         self._closed = False
-        self._queue: queue.Queue[tuple[int, Frame | BaseException | None]] = queue.Queue()
+        self._queue: queue.Queue[tuple[int, list[Frame] | BaseException | None]] = \
+            queue.Queue()
 
     def __iter__(self) -> Iterator[Item]:
         for index, opener in enumerate(self._openers):
@@ -106,14 +113,13 @@ class MergedSource:
             self._responses[index] = response
             if self._closed or index in self._finished:
                 response.close()
-            for frame in WorkerClient.frames(response):
-                self._queue.put((index, frame))
+            for batch in WorkerClient.frame_batches(response):
+                self._queue.put((index, batch))
             self._queue.put((index, None))
         except BaseException as exc:  # reported through the queue
             self._queue.put((index, exc))
 
     def finish(self, index: int) -> None:
-        """The caller is done with ``index``: stop its generation, ignore what follows."""
         self._finished.add(index)
         response = self._responses.get(index)
         if response is not None:

@@ -18,7 +18,7 @@ import requests
 
 from app.errors import ModelNotFound, UpstreamError, UpstreamUnavailable
 from app.upstream.cache import RefreshingCache
-from app.upstream.http import mapped_errors, post
+from app.upstream.http import mapped_errors, post_json
 
 log = logging.getLogger("flaskchat.controller_client")
 
@@ -164,8 +164,7 @@ class ControllerClient:
 
     def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         with mapped_errors("the controller"):
-            response = post(self._session, self.address + path, json=payload,
-                            timeout=self._timeouts)
+            response = post_json(self._session, self.address + path, payload, self._timeouts)
             if response.status_code in (404, 405):
                 raise _NotOurs(path)
             if response.status_code != 200:

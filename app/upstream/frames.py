@@ -32,6 +32,13 @@ def decode_frame(data: bytes) -> dict[str, Any]:
 def iter_frames(chunks: Iterable[bytes],
                 max_frame: int = MAX_FRAME_BYTES) -> Iterator[dict[str, Any]]:
     """Frames from raw body chunks split anywhere; one chunk may hold several frames."""
+    for batch in iter_frame_batches(chunks, max_frame):
+        yield from batch
+
+
+def iter_frame_batches(chunks: Iterable[bytes],
+                       max_frame: int = MAX_FRAME_BYTES) -> Iterator[list[dict[str, Any]]]:
+    """The frames completed by each chunk, as one list per chunk that completed any."""
     buffer = b""
     for chunk in chunks:
         if not chunk:
@@ -42,8 +49,17 @@ def iter_frames(chunks: Iterable[bytes],
                 raise FrameError(f"a frame is larger than {max_frame} bytes")
             continue
         *complete, buffer = buffer.split(DELIMITER)
+        batch = []
         for data in complete:
-            if data:
-                yield decode_frame(data)
+            if not data:
+                continue
+            try:
+                batch.append(decode_frame(data))
+            except FrameError:
+                if batch:  # the good frames before a bad one still count
+                    yield batch
+                raise
+        if batch:
+            yield batch
     if buffer.strip():
         raise FrameError("the stream ended in the middle of a frame")

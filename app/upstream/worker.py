@@ -15,8 +15,8 @@ import requests
 
 from app import errors
 from app.upstream.cache import RefreshingCache
-from app.upstream.frames import FrameError, decode_frame, iter_frames
-from app.upstream.http import mapped_errors, post
+from app.upstream.frames import FrameError, decode_frame, iter_frame_batches
+from app.upstream.http import mapped_errors, post_json
 
 # Capabilities a worker may list in its /model_details answer under "capabilities".
 # "length_check": the worker enforces the context length itself and answers 40303.
@@ -101,9 +101,9 @@ class WorkerClient:
                     request_id: str) -> requests.Response:
         """The open /worker_generate_stream response, its status checked; close it when done."""
         with mapped_errors("the model worker"):
-            response = post(self._session, address + "/worker_generate_stream", json=params,
-                            headers={"X-Request-Id": request_id}, timeout=self._timeouts,
-                            stream=True)
+            response = post_json(self._session, address + "/worker_generate_stream", params,
+                                 self._timeouts, stream=True,
+                                 headers={"X-Request-Id": request_id})
         if response.status_code != 200:
             error = _status_error(response)
             response.close()
@@ -111,13 +111,18 @@ class WorkerClient:
         return response
 
     @staticmethod
-    def frames(response: requests.Response) -> Iterator[dict[str, Any]]:
-        """The stream's frames; errors (including ``error_code`` frames) as our exceptions."""
+    def frame_batches(response: requests.Response) -> Iterator[list[dict[str, Any]]]:
+        """The stream's frames, a list per read; errors (including ``error_code`` frames)
+        as our exceptions."""
         with mapped_errors("the model worker"):
             try:
-                for frame in iter_frames(response.iter_content(chunk_size=None)):
-                    raise_for_frame(frame)
-                    yield frame
+                for batch in iter_frame_batches(response.iter_content(chunk_size=None)):
+                    for position, frame in enumerate(batch):
+                        if frame.get("error_code"):
+                            if position:  # what came before the error still counts
+                                yield batch[:position]
+                            raise_for_frame(frame)
+                    yield batch
             except FrameError as exc:
                 raise errors.UpstreamError(f"The model worker sent a malformed stream: {exc}.") \
                     from None
@@ -126,8 +131,8 @@ class WorkerClient:
                    request_id: str | None) -> dict[str, Any]:
         headers = {"X-Request-Id": request_id} if request_id else None
         with mapped_errors("the model worker"):
-            response = post(self._session, address + path, json=payload, headers=headers,
-                            timeout=self._timeouts)
+            response = post_json(self._session, address + path, payload, self._timeouts,
+                                 headers=headers)
             if response.status_code != 200:
                 raise _status_error(response)
             try:
