@@ -30,7 +30,8 @@ def response(events: Iterable[bytes], on_close: Iterable[Callable[[], object]] =
              headers: dict[str, str] | None = None) -> Response:
     """A text/event-stream Response; ``on_close`` runs when the client goes or the body ends,
     even if the body was never iterated."""
-    resp = Response(_guarded(events), mimetype="text/event-stream")
+    # direct_passthrough: the events are bytes already; werkzeug need not re-encode each.
+    resp = Response(_guarded(events), mimetype="text/event-stream", direct_passthrough=True)
     resp.headers.update(HEADERS)
     if headers:
         resp.headers.update(headers)

@@ -14,8 +14,11 @@ import gevent
 import gevent.event
 from gevent import socket as gsocket
 
-CONTENT_MARKER = b'"delta":{"content":'  # an SSE chat chunk carrying text
-TEXT_MARKER = b'"text":"'  # a worker frame or a completion chunk carrying text
+# How tokens are counted: the fast worker's tokens are " tok0", " tok1", ... The gateway may
+# put several in one SSE event (those that arrived in one read), so its stream is counted by
+# token text; a worker frame carries the cumulative text, so frames are counted instead.
+SSE_TOKEN = b" tok"
+FRAME_MARKER = b'"text":"'
 
 
 @dataclass
@@ -85,7 +88,7 @@ class Connection:
             elif name == b"content-length":
                 length = int(value)
         ttft, tokens, tail = None, 0, b""
-        marker = CONTENT_MARKER if request.kind == "sse" else TEXT_MARKER
+        marker = SSE_TOKEN if request.kind == "sse" else FRAME_MARKER
         if chunked:
             while True:
                 size = int(self._line().split(b";")[0], 16)

@@ -12,7 +12,7 @@ from openai._streaming import SSEDecoder
 from app import sse
 from app.errors import UpstreamError
 from app.text_stream import TextTracker, cut_at_stop
-from app.upstream.frames import FrameError, encode_frame, iter_frames
+from app.upstream.frames import FrameError, encode_frame, iter_frame_batches, iter_frames
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.text(),
@@ -121,3 +121,44 @@ def test_sse_payloads_survive_the_client_decoder(text: str, cuts: list[int]) -> 
     events = decode_sse(iter(split_at(data, cuts)))
     assert orjson.loads(events[0]) == payload
     assert events[-1] == "[DONE]"
+
+
+def worker_frame(text: str, finish: str | None = None, code: int = 0) -> dict[str, Any]:
+    return {"text": text, "error_code": code, "usage": {"completion_tokens": len(text)},
+            "finish_reason": finish}
+
+
+@given(st.lists(st.text(max_size=4), min_size=1, max_size=12), st.booleans(),
+       st.lists(st.integers(0, 5_000), max_size=10))
+def test_skipping_superseded_frames_keeps_what_matters(pieces: list[str], fails: bool,
+                                                       cuts: list[int]) -> None:
+    """Batches are cut anywhere; each batch still ends with the newest frame, the
+    finishing or failing frame is always there, and so is the text frame before a failure."""
+    texts = ["".join(pieces[:i + 1]) for i in range(len(pieces))]
+    frames = [worker_frame(t) for t in texts[:-1]]
+    frames.append(worker_frame("boom", code=50001) if fails else
+                  worker_frame(texts[-1], finish="stop"))
+    data = b"".join(encode_frame(f) for f in frames)
+    delivered: list[dict[str, Any]] = []
+    for batch in iter_frame_batches(split_at(data, cuts)):
+        delivered.extend(batch)
+    assert delivered[-1] == frames[-1]
+    assert all(frame in frames for frame in delivered)
+    if fails and len(frames) > 1:
+        assert delivered[-2] == frames[-2]
+
+
+def test_single_source_without_wait_readable_reads_the_first_frames_in_a_thread() -> None:
+    """Responses from another transport (https, urllib3) lack wait_readable."""
+    import io
+
+    import requests
+
+    from app.serving.frame_sources import KEEPALIVE, SingleSource
+
+    response = requests.Response()
+    response.raw = io.BytesIO(b"\0" + encode_frame({"text": "a", "error_code": 0}) +
+                              encode_frame({"text": "ab", "finish_reason": "stop"}))
+    items = [item for item in SingleSource(response, keepalive=5) if item != KEEPALIVE]
+    assert [frame["text"] for _, batch in items if batch for frame in batch][-1] == "ab"
+    assert items[-1] == (0, None) and items.count((0, None)) == 1

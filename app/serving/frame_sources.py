@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Generator, Iterator, Union
 
 import requests
 
@@ -35,15 +35,41 @@ class SingleSource:
 
     def __iter__(self) -> Iterator[Item]:
         batches = WorkerClient.frame_batches(self._response)
-        first = _FirstBatch(batches)
-        while not first.arrived.wait(self._keepalive):
-            yield KEEPALIVE
-        batch = first.result()
-        if batch is not None:
-            yield 0, batch
-            for batch in batches:
+        wait = getattr(self._response.raw, "wait_readable", None)
+        if wait is None:  # another transport (https): wait for the first read in a thread
+            if (yield from self._first_in_thread(batches)):
+                return
+        else:
+            while True:  # until the first frame; each read is awaited with a timeout
+                if not wait(self._keepalive):
+                    yield KEEPALIVE
+                    continue
+                batch = next(batches, None)
+                if batch is None:
+                    yield 0, None
+                    return
+                if batch:
+                    yield 0, batch
+                    break
+        for batch in batches:
+            if batch:
                 yield 0, batch
         yield 0, None
+
+    def _first_in_thread(self, batches: Iterator[list[Frame]]
+                         ) -> Generator[Item, None, bool]:
+        """Yields up to the first frame; returns whether the stream already ended."""
+        while True:
+            first = _FirstBatch(batches)
+            while not first.arrived.wait(self._keepalive):
+                yield KEEPALIVE
+            batch = first.result()
+            if batch is None:
+                yield 0, None
+                return True
+            if batch:
+                yield 0, batch
+                return False
 
     def finish(self, index: int) -> None:
         self.close()
@@ -114,7 +140,8 @@ class MergedSource:
             if self._closed or index in self._finished:
                 response.close()
             for batch in WorkerClient.frame_batches(response):
-                self._queue.put((index, batch))
+                if batch:
+                    self._queue.put((index, batch))
             self._queue.put((index, None))
         except BaseException as exc:  # reported through the queue
             self._queue.put((index, exc))

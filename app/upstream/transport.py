@@ -12,6 +12,7 @@ requests' exceptions.
 """
 from __future__ import annotations
 
+import select
 import socket
 from collections import deque
 from typing import Any, Iterator, Mapping
@@ -211,6 +212,14 @@ class _Body:
             yield from self._sized()
         else:
             yield from self._until_close()
+
+    def wait_readable(self, timeout: float) -> bool:
+        """Whether body bytes are (or become within ``timeout``) available to read."""
+        connection = self._connection
+        if connection is None or connection.buffer:
+            return True
+        readable, _, _ = select.select([connection.sock], [], [], timeout)
+        return bool(readable)
 
     def read(self, amount: int | None = None, decode_content: bool = True) -> bytes:
         return b"".join(self.stream())
