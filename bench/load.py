@@ -109,7 +109,10 @@ class Connection:
         error = None
         if not status.startswith(b"HTTP/1.1 200"):
             error = status.decode(errors="replace")
-        elif request.kind == "sse" and (b"[DONE]" not in tail or b'"error"' in tail):
+        elif request.kind == "sse" and b'"error"' in tail:
+            start = tail.find(b'"message":"')
+            error = "error event: " + tail[start + 11:start + 91].decode(errors="replace")
+        elif request.kind == "sse" and b"[DONE]" not in tail:
             error = "stream did not end with [DONE]"
         return Sample(latency, ttft, tokens, error)
 

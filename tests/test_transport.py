@@ -214,3 +214,25 @@ def test_closing_early_drops_the_connection(serve: Callable[[Script], RawServer]
     response.close()
     assert post_json(session, server.url, {}, (2, 2)).content == b"abcdef"
     assert server.connections == 2  # the first was not put back half-read
+
+
+def test_waiting_for_body_bytes_works_past_descriptor_1024(
+        serve: Callable[[Script], RawServer], session: requests.Session) -> None:
+    """A gateway with thousands of streams holds descriptors past select()'s limit."""
+    import os
+
+    def script(conn: socket.socket, n: int) -> None:
+        conn.sendall(HEAD)
+        time.sleep(0.4)
+        conn.sendall(b"2\r\nhi\r\n0\r\n\r\n")
+    server = serve(script)
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        response = post_json(session, server.url, {}, (2, 2), stream=True)
+        assert response.raw._connection.sock.fileno() > 1024
+        assert response.raw.wait_readable(0.1) is False
+        assert response.raw.wait_readable(2) is True
+        assert response.content == b"hi"
+    finally:
+        for fd in fillers:
+            os.close(fd)

@@ -12,7 +12,6 @@ requests' exceptions.
 """
 from __future__ import annotations
 
-import select
 import socket
 from collections import deque
 from typing import Any, Iterator, Mapping
@@ -218,8 +217,20 @@ class _Body:
         connection = self._connection
         if connection is None or connection.buffer:
             return True
-        readable, _, _ = select.select([connection.sock], [], [], timeout)
-        return bool(readable)
+        # A peek with a timeout, not select(): select() cannot watch descriptors past 1024,
+        # and a gateway holding thousands of streams has many.
+        sock = connection.sock
+        previous = sock.gettimeout()
+        sock.settimeout(timeout)
+        try:
+            sock.recv(1, socket.MSG_PEEK)
+            return True
+        except socket.timeout:
+            return False
+        except OSError:
+            return True  # the next read reports what went wrong
+        finally:
+            sock.settimeout(previous)
 
     def read(self, amount: int | None = None, decode_content: bool = True) -> bytes:
         return b"".join(self.stream())
