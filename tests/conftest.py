@@ -9,10 +9,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+import openai
 import pytest
 import requests
+from hypothesis import HealthCheck, settings
+
+# Slow, shared CI machines: no per-example deadline, no "input generation is slow" failure.
+settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-123"
@@ -151,6 +157,24 @@ def stack() -> Iterator[Stack]:
     finally:
         for server in reversed(servers):
             server.stop()
+
+
+MakeClient = Callable[..., openai.OpenAI]
+
+
+@pytest.fixture(scope="session")
+def clients() -> Iterator[MakeClient]:
+    """Makes official openai clients (no retries: one failing call stays one call) and
+    closes them, and their pooled connections, at the end."""
+    made: list[openai.OpenAI] = []
+
+    def make(base_url: str, api_key: str = "none", **options: Any) -> openai.OpenAI:
+        made.append(openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0,
+                                  **options))
+        return made[-1]
+    yield make
+    for client in made:
+        client.close()
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import API_KEY, Stack
+from tests.conftest import API_KEY, MakeClient, Stack
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = "/v1/chat/completions"
@@ -176,11 +176,11 @@ def test_auth_accepts_every_configured_key_and_health_is_open(stack: Stack) -> N
     assert ready.status_code == 200 and "fake-model" in ready.json()["models"]
 
 
-def test_openai_client_sees_typed_errors(stack: Stack) -> None:
-    client = openai.OpenAI(base_url=stack.base_url, api_key="bad", max_retries=0)
+def test_openai_client_sees_typed_errors(stack: Stack, clients: MakeClient) -> None:
+    client = clients(stack.base_url, "bad")
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
-    client = openai.OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0)
+    client = clients(stack.base_url, API_KEY)
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="fake-model", messages=HI, temperature=5)
     assert info.value.param == "temperature"

@@ -8,7 +8,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import API_KEY, Stack
+from tests.conftest import API_KEY, MakeClient, Stack
 
 MESSAGES: Any = [{"role": "system", "content": "Answer briefly."},
                  {"role": "user", "content": "Hello!"},
@@ -17,8 +17,8 @@ MESSAGES: Any = [{"role": "system", "content": "Answer briefly."},
 
 
 @pytest.fixture(scope="module")
-def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0)
+def client(stack: Stack, clients: MakeClient) -> openai.OpenAI:
+    return clients(stack.base_url, API_KEY)
 
 
 @pytest.mark.parametrize("model, prompt", [

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from app.conversation import render
-from tests.conftest import (ROOT, Server, start_controller, start_fake_worker,
+from tests.conftest import (ROOT, MakeClient, Server, start_controller, start_fake_worker,
                             start_gateway, wait_until_up)
 from tests.fake_data import DEFAULT_REPLY
 
@@ -71,7 +71,8 @@ def servers() -> Iterator[list[Server]]:
 
 
 def test_our_gateway_in_front_of_fastchat_controller(
-        fastchat_python: str, tmp_path: Path, servers: list[Server]) -> None:
+        fastchat_python: str, tmp_path: Path, servers: list[Server],
+        clients: MakeClient) -> None:
     controller = start_fastchat(fastchat_python, "fastchat.serve.controller", tmp_path,
                                 probe="/test_connection")
     servers.append(controller)
@@ -82,7 +83,7 @@ def test_our_gateway_in_front_of_fastchat_controller(
     servers.append(worker)
     gateway = start_gateway(controller.url)
     servers.append(gateway)
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0)
+    client = clients(gateway.url + "/v1")
 
     assert [m.id for m in client.models.list().data] == ["modern-b", "stock-a"]
     for model in ("stock-a", "modern-b"):
@@ -110,7 +111,8 @@ def test_our_gateway_in_front_of_fastchat_controller(
 
 
 def test_fastchat_api_server_in_front_of_our_controller(
-        fastchat_python: str, tmp_path: Path, servers: list[Server]) -> None:
+        fastchat_python: str, tmp_path: Path, servers: list[Server],
+        clients: MakeClient) -> None:
     controller = start_controller()
     servers.append(controller)
     servers.append(start_fake_worker(controller.url, "--models", "stock-c",
@@ -118,7 +120,7 @@ def test_fastchat_api_server_in_front_of_our_controller(
     api = start_fastchat(fastchat_python, "fastchat.serve.openai_api_server", tmp_path,
                          "--controller-address", controller.url, probe="/v1/models")
     servers.append(api)
-    client = openai.OpenAI(base_url=api.url + "/v1", api_key="none", max_retries=0)
+    client = clients(api.url + "/v1")
     assert [m.id for m in client.models.list().data] == ["stock-c"]
     reply = client.chat.completions.create(model="stock-c",
                                            messages=[{"role": "user", "content": "Hi"}])
@@ -193,7 +195,8 @@ def test_rendering_matches_fastchat_for_every_template(fastchat_python: str) -> 
 
 @pytest.mark.worker
 def test_fastchat_api_server_uses_our_model_worker(
-        fastchat_python: str, tmp_path: Path, servers: list[Server]) -> None:
+        fastchat_python: str, tmp_path: Path, servers: list[Server],
+        clients: MakeClient) -> None:
     """Stock FastChat's API server sends no `messages`: it renders the prompt from the
     template our worker reports (ChatML, as the model's own chat template)."""
     pytest.importorskip("torch")
@@ -208,7 +211,7 @@ def test_fastchat_api_server_uses_our_model_worker(
     api = start_fastchat(fastchat_python, "fastchat.serve.openai_api_server", tmp_path,
                          "--controller-address", controller.url, probe="/v1/models")
     servers.append(api)
-    client = openai.OpenAI(base_url=api.url + "/v1", api_key="none", max_retries=0)
+    client = clients(api.url + "/v1")
     messages: Any = [{"role": "system", "content": "Be brief."},
                      {"role": "user", "content": "Hi"}]
     reply = client.chat.completions.create(model="tiny-chatml", messages=messages,
@@ -226,7 +229,7 @@ def test_fastchat_api_server_uses_our_model_worker(
     # same prompt (same token count), hence the same greedy reply.
     gateway = start_gateway(controller.url)
     servers.append(gateway)
-    ours = openai.OpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0)
+    ours = clients(gateway.url + "/v1")
     direct = ours.chat.completions.create(model="tiny-chatml", messages=messages,
                                           max_tokens=6, temperature=0)
     assert direct.choices[0].message.content == reply.choices[0].message.content

@@ -9,13 +9,13 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import API_KEY, Stack
+from tests.conftest import API_KEY, MakeClient, Stack
 from tests.fake_data import DEFAULT_REPLY, vector
 
 
 @pytest.fixture(scope="module")
-def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0, timeout=30)
+def client(stack: Stack, clients: MakeClient) -> openai.OpenAI:
+    return clients(stack.base_url, API_KEY, timeout=30)
 
 
 def test_models_list_and_retrieve(client: openai.OpenAI) -> None:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 import requests
 
-from tests.conftest import API_KEY, Stack
+from tests.conftest import API_KEY, MakeClient, Stack
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -90,8 +90,8 @@ def test_mid_stream_failure_is_an_error_event_then_done(stack: Stack, directive:
     assert time.monotonic() - started < 15
 
 
-def test_openai_client_raises_on_an_error_event(stack: Stack) -> None:
-    client = openai.OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0)
+def test_openai_client_raises_on_an_error_event(stack: Stack, clients: MakeClient) -> None:
+    client = clients(stack.base_url, API_KEY)
     stream = client.chat.completions.create(
         model="vicuna-stock", stream=True,
         messages=[{"role": "user", "content": "[[error:50001]]"}])

@@ -15,7 +15,7 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, MakeClient
 
 pytestmark = pytest.mark.worker
 pytest.importorskip("torch")
@@ -50,8 +50,8 @@ def up() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
 
 
 @pytest.fixture(scope="module")
-def client(up: tuple[str, subprocess.Popen[bytes]]) -> openai.OpenAI:
-    return openai.OpenAI(base_url=up[0] + "/v1", api_key="up-key", max_retries=0, timeout=120)
+def client(up: tuple[str, subprocess.Popen[bytes]], clients: MakeClient) -> openai.OpenAI:
+    return clients(up[0] + "/v1", "up-key", timeout=120)
 
 
 def test_models_are_listed(client: openai.OpenAI) -> None:

@@ -15,7 +15,8 @@ import pytest
 import requests
 
 from app.text_stream import cut_at_stop
-from tests.conftest import Server, start_controller, start_gateway, start_on_socket
+from tests.conftest import (MakeClient, Server, start_controller, start_gateway,
+                            start_on_socket)
 
 pytestmark = pytest.mark.worker
 torch = pytest.importorskip("torch")
@@ -187,9 +188,8 @@ def test_worker_rejects_bad_params(http_stack: dict[str, Server], body: dict[str
     assert response.status_code == status
 
 
-def test_through_the_gateway(http_stack: dict[str, Server]) -> None:
-    client = openai.OpenAI(base_url=http_stack["gateway"].url + "/v1", api_key="x",
-                           max_retries=0)
+def test_through_the_gateway(http_stack: dict[str, Server], clients: MakeClient) -> None:
+    client = clients(http_stack["gateway"].url + "/v1")
     reply = client.chat.completions.create(model="tiny", max_tokens=5, temperature=0,
                                            messages=[{"role": "user", "content": "Hi"}])
     assert reply.choices[0].finish_reason == "length"
