@@ -10,11 +10,11 @@ if TYPE_CHECKING:
 
 
 def create_app(settings: "Settings | None" = None) -> Flask:
-    from app import auth, cors, errors, request_id
+    from app import admission, auth, cors, errors, request_id
     from app.config import Settings
     from app.context import EXTENSION, SCHEMAS
     from app.logs import configure_logging
-    from app.routes import chat, completions, embeddings, health, models
+    from app.routes import chat, completions, embeddings, health, models, openapi
     from app.upstream import Upstream
     from schemas import RequestSchemas
 
@@ -23,12 +23,15 @@ def create_app(settings: "Settings | None" = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions[EXTENSION] = Upstream(settings)
-    app.extensions[SCHEMAS] = RequestSchemas(max_n=settings.max_n,
-                                             max_inputs=settings.max_inputs)
+    app.extensions[SCHEMAS] = RequestSchemas(
+        max_n=settings.max_n, max_inputs=settings.max_inputs,
+        max_messages=settings.max_messages, max_tokens_limit=settings.max_tokens_limit)
     request_id.init_app(app)
     cors.init_app(app, settings)
     auth.init_app(app, settings.api_keys)
+    admission.init_app(app, settings.max_in_flight, settings.max_queued,
+                       settings.queue_timeout)
     errors.init_app(app)
-    for module in (chat, completions, embeddings, models, health):
+    for module in (chat, completions, embeddings, models, health, openapi):
         app.register_blueprint(module.bp)
     return app

@@ -8,12 +8,17 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Iterator
+from typing import Callable, Iterator
+
+
+def _connected() -> bool:
+    return False
 
 
 @dataclass
 class Call:
     request_id: str
+    client_gone: Callable[[], bool] = _connected  # whether the client has disconnected
     started: float = field(default_factory=perf_counter)
     upstream_seconds: float = 0.0  # time spent waiting on the controller and workers
 

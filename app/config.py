@@ -103,8 +103,12 @@ class Settings:
                                   "seconds to connect to a worker or the controller")
     read_timeout: float = _opt(
         100.0, "--read-timeout", _positive(float),
-        "longest wait, in seconds, for a worker's next bytes (not for a whole generation)",
-        env=("FASTCHAT_WORKER_API_TIMEOUT",))
+        "longest wait, in seconds, between two of a worker's tokens (not for a whole "
+        "generation)", env=("FASTCHAT_WORKER_API_TIMEOUT",))
+    first_token_timeout: float = _opt(
+        0.0, "--first-token-timeout", float,
+        "longest wait, in seconds, for a worker's first token (queueing and prompt "
+        "included); 0: the read timeout")
     embedding_batch_size: int = _opt(
         4, "--embedding-batch-size", _positive(int), "inputs per worker embedding call",
         env=("FASTCHAT_WORKER_API_EMBEDDING_BATCH_SIZE",))
@@ -123,12 +127,28 @@ class Settings:
     keepalive_interval: float = _opt(
         10.0, "--keepalive-interval", _positive(float),
         "seconds between SSE comment lines while a stream waits for its first token")
+    max_in_flight: int = _opt(4096, "--max-in-flight", _positive(int),
+                              "requests one process works on at once; more wait in a queue")
+    max_queued: int = _opt(1024, "--max-queued", int,
+                           "requests that may wait for a place; beyond it: 429")
+    queue_timeout: float = _opt(10.0, "--queue-timeout", _positive(float),
+                                "longest wait, in seconds, for a place; then 429")
+    max_worker_in_flight: int = _opt(
+        0, "--max-worker-in-flight", int,
+        "requests this process sends one worker at once (0: no limit); a worker at the "
+        "limit is skipped, and when all are, the answer is 429")
+    max_messages: int = _opt(2048, "--max-messages", _positive(int),
+                             "most messages in one chat request")
+    max_tokens_limit: int = _opt(1_048_576, "--max-tokens-limit", _positive(int),
+                                 "largest max_tokens a request may ask for")
     log_level: str = _opt("info", "--log-level", str, "debug, info, warning or error")
 
     def __post_init__(self) -> None:
         if self.api_keys_file and not self.api_keys:
             object.__setattr__(self, "api_keys", read_key_file(self.api_keys_file))
         object.__setattr__(self, "controller_address", self.controller_address.rstrip("/"))
+        if self.first_token_timeout <= 0:
+            object.__setattr__(self, "first_token_timeout", self.read_timeout)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -168,6 +188,10 @@ class ControllerSettings:
         90.0, "--heart-beat-expiration", _positive(float),
         "seconds without a heartbeat before a worker is dropped",
         env=("FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION",))
+    worker_secret: str = _opt(
+        "", "--worker-secret", str,
+        "shared secret workers must send (Authorization: Bearer) to register, heartbeat or "
+        "refresh; prefer FLASKCHAT_CONTROLLER_WORKER_SECRET (flags show in ps)")
     log_level: str = _opt("info", "--log-level", str, "debug, info, warning or error")
 
     @classmethod
@@ -208,6 +232,9 @@ class WorkerSettings:
     heart_beat_interval: float = _opt(45.0, "--heart-beat-interval", _positive(float),
                                       "seconds between heartbeats",
                                       env=("FASTCHAT_WORKER_HEART_BEAT_INTERVAL",))
+    controller_secret: str = _opt(
+        "", "--controller-secret", str,
+        "the controller's --worker-secret; prefer FLASKCHAT_WORKER_CONTROLLER_SECRET")
     log_level: str = _opt("info", "--log-level", str, "debug, info, warning or error")
 
     @property

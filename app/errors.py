@@ -35,6 +35,9 @@ class APIError(Exception):
     type = "server_error"
     code: str | None = None
     fastchat_code = INTERNAL_ERROR
+    # Raised before a worker sent any answer, and not about the request itself: the
+    # request may be sent to another worker of the model instead.
+    failover = False
 
     def __init__(self, message: str, param: str | None = None, *,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
@@ -83,6 +86,12 @@ class UnsupportedMediaType(InvalidRequest):
     status, code = 415, "unsupported_media_type"
 
 
+class ClientClosedRequest(InvalidRequest):
+    """The client left before the answer was ready (nginx's 499); nobody reads this."""
+
+    status, code = 499, "client_closed_request"
+
+
 class Overloaded(APIError):
     status, type, code, fastchat_code = 429, "rate_limit_error", "overloaded", RATE_LIMIT
 
@@ -102,6 +111,8 @@ class UpstreamUnavailable(APIError):
 class WorkerUnreachable(UpstreamUnavailable):
     """The connection itself failed: nothing was sent, so another worker may be tried."""
 
+    failover = True
+
 
 class WorkerOutOfMemory(UpstreamUnavailable):
     code, fastchat_code = "worker_out_of_memory", CUDA_OUT_OF_MEMORY
@@ -109,6 +120,7 @@ class WorkerOutOfMemory(UpstreamUnavailable):
 
 class UpstreamTimeout(APIError):
     status, code, fastchat_code = 504, "upstream_timeout", CONTROLLER_WORKER_TIMEOUT
+    failover = True
 
 
 def envelope(error: APIError) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import re
 from flask import Flask, Response, g, has_request_context
 
 from app.calls import Call
+from app.client_watch import watcher
 from app.ids import new_id
 
 HEADER = "X-Request-ID"
@@ -23,7 +24,8 @@ def _start() -> None:
     from flask import request
 
     incoming = request.headers.get(HEADER, "")
-    g.call = Call(incoming if _SANE.match(incoming) else new_id("req-"))
+    g.call = Call(incoming if _SANE.match(incoming) else new_id("req-"),
+                  client_gone=watcher(request.environ))
 
 
 def _finish(response: Response) -> Response:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import orjson
-from flask import Response
 
 from app.errors import APIError, envelope
+
+if TYPE_CHECKING:
+    from flask import Response
 
 log = logging.getLogger("flaskchat")
 
@@ -27,11 +29,15 @@ def error_event(error: APIError) -> bytes:
 
 
 def response(events: Iterable[bytes], on_close: Iterable[Callable[[], object]] = (),
-             headers: dict[str, str] | None = None) -> Response:
+             headers: dict[str, str] | None = None) -> "Response":
     """A text/event-stream Response; ``on_close`` runs when the client goes or the body ends,
     even if the body was never iterated."""
-    # direct_passthrough: the events are bytes already; werkzeug need not re-encode each.
-    resp = Response(_guarded(events), mimetype="text/event-stream", direct_passthrough=True)
+    from flask import Response  # here: the serving layer uses this module's framing only
+
+    # Not direct_passthrough: werkzeug would then hand the bare generator to the server,
+    # and the call_on_close callbacks (which release the worker and the admission place)
+    # would never run.
+    resp = Response(_guarded(events), mimetype="text/event-stream")
     resp.headers.update(HEADERS)
     if headers:
         resp.headers.update(headers)

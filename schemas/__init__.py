@@ -21,6 +21,8 @@ class RequestSchemas:
 
     max_n: int = 128
     max_inputs: int = 2048
+    max_messages: int = 2048
+    max_tokens_limit: int = 1_048_576
     chat: ChatSchema = field(init=False)
     api_chat: ApiChatSchema = field(init=False)
     completion: CompletionSchema = field(init=False)
@@ -28,8 +30,9 @@ class RequestSchemas:
     token_check: TokenCheckSchema = field(init=False)
 
     def __post_init__(self) -> None:
-        self.chat = ChatSchema(max_n=self.max_n)
-        self.api_chat = ApiChatSchema(max_n=self.max_n)
-        self.completion = CompletionSchema(max_n=self.max_n, max_inputs=self.max_inputs)
+        sampling = {"max_n": self.max_n, "max_tokens_limit": self.max_tokens_limit}
+        self.chat = ChatSchema(max_messages=self.max_messages, **sampling)
+        self.api_chat = ApiChatSchema(max_messages=self.max_messages, **sampling)
+        self.completion = CompletionSchema(max_inputs=self.max_inputs, **sampling)
         self.embedding = EmbeddingSchema(max_inputs=self.max_inputs)
         self.token_check = TokenCheckSchema(max_inputs=self.max_inputs)

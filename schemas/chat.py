@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import post_load
+from marshmallow import ValidationError, post_load, validates_schema
 
 from schemas.fields import Int, Number, at_least
 from schemas.messages import ChatMessage, Messages
@@ -16,6 +16,17 @@ class ChatRequest(SamplingRequest):
 
 class ChatSchema(SamplingSchema):
     messages = Messages(required=True)
+
+    def __init__(self, *, max_messages: int = 2048, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_messages = max_messages
+
+    @validates_schema
+    def _check_message_count(self, data: dict[str, Any], **kwargs: Any) -> None:
+        messages = data.get("messages")
+        if isinstance(messages, list) and len(messages) > self.max_messages:
+            raise ValidationError(f"{len(messages)} messages is more than the maximum of "
+                                  f"{self.max_messages} - 'messages'", "messages")
     # OpenAI's newer name for max_tokens; it wins when both are sent.
     max_completion_tokens = Int(allow_none=True, load_default=None,
                                 validate=at_least(1, "max_completion_tokens"))

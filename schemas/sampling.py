@@ -64,15 +64,22 @@ class SamplingSchema(Schema):
     seed = Int(allow_none=True, load_default=None)
     user = Str(allow_none=True, load_default=None)
 
-    def __init__(self, *, max_n: int = 128, **kwargs: Any) -> None:
+    def __init__(self, *, max_n: int = 128, max_tokens_limit: int = 1_048_576,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.max_n = max_n
+        self.max_tokens_limit = max_tokens_limit
 
     @validates_schema
     def _check_limits(self, data: dict[str, Any], **kwargs: Any) -> None:
         if data.get("n") is not None and data["n"] > self.max_n:
             raise ValidationError(f"{data['n']} is greater than the maximum of "
                                   f"{self.max_n} - 'n'", "n")
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = data.get(name)
+            if value is not None and value > self.max_tokens_limit:
+                raise ValidationError(f"{value} is greater than the maximum of "
+                                      f"{self.max_tokens_limit} - '{name}'", name)
         if data.get("stream_options") is not None and not data.get("stream"):
             raise ValidationError("stream_options is only allowed when stream is true",
                                   "stream_options")

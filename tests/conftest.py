@@ -64,7 +64,8 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], path: str,
     raise RuntimeError(f"{url} did not come up")
 
 
-def start_on_socket(argv: list[str], path: str, env: dict[str, str] | None = None) -> Server:
+def start_on_socket(argv: list[str], path: str, env: dict[str, str] | None = None,
+                    stderr: Any = None) -> Server:
     """Starts ``argv`` (``{fd}`` and ``{port}`` replaced) on a socket bound here, so there
     is no race for a free port."""
     sock = bound_socket()
@@ -72,7 +73,7 @@ def start_on_socket(argv: list[str], path: str, env: dict[str, str] | None = Non
     url = f"http://127.0.0.1:{port}"
     args = [a.replace("{fd}", str(sock.fileno())).replace("{port}", port) for a in argv]
     process = subprocess.Popen(args, cwd=ROOT, pass_fds=(sock.fileno(),),
-                               env={**os.environ, **(env or {})})
+                               env={**os.environ, **(env or {})}, stderr=stderr)
     sock.close()
     wait_until_up(url, process, path)
     return Server(url, process)

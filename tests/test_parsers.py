@@ -154,11 +154,13 @@ def test_single_source_without_wait_readable_reads_the_first_frames_in_a_thread(
 
     import requests
 
-    from app.serving.frame_sources import KEEPALIVE, SingleSource
+    from app.serving.frame_sources import TICK, SingleSource
+    from app.upstream.worker import Timing
 
     response = requests.Response()
     response.raw = io.BytesIO(b"\0" + encode_frame({"text": "a", "error_code": 0}) +
                               encode_frame({"text": "ab", "finish_reason": "stop"}))
-    items = [item for item in SingleSource(response, keepalive=5) if item != KEEPALIVE]
+    timing = Timing(tick=5, first_token=10, between_tokens=10)
+    items = [item for item in SingleSource(response, timing) if item != TICK]
     assert [frame["text"] for _, batch in items if batch for frame in batch][-1] == "ab"
     assert items[-1] == (0, None) and items.count((0, None)) == 1

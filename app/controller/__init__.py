@@ -46,6 +46,7 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     app.config["WORKER_TIMEOUT"] = float(os.environ.get("FASTCHAT_WORKER_API_TIMEOUT", 100))
+    app.config["WORKER_SECRET"] = settings.worker_secret.encode()
     app.extensions[REGISTRY] = registry
     app.extensions[SESSION] = session
     errors.init_app(app)

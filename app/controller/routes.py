@@ -1,14 +1,15 @@
 """The controller's HTTP API: FastChat's endpoints plus /list_workers for gateways."""
 from __future__ import annotations
 
+import hmac
 from typing import Any, Iterator
 
 import requests
-from flask import Blueprint, Response, current_app, stream_with_context
+from flask import Blueprint, Response, current_app, request, stream_with_context
 from flask.typing import ResponseReturnValue
 
 from app.controller.registry import Registry
-from app.errors import CONTROLLER_NO_WORKER, CONTROLLER_WORKER_TIMEOUT
+from app.errors import CONTROLLER_NO_WORKER, CONTROLLER_WORKER_TIMEOUT, AuthenticationFailed
 from app.http_json import json_response, read_json_object
 from app.upstream.frames import encode_frame
 from app.validation import load
@@ -28,8 +29,20 @@ def registry() -> Registry:
     return found
 
 
+def require_worker_secret() -> None:
+    """With --worker-secret set, only holders of the secret may change the registry."""
+    secret: bytes = current_app.config["WORKER_SECRET"]
+    if not secret:
+        return
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), secret):
+        raise AuthenticationFailed("This controller needs the worker secret "
+                                   "(Authorization: Bearer) to change its registry.")
+
+
 @bp.post("/register_worker")
 def register_worker() -> ResponseReturnValue:
+    require_worker_secret()
     body = load(_register, read_json_object())
     registry().register(body["worker_name"], body["check_heart_beat"], body["worker_status"],
                         bool(body["multimodal"]))
@@ -38,6 +51,7 @@ def register_worker() -> ResponseReturnValue:
 
 @bp.post("/receive_heart_beat")
 def receive_heart_beat() -> ResponseReturnValue:
+    require_worker_secret()
     body = load(_heartbeat, read_json_object())
     return json_response({"exist": registry().heartbeat(body["worker_name"],
                                                         body["queue_length"])})
@@ -45,6 +59,7 @@ def receive_heart_beat() -> ResponseReturnValue:
 
 @bp.post("/refresh_all_workers")
 def refresh_all_workers() -> ResponseReturnValue:
+    require_worker_secret()
     registry().refresh_all()
     return json_response(None)
 

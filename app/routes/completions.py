@@ -5,6 +5,7 @@ from flask import Blueprint
 from flask.typing import ResponseReturnValue
 
 from app import sse
+from app.admission import admit
 from app.auth import require_api_key
 from app.context import call, schemas, upstream
 from app.http_json import json_response, read_json_object
@@ -13,6 +14,7 @@ from app.validation import load
 
 bp = Blueprint("completions", __name__)
 bp.before_request(require_api_key)
+bp.before_request(admit)
 
 
 @bp.post("/v1/completions")

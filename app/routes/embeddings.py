@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import Blueprint
 from flask.typing import ResponseReturnValue
 
+from app.admission import admit
 from app.auth import require_api_key
 from app.context import call, schemas, upstream
 from app.http_json import json_response, read_json_object
@@ -12,6 +13,7 @@ from app.validation import load
 
 bp = Blueprint("embeddings", __name__)
 bp.before_request(require_api_key)
+bp.before_request(admit)
 
 
 @bp.post("/v1/embeddings")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import Blueprint
 from flask.typing import ResponseReturnValue
 
+from app.admission import admit
 from app.auth import require_api_key
 from app.context import call, schemas, upstream
 from app.http_json import json_response, read_json_object
@@ -27,5 +28,6 @@ def get_model(model_id: str) -> ResponseReturnValue:
 
 @bp.post("/api/v1/token_check")
 def token_check() -> ResponseReturnValue:
+    admit()
     body = load(schemas().token_check, read_json_object())
     return json_response(check_tokens(body, upstream(), call()))

@@ -12,12 +12,10 @@ from app.calls import Call
 from app.conversation import TemplateError, render, stop_strings
 from app.errors import InvalidRequest, UpstreamError
 from app.ids import new_id
-from app.serving.concurrency import run_all
-from app.serving.frame_sources import MergedSource, SingleSource
-from app.serving.generation import (UsageTally, on_worker, once, sampling_params,
-                                    token_budget)
-from app.serving.stream_driver import drive
-from app.text_stream import TextTracker, cut_at_stop, finish_reason
+from app.serving.generation import (Source, UsageTally, on_worker, once, open_generations,
+                                    sampling_params, token_budget)
+from app.serving.stream_driver import collect, drive
+from app.text_stream import TextTracker
 from app.upstream import Upstream
 from app.upstream.worker import RENDERS_MESSAGES
 from schemas import ChatMessage, ChatRequest
@@ -25,30 +23,24 @@ from schemas import ChatMessage, ChatRequest
 
 @dataclass
 class ChatPlan:
-    address: str
     params: dict[str, Any]
     stops: list[str]  # enforced by the gateway too
     prompt_tokens: int | None
-    response: Any = None  # the open worker stream (stream, n = 1)
 
 
 def complete(body: ChatRequest, upstream: Upstream, call: Call) -> dict[str, Any]:
-    def attempt(address: str) -> tuple[ChatPlan, list[dict[str, Any]]]:
-        plan = _plan(body, upstream, call, address)
-        generate = partial(upstream.workers.generate, address, plan.params, call.request_id)
-        with call.waiting_upstream():
-            return plan, run_all([generate] * body["n"])
-
-    address, (plan, frames) = on_worker(upstream, body["model"], attempt)
-    upstream.controller.release(address)
-    usage = UsageTally(body["n"], [plan.prompt_tokens])
-    choices = []
-    for index, frame in enumerate(frames):
-        usage.record(index, frame)
-        text, stopped = cut_at_stop(str(frame.get("text") or "").rstrip("\ufffd"), plan.stops)
-        choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                        "logprobs": None,
-                        "finish_reason": "stop" if stopped else finish_reason(frame) or "stop"})
+    n = body["n"]
+    address, (plan, source) = on_worker(upstream, body["model"],
+                                        partial(_start, body, upstream, call))
+    usage = UsageTally(n, [plan.prompt_tokens])
+    try:
+        results = collect(source, [TextTracker(plan.stops) for _ in range(n)], usage,
+                          call.client_gone, upstream.timing.tick)
+    finally:
+        upstream.controller.release(address)
+    choices = [{"index": index, "message": {"role": "assistant", "content": result.text},
+                "logprobs": None, "finish_reason": result.finish_reason or "stop"}
+               for index, result in enumerate(results)]
     return {"id": new_id("chatcmpl-"), "object": "chat.completion",
             "created": int(time.time()), "model": body["model"], "choices": choices,
             "usage": usage.total()}
@@ -59,29 +51,22 @@ def open_stream(body: ChatRequest, upstream: Upstream,
     """Everything that can fail with a status happens here, before the first byte; the
     returned events and close callbacks go to ``sse.response``."""
     n = body["n"]
-
-    def attempt(address: str) -> ChatPlan:
-        plan = _plan(body, upstream, call, address)
-        if n == 1:
-            with call.waiting_upstream():
-                plan.response = upstream.workers.open_stream(address, plan.params,
-                                                             call.request_id)
-        return plan
-
-    address, plan = on_worker(upstream, body["model"], attempt)
+    address, (plan, source) = on_worker(upstream, body["model"],
+                                        partial(_start, body, upstream, call))
     release = once(partial(upstream.controller.release, address))
-    source: SingleSource | MergedSource
-    keepalive = upstream.settings.keepalive_interval
-    if n == 1:
-        source = SingleSource(plan.response, keepalive)
-    else:
-        opener = partial(upstream.workers.open_stream, address, plan.params, call.request_id)
-        source = MergedSource([opener] * n, keepalive)
     fmt = ChatChunks(new_id("chatcmpl-"), int(time.time()), body["model"],
                      body["include_usage"])
     usage = UsageTally(n, [plan.prompt_tokens]) if body["include_usage"] else None
     trackers = [TextTracker(plan.stops) for _ in range(n)]
-    return drive(source, fmt, trackers, usage), [source.close, release]
+    events = drive(source, fmt, trackers, usage, call.client_gone,
+                   upstream.settings.keepalive_interval)
+    return events, [source.close, release]
+
+
+def _start(body: ChatRequest, upstream: Upstream, call: Call,
+           address: str) -> tuple[ChatPlan, Source]:
+    plan = _plan(body, upstream, call, address)
+    return plan, open_generations(upstream, call, address, [plan.params], body["n"])
 
 
 def _plan(body: ChatRequest, upstream: Upstream, call: Call, address: str) -> ChatPlan:
@@ -111,7 +96,7 @@ def _plan(body: ChatRequest, upstream: Upstream, call: Call, address: str) -> Ch
         params["images"] = [_image_payload(url) for url in images]
     if not isinstance(messages, str):
         params["messages"] = messages
-    return ChatPlan(address, params, list(body["stop"]), prompt_tokens)
+    return ChatPlan(params, list(body["stop"]), prompt_tokens)
 
 
 def _prompt(template: dict[str, Any], messages: list[ChatMessage] | str) -> tuple[str, list[str]]:

@@ -16,12 +16,10 @@ import orjson
 from app.calls import Call
 from app.conversation import stop_strings
 from app.ids import new_id
-from app.serving.concurrency import run_all
-from app.serving.frame_sources import MergedSource, SingleSource
-from app.serving.generation import (UsageTally, on_worker, once, sampling_params,
-                                    token_budget)
-from app.serving.stream_driver import drive
-from app.text_stream import TextTracker, cut_at_stop, finish_reason
+from app.serving.generation import (Source, UsageTally, on_worker, once, open_generations,
+                                    sampling_params, token_budget)
+from app.serving.stream_driver import collect, drive
+from app.text_stream import TextTracker
 from app.upstream import Upstream
 from app.upstream.worker import RENDERS_MESSAGES
 from schemas import CompletionRequest
@@ -36,27 +34,19 @@ class PromptPlan:
 
 def complete(body: CompletionRequest, upstream: Upstream, call: Call) -> dict[str, Any]:
     n = body["n"]
-
-    def attempt(address: str) -> tuple[list[PromptPlan], list[dict[str, Any]]]:
-        plans = _plans(body, upstream, call, address)
-        calls = [partial(upstream.workers.generate, address, plan.params, call.request_id)
-                 for plan in plans for _ in range(n)]
-        with call.waiting_upstream():
-            return plans, run_all(calls)
-
-    address, (plans, frames) = on_worker(upstream, body["model"], attempt)
-    upstream.controller.release(address)
+    address, (plans, source) = on_worker(upstream, body["model"],
+                                         partial(_start, body, upstream, call))
     usage = UsageTally(n, [plan.prompt_tokens for plan in plans])
-    choices = []
-    for index, frame in enumerate(frames):
-        usage.record(index, frame)
-        plan = plans[index // n]
-        text, stopped = cut_at_stop(str(frame.get("text") or "").rstrip("\ufffd"),
-                                    body["stop"], plan.floor)
-        choices.append({
-            "index": index, "text": text,
-            "logprobs": frame.get("logprobs") if body["logprobs"] is not None else None,
-            "finish_reason": "stop" if stopped else finish_reason(frame) or "stop"})
+    try:
+        results = collect(source, _trackers(body, plans), usage, call.client_gone,
+                          upstream.timing.tick)
+    finally:
+        upstream.controller.release(address)
+    with_logprobs = body["logprobs"] is not None
+    choices = [{"index": index, "text": result.text,
+                "logprobs": (result.frame or {}).get("logprobs") if with_logprobs else None,
+                "finish_reason": result.finish_reason or "stop"}
+               for index, result in enumerate(results)]
     return {"id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()),
             "model": body["model"], "choices": choices, "usage": usage.total()}
 
@@ -64,31 +54,27 @@ def complete(body: CompletionRequest, upstream: Upstream, call: Call) -> dict[st
 def open_stream(body: CompletionRequest, upstream: Upstream,
                 call: Call) -> tuple[Iterator[bytes], list[Callable[[], object]]]:
     n = body["n"]
-    single = n == 1 and len(body["prompt"]) == 1
-
-    def attempt(address: str) -> tuple[list[PromptPlan], Any]:
-        plans = _plans(body, upstream, call, address)
-        if not single:
-            return plans, None
-        with call.waiting_upstream():
-            return plans, upstream.workers.open_stream(address, plans[0].params,
-                                                       call.request_id)
-
-    address, (plans, response) = on_worker(upstream, body["model"], attempt)
+    address, (plans, source) = on_worker(upstream, body["model"],
+                                         partial(_start, body, upstream, call))
     release = once(partial(upstream.controller.release, address))
-    keepalive = upstream.settings.keepalive_interval
-    source: SingleSource | MergedSource
-    if single:
-        source = SingleSource(response, keepalive)
-    else:
-        source = MergedSource([partial(upstream.workers.open_stream, address, plan.params,
-                                       call.request_id) for plan in plans for _ in range(n)],
-                              keepalive)
     fmt = CompletionChunks(new_id("cmpl-"), int(time.time()), body["model"],
                            body["include_usage"], body["logprobs"] is not None)
     usage = UsageTally(n, [p.prompt_tokens for p in plans]) if body["include_usage"] else None
-    trackers = [TextTracker(body["stop"], plan.floor) for plan in plans for _ in range(n)]
-    return drive(source, fmt, trackers, usage), [source.close, release]
+    events = drive(source, fmt, _trackers(body, plans), usage, call.client_gone,
+                   upstream.settings.keepalive_interval)
+    return events, [source.close, release]
+
+
+def _start(body: CompletionRequest, upstream: Upstream, call: Call,
+           address: str) -> tuple[list[PromptPlan], Source]:
+    plans = _plans(body, upstream, call, address)
+    source = open_generations(upstream, call, address, [plan.params for plan in plans],
+                              body["n"])
+    return plans, source
+
+
+def _trackers(body: CompletionRequest, plans: list[PromptPlan]) -> list[TextTracker]:
+    return [TextTracker(body["stop"], plan.floor) for plan in plans for _ in range(body["n"])]
 
 
 def _plans(body: CompletionRequest, upstream: Upstream, call: Call,

@@ -1,10 +1,13 @@
-"""Where a stream's frames come from: one worker stream, or n of them interleaved.
+"""Where a request's frames come from: one worker stream, or several interleaved.
 
 Both yield ``(index, frames)``: the frames that arrived together in one read (a worker
 that is ahead sends several per read, and only the last one's cumulative text matters),
-``(index, None)`` when that stream has ended, and ``KEEPALIVE`` whenever nothing has
-arrived for ``keepalive`` seconds, so that the caller can write an SSE comment while a
-worker is still queueing or reading the prompt.
+``(index, None)`` when that stream has ended, and ``TICK`` every ``Timing.tick`` seconds
+while nothing arrives, so that the caller can write keepalive comments and notice a client
+that went away while a worker queues or reads the prompt.
+
+A stream that gives no first frame within ``Timing.first_token`` fails with
+UpstreamTimeout; after it, each read may wait ``Timing.between_tokens``.
 
 ``finish(index)`` closes a stream the caller is done with early (a stop string cut it),
 which cancels the generation; a stream that ended by itself is read to its end instead,
@@ -14,62 +17,35 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable, Generator, Iterator, Union
+import time
+from typing import Any, Callable, Generator, Iterator, Sequence, Union
 
 import requests
 
-from app.upstream.worker import WorkerClient
+from app.errors import UpstreamTimeout
+from app.upstream.worker import Timing, WorkerClient
 
 Frame = dict[str, Any]
 Item = tuple[int, Union[list[Frame], None]]
-KEEPALIVE: Item = (-1, None)  # nothing arrived for a while
+TICK: Item = (-1, None)  # nothing arrived for a tick
 Opener = Callable[[], requests.Response]
 
 
 class SingleSource:
-    """One already-open worker stream (n = 1: the hot path, no thread per frame)."""
+    """One already-open worker stream (a single choice: the hot path)."""
 
-    def __init__(self, response: requests.Response, keepalive: float) -> None:
+    def __init__(self, response: requests.Response, timing: Timing) -> None:
         self._response = response
-        self._keepalive = keepalive
+        self._timing = timing
 
     def __iter__(self) -> Iterator[Item]:
         batches = WorkerClient.frame_batches(self._response)
-        wait = getattr(self._response.raw, "wait_readable", None)
-        if wait is None:  # another transport (https): wait for the first read in a thread
-            if (yield from self._first_in_thread(batches)):
-                return
-        else:
-            while True:  # until the first frame; each read is awaited with a timeout
-                if not wait(self._keepalive):
-                    yield KEEPALIVE
-                    continue
-                batch = next(batches, None)
-                if batch is None:
-                    yield 0, None
-                    return
-                if batch:
-                    yield 0, batch
-                    break
+        if (yield from _until_first_frame(self._response, batches, self._timing, 0)):
+            return
         for batch in batches:
             if batch:
                 yield 0, batch
         yield 0, None
-
-    def _first_in_thread(self, batches: Iterator[list[Frame]]
-                         ) -> Generator[Item, None, bool]:
-        """Yields up to the first frame; returns whether the stream already ended."""
-        while True:
-            first = _FirstBatch(batches)
-            while not first.arrived.wait(self._keepalive):
-                yield KEEPALIVE
-            batch = first.result()
-            if batch is None:
-                yield 0, None
-                return True
-            if batch:
-                yield 0, batch
-                return False
 
     def finish(self, index: int) -> None:
         self.close()
@@ -78,8 +54,42 @@ class SingleSource:
         self._response.close()
 
 
+def _until_first_frame(response: requests.Response, batches: Iterator[list[Frame]],
+                       timing: Timing, index: int) -> Generator[Item, None, bool]:
+    """Yields TICKs until the first frame, then that frame; returns whether the stream
+    already ended. Each read waits a tick at most, so silence never blocks the caller."""
+    wait = getattr(response.raw, "wait_readable", None)
+    deadline = time.monotonic() + timing.first_token
+    first: _FirstBatch | None = None
+    while True:
+        if time.monotonic() > deadline:
+            response.close()
+            raise UpstreamTimeout(f"The model worker sent no token within "
+                                  f"{timing.first_token:g} s.")
+        if wait is not None:  # our transport: a peek with a timeout, no thread
+            if not wait(timing.tick):
+                yield TICK
+                continue
+            batch = next(batches, None)
+        else:  # another transport (https): the read happens in a helper thread
+            first = first or _FirstBatch(batches)
+            if not first.arrived.wait(timing.tick):
+                yield TICK
+                continue
+            batch, first = first.result(), None
+        if batch is None:
+            yield index, None
+            return True
+        if batch:
+            set_timeout = getattr(response.raw, "set_timeout", None)
+            if set_timeout is not None:
+                set_timeout(timing.between_tokens)
+            yield index, batch
+            return False
+
+
 class _FirstBatch:
-    """Reads the first frames in a helper thread so the caller can wait with a timeout."""
+    """Reads the next frames in a helper thread so the caller can wait with a timeout."""
 
     def __init__(self, batches: Iterator[list[Frame]]) -> None:
         self.arrived = threading.Event()
@@ -102,36 +112,44 @@ class _FirstBatch:
 
 
 class MergedSource:
-    """n worker streams read concurrently; their frames interleave as they arrive."""
+    """Several worker streams read concurrently; their frames interleave as they arrive.
+    The first is opened by the caller (so its failures can still fail over); the others
+    are opened here, each in its own thread."""
 
-    def __init__(self, openers: list[Opener], keepalive: float) -> None:
+    def __init__(self, first: requests.Response, openers: Sequence[Opener],
+                 timing: Timing) -> None:
+        self._first = first
         self._openers = openers
-        self._keepalive = keepalive
-        self._responses: dict[int, requests.Response] = {}
+        self._timing = timing
+        self._responses: dict[int, requests.Response] = {0: first}
         self._finished: set[int] = set()
         self._closed = False
         self._queue: queue.Queue[tuple[int, list[Frame] | BaseException | None]] = \
             queue.Queue()
 
     def __iter__(self) -> Iterator[Item]:
-        for index, opener in enumerate(self._openers):
-            threading.Thread(target=self._pump, args=(index, opener), daemon=True).start()
-        running = len(self._openers)
-        while running:
+        streams = 1 + len(self._openers)
+        self._spawn(0, lambda: self._first)
+        for index, opener in enumerate(self._openers, start=1):
+            self._spawn(index, opener)
+        while streams:
             try:
-                index, item = self._queue.get(timeout=self._keepalive)
+                index, item = self._queue.get(timeout=self._timing.tick)
             except queue.Empty:
-                yield KEEPALIVE
+                yield TICK
                 continue
             if isinstance(item, BaseException):
-                running -= 1
+                streams -= 1
                 if index not in self._finished:
                     raise item
             elif item is None:
-                running -= 1
+                streams -= 1
                 yield index, None
             elif index not in self._finished:
                 yield index, item
+
+    def _spawn(self, index: int, opener: Opener) -> None:
+        threading.Thread(target=self._pump, args=(index, opener), daemon=True).start()
 
     def _pump(self, index: int, opener: Opener) -> None:
         try:
@@ -139,9 +157,14 @@ class MergedSource:
             self._responses[index] = response
             if self._closed or index in self._finished:
                 response.close()
-            for batch in WorkerClient.frame_batches(response):
-                if batch:
-                    self._queue.put((index, batch))
+            batches = WorkerClient.frame_batches(response)
+            first = _FirstOnly(response, batches, self._timing)
+            for batch in first:
+                self._queue.put((index, batch))
+            if not first.ended:
+                for batch in batches:
+                    if batch:
+                        self._queue.put((index, batch))
             self._queue.put((index, None))
         except BaseException as exc:  # reported through the queue
             self._queue.put((index, exc))
@@ -156,3 +179,22 @@ class MergedSource:
         self._closed = True
         for response in list(self._responses.values()):
             response.close()
+
+
+class _FirstOnly:
+    """The first frame of one of the merged streams, with the first-token deadline; its
+    ticks are dropped (the merged source ticks on its own)."""
+
+    def __init__(self, response: requests.Response, batches: Iterator[list[Frame]],
+                 timing: Timing) -> None:
+        self._items = _until_first_frame(response, batches, timing, 0)
+        self.ended = False
+
+    def __iter__(self) -> Iterator[list[Frame]]:
+        try:
+            while True:
+                _, batch = next(self._items)
+                if batch:
+                    yield batch
+        except StopIteration as stop:
+            self.ended = bool(stop.value)

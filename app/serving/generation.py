@@ -2,39 +2,71 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence, TypeVar
+from functools import partial
+from typing import Any, Callable, Sequence, TypeVar, Union
 
 from app.calls import Call
-from app.errors import ContextLengthExceeded, WorkerUnreachable
+from app.errors import APIError, ContextLengthExceeded
+from app.serving.frame_sources import MergedSource, SingleSource
 from app.upstream import Upstream
 from app.upstream.worker import LENGTH_CHECK, WorkerDetails
 from schemas import SamplingRequest
 
 T = TypeVar("T")
+Source = Union[SingleSource, MergedSource]
 log = logging.getLogger("flaskchat.generation")
 
 WORKER_ATTEMPTS = 2  # a worker that refuses the connection is skipped, once
 
 
 def on_worker(upstream: Upstream, model: str, attempt: Callable[[str], T]) -> tuple[str, T]:
-    """Runs ``attempt(address)`` on a worker for ``model``, trying another worker if the
-    first cannot be reached. The returned address is still acquired: release it."""
+    """Runs ``attempt(address)`` on a worker for ``model``. A worker that refuses the
+    connection, says nothing in time, or answers with a server error is marked unhealthy,
+    and the attempt goes once to another worker of the model, unseen by the client. The
+    returned address is still acquired: release it."""
     tried: list[str] = []
+    failure: APIError | None = None
     while True:
-        address = upstream.controller.acquire(model, exclude=tried)
+        try:
+            address = upstream.controller.acquire(model, exclude=tried)
+        except APIError:
+            if failure is not None:
+                raise failure from None  # no other worker: the first failure is the answer
+            raise
         try:
             return address, attempt(address)
-        except WorkerUnreachable:
+        except APIError as exc:
             upstream.controller.release(address)
+            if not exc.failover:
+                raise
             upstream.controller.mark_failed(address)
             upstream.workers.forget(address, model)
             tried.append(address)
-            log.warning("worker %s unreachable for %s", address, model)
+            log.warning("worker %s failed for %s: %s", address, model, exc.message)
             if len(tried) >= WORKER_ATTEMPTS:
                 raise
+            failure = exc
         except BaseException:
             upstream.controller.release(address)
             raise
+
+
+def open_generations(upstream: Upstream, call: Call, address: str,
+                     params: Sequence[dict[str, Any]], n: int) -> Source:
+    """The worker streams for every prompt's ``n`` choices. The first is opened here, so
+    that its failures (refused, HTTP 5xx, no answer in time) reach the caller, inside
+    ``on_worker``'s failover; the rest are opened concurrently by the source.
+
+    Non-stream requests are generated through the streaming endpoint as well: a client
+    that leaves can then be noticed and its generation cancelled, and a long generation
+    is bounded by the time between tokens rather than by one timeout for the whole."""
+    with call.waiting_upstream():
+        first = upstream.workers.open_stream(address, params[0], call.request_id)
+    if len(params) * n == 1:
+        return SingleSource(first, upstream.timing)
+    openers = [partial(upstream.workers.open_stream, address, p, call.request_id)
+               for p in params for _ in range(n)][1:]
+    return MergedSource(first, openers, upstream.timing)
 
 
 def once(function: Callable[[], object]) -> Callable[[], None]:

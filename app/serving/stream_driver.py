@@ -1,17 +1,21 @@
-"""Turns worker frames into SSE chunk bytes, for chat and text completions alike.
+"""Turns worker frames into SSE chunk bytes (streams) or final texts (non-stream requests),
+for chat and text completions alike.
 
 The endpoint decides what a chunk looks like (a ChunkFormat); this module decides when
 chunks go out: deltas as text becomes releasable, one finish chunk per choice as soon as
-that choice ends, the usage chunk, then ``[DONE]``. Everything that a single upstream read
-produced goes out as one write. Errors raised by the source end the stream through
-``app.sse``'s guard (error event, then ``[DONE]``).
+that choice ends, the usage chunk, then ``[DONE]``. Everything that one upstream read
+produced goes out as one write. Errors raised by the source end a stream through
+``app.sse``'s guard (error event, then ``[DONE]``); a client that goes away ends it at once,
+which closes the worker streams and so cancels their generations.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol, Sequence, Union
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol, Sequence, Union
 
 from app import sse
-from app.errors import APIError
+from app.errors import APIError, ClientClosedRequest
 from app.serving.frame_sources import MergedSource, SingleSource
 from app.serving.generation import UsageTally
 from app.text_stream import TextTracker, finish_reason
@@ -26,23 +30,39 @@ class ChunkFormat(Protocol):
     def usage(self, usage: dict[str, int]) -> bytes: ...
 
 
+@dataclass
+class Choice:
+    """What a non-stream request gets per choice."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    frame: dict[str, Any] | None = None  # the last frame seen (usage, logprobs)
+
+
 def drive(source: Source, fmt: ChunkFormat, trackers: Sequence[TextTracker],
-          usage: UsageTally | None) -> Iterator[bytes]:
+          usage: UsageTally | None, client_gone: Callable[[], bool],
+          keepalive: float) -> Iterator[bytes]:
     """The whole event stream. ``usage`` is None unless the client asked for it."""
     done = [False] * len(trackers)
     remaining = len(trackers)
     items = iter(source)
+    written = time.monotonic()
     try:
         opening = b"".join(fmt.opening(i) for i in range(len(trackers)))
         if opening:
             yield opening
         for index, batch in items:
-            if index < 0:  # KEEPALIVE
-                yield sse.KEEPALIVE
+            if index < 0:  # TICK: nothing arrived for a while
+                if client_gone():
+                    return  # the finally below cancels the generations
+                if time.monotonic() - written >= keepalive:
+                    written = time.monotonic()
+                    yield sse.KEEPALIVE
                 continue
             if done[index]:
                 continue  # read on to the end, so the connection can be reused
-            out, reason = _step(trackers[index], fmt, index, batch, usage)
+            text, reason, frame = _advance(trackers[index], batch, usage, index)
+            out = fmt.delta(index, text, frame) if text else b""
             if reason is not None:
                 out += fmt.finish(index, reason)
                 done[index] = True
@@ -50,6 +70,7 @@ def drive(source: Source, fmt: ChunkFormat, trackers: Sequence[TextTracker],
                 if trackers[index].stopped:
                     source.finish(index)  # cut by a stop string: cancel the generation
             if out:
+                written = time.monotonic()
                 yield out
             if not remaining:
                 yield (fmt.usage(usage.total()) if usage is not None else b"") + sse.DONE
@@ -57,29 +78,49 @@ def drive(source: Source, fmt: ChunkFormat, trackers: Sequence[TextTracker],
                 return
         yield sse.DONE  # unreachable: every choice ends before its source does
     finally:
-        close = getattr(items, "close", None)
-        if close is not None:
-            close()
-        source.close()
+        _close(items, source)
 
 
-def _drain(items: Iterator[Any]) -> None:
-    """Reads what is left after the last choice ended (usually just the end of the chunked
-    body), so the worker connection returns to the pool. The client already has [DONE]:
-    a failure here is no longer its concern."""
+def collect(source: Source, trackers: Sequence[TextTracker], usage: UsageTally,
+            client_gone: Callable[[], bool], check_every: float) -> list[Choice]:
+    """Reads every choice to its end (or its stop string) for a non-stream request,
+    looking every ``check_every`` seconds whether the client is still there."""
+    choices = [Choice() for _ in trackers]
+    remaining = len(trackers)
+    items = iter(source)
+    checked = time.monotonic()
     try:
-        for _ in items:
-            pass
-    except APIError:
-        pass
+        for index, batch in items:
+            if time.monotonic() - checked >= check_every:
+                checked = time.monotonic()
+                if client_gone():
+                    raise ClientClosedRequest("The client closed the connection.")
+            if index < 0:
+                continue
+            choice = choices[index]
+            if choice.finish_reason is not None:
+                continue
+            text, reason, frame = _advance(trackers[index], batch, usage, index)
+            choice.text += text
+            choice.frame = frame or choice.frame
+            if reason is not None:
+                choice.finish_reason = reason
+                remaining -= 1
+                if trackers[index].stopped:
+                    source.finish(index)
+            if not remaining:
+                _drain(items)
+                break
+        return choices
+    finally:
+        _close(items, source)
 
 
-def _step(tracker: TextTracker, fmt: ChunkFormat, index: int,
-          batch: list[dict[str, Any]] | None, usage: UsageTally | None) -> tuple[bytes, str | None]:
-    """The bytes for one read of one choice, and its finish reason if it ended."""
+def _advance(tracker: TextTracker, batch: list[dict[str, Any]] | None,
+             usage: UsageTally | None, index: int) -> tuple[str, str | None, dict[str, Any]]:
+    """The text one read releases, the finish reason if the choice ended, and its frame."""
     if batch is None:  # the stream ended without a finish_reason
-        text = tracker.flush()
-        return (fmt.delta(index, text, {}) if text else b""), "stop"
+        return tracker.flush(), "stop", {}
     # Text is cumulative: only the last frame of a read matters, unless one before it
     # already finished the choice.
     frame = next((f for f in batch if f.get("finish_reason")), batch[-1])
@@ -87,6 +128,22 @@ def _step(tracker: TextTracker, fmt: ChunkFormat, index: int,
         usage.record(index, frame)
     reason = finish_reason(frame)
     text = tracker.feed(frame.get("text") or "", final=reason is not None)
-    if tracker.stopped:
-        reason = "stop"
-    return (fmt.delta(index, text, frame) if text else b""), reason
+    return text, "stop" if tracker.stopped else reason, frame
+
+
+def _drain(items: Iterator[Any]) -> None:
+    """Reads what is left after the last choice ended (usually just the end of the chunked
+    body), so the worker connection returns to the pool. The client already has all it
+    asked for: a failure here is no longer its concern."""
+    try:
+        for _ in items:
+            pass
+    except APIError:
+        pass
+
+
+def _close(items: Iterator[Any], source: Source) -> None:
+    close = getattr(items, "close", None)
+    if close is not None:
+        close()
+    source.close()

@@ -7,13 +7,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from app.upstream.controller import ControllerClient
+from app.upstream.health import WorkerHealth
 from app.upstream.http import build_session
-from app.upstream.worker import WorkerClient
+from app.upstream.worker import Timing, WorkerClient
 
 if TYPE_CHECKING:
     from app.config import Settings
 
 CONTROLLER_READ_TIMEOUT = 10.0
+# How often a waiting request looks at its client; a client that left is noticed in time
+# to cancel its generation within a second.
+TICK_SECONDS = 0.25
 
 
 class Upstream:
@@ -23,9 +27,15 @@ class Upstream:
         timeouts = (settings.connect_timeout, settings.read_timeout)
         # The controller answers from memory: a long wait means it is in trouble.
         controller_timeouts = (settings.connect_timeout, CONTROLLER_READ_TIMEOUT)
-        self.controller = ControllerClient(self.session, settings.controller_address,
-                                           controller_timeouts, ttl=settings.models_ttl)
-        self.workers = WorkerClient(self.session, timeouts, info_ttl=settings.worker_info_ttl)
+        self.health = WorkerHealth(self.session)
+        self.controller = ControllerClient(
+            self.session, settings.controller_address, controller_timeouts,
+            ttl=settings.models_ttl, health=self.health,
+            max_worker_in_flight=settings.max_worker_in_flight)
+        self.workers = WorkerClient(self.session, timeouts, info_ttl=settings.worker_info_ttl,
+                                    first_token_timeout=settings.first_token_timeout)
+        self.timing = Timing(tick=TICK_SECONDS, first_token=settings.first_token_timeout,
+                             between_tokens=settings.read_timeout)
 
     def close(self) -> None:
         self.session.close()

@@ -16,14 +16,14 @@ from typing import Any, Callable, Iterable
 
 import requests
 
-from app.errors import ModelNotFound, UpstreamError, UpstreamUnavailable
+from app.errors import (APIError, ModelNotFound, Overloaded, UpstreamError, UpstreamTimeout,
+                        UpstreamUnavailable, WorkerUnreachable)
 from app.upstream.cache import RefreshingCache
+from app.upstream.health import WorkerHealth
 from app.upstream.http import mapped_errors, post_json
 
 log = logging.getLogger("flaskchat.controller_client")
 
-# How long a worker that failed a call is skipped, unless it is the only one left.
-FAILED_WORKER_COOLDOWN = 10.0
 # A model missing from the cache triggers at most one synchronous refresh this often.
 MISSING_MODEL_REFRESH_INTERVAL = 1.0
 
@@ -35,6 +35,7 @@ class WorkerInfo:
     speed: float = 1.0
     queue_length: int = 0
     multimodal: bool = False
+    last_heart_beat: float | None = None
 
 
 @dataclass
@@ -49,16 +50,20 @@ class Directory:
 
 class ControllerClient:
     def __init__(self, session: requests.Session, address: str, timeouts: tuple[float, float],
-                 ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 ttl: float, health: WorkerHealth, max_worker_in_flight: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._session = session
         self.address = address
         self._timeouts = timeouts
         self._clock = clock
+        self._ttl = ttl
         self._directory: RefreshingCache[str, Directory] = RefreshingCache(
             self._fetch_directory, ttl, clock)
         self._stock: bool | None = None  # unknown until the first refresh
         self._in_flight: dict[str, int] = {}
-        self._failed_until: dict[str, float] = {}
+        self._health = health
+        self._max_in_flight = max_worker_in_flight
+        self._last_address: dict[str, str] = {}  # stock controller: the last worker per model
         self._last_forced_refresh = -MISSING_MODEL_REFRESH_INTERVAL
 
     # ---- what exists ---------------------------------------------------------------
@@ -67,7 +72,15 @@ class ControllerClient:
         return self._directory.get("")
 
     def status(self) -> dict[str, Any]:
-        """For /ready: the cached view, its age, and the last refresh error if any."""
+        """For /ready: the models known, and the error if the controller cannot be reached
+        now (then the models are those last seen). A stale view is refreshed first."""
+        age = self._directory.age("")
+        if age is None or age > self._ttl:
+            try:
+                self._directory.load("")
+            except APIError:
+                if self._directory.peek("") is None:
+                    raise
         cached = self._directory.peek("")
         return {"models": cached.models if cached else [],
                 "age": self._directory.age(""),
@@ -81,7 +94,11 @@ class ControllerClient:
         now = self._clock()
         if now - self._last_forced_refresh >= MISSING_MODEL_REFRESH_INTERVAL:
             self._last_forced_refresh = now
-            directory = self._directory.load("")
+            try:
+                directory = self._directory.load("")
+            except APIError:
+                if self._directory.peek("") is None:
+                    raise  # nothing known at all: the controller's failure is the answer
             if model in directory.models:
                 return directory
         raise ModelNotFound(
@@ -111,34 +128,68 @@ class ControllerClient:
             self._in_flight.pop(address, None)
 
     def mark_failed(self, address: str) -> None:
-        """Skip ``address`` for a while and refresh the worker list soon."""
-        self._failed_until[address] = self._clock() + FAILED_WORKER_COOLDOWN
+        """Skip ``address`` until it shows life again (see WorkerHealth)."""
+        heartbeat = None
+        cached = self._directory.peek("")
+        for info in (cached.workers.values() if cached else ()):
+            heartbeat = next((w.last_heart_beat for w in info if w.address == address),
+                             heartbeat)
+        self._health.failed(address, heartbeat)
         self._directory.refresh_soon("")
 
     def _pick_locally(self, workers: list[WorkerInfo], model: str,
                       exclude: Iterable[str]) -> str:
         excluded = set(exclude)
-        now = self._clock()
         candidates = [w for w in workers if w.address not in excluded]
-        healthy = [w for w in candidates if self._failed_until.get(w.address, 0) <= now]
-        pool = healthy or candidates
-        if not pool:
-            raise UpstreamUnavailable(f"No worker is available for model '{model}'.")
+        if not candidates:
+            raise UpstreamUnavailable(f"No worker is available for model '{model}'.",
+                                      headers={"Retry-After": "2"})
+        # Workers that failed recently are skipped while others can serve; when none can,
+        # they are tried rather than refusing everything.
+        candidates = [w for w in candidates if self._health.healthy(w.address)] or candidates
+        open_ones = [w for w in candidates if self._has_room(w.address)]
+        if not open_ones:
+            raise Overloaded(f"Every worker for model '{model}' is busy; retry shortly.",
+                             headers={"Retry-After": "1"})
         # Fewest requests in flight from this process per unit of speed; ties at random so
         # that several gateway processes do not all pick the same worker.
-        return min(pool, key=lambda w: (self._in_flight.get(w.address, 0) / max(w.speed, 1e-3),
-                                        random.random())).address
+        return min(open_ones, key=lambda w: (
+            self._in_flight.get(w.address, 0) / max(w.speed, 1e-3), random.random())).address
+
+    def _has_room(self, address: str) -> bool:
+        return not self._max_in_flight or \
+            self._in_flight.get(address, 0) < self._max_in_flight
 
     def _ask_controller(self, model: str, exclude: Iterable[str]) -> str:
         excluded = set(exclude)
-        for _ in range(3):  # the controller may hand back an excluded worker; ask again
-            address = self._post("/get_worker_address", {"model": model}).get("address")
-            if not isinstance(address, str):
-                raise UpstreamError("The controller's /get_worker_address answer has no address.")
-            if not address:
-                raise UpstreamUnavailable(f"No worker is available for model '{model}'.")
-            if address not in excluded:
-                return address.rstrip("/")
+        unhealthy = ""
+        try:
+            for _ in range(3):  # it may hand back a worker we cannot use; ask again
+                address = self._post("/get_worker_address", {"model": model}).get("address")
+                if not isinstance(address, str):
+                    raise UpstreamError("The controller's /get_worker_address answer has no "
+                                        "address.")
+                if not address:
+                    raise UpstreamUnavailable(f"No worker is available for model '{model}'.")
+                address = address.rstrip("/")
+                if address in excluded:
+                    continue
+                if not self._health.healthy(address):
+                    unhealthy = address
+                    continue
+                if not self._has_room(address):
+                    raise Overloaded(f"Every worker for model '{model}' is busy; retry "
+                                     "shortly.", headers={"Retry-After": "1"})
+                self._last_address[model] = address
+                return address
+        except (WorkerUnreachable, UpstreamTimeout):
+            # The controller is down: the worker it gave last time may still be fine.
+            known = self._last_address.get(model)
+            if known and known not in excluded and self._health.healthy(known):
+                return known
+            raise
+        if unhealthy:
+            return unhealthy  # only failing ones: try one rather than refuse
         raise UpstreamUnavailable(f"No other worker is available for model '{model}'.")
 
     # ---- talking to the controller ---------------------------------------------------
@@ -148,7 +199,12 @@ class ControllerClient:
             try:
                 body = self._post("/list_workers", {})
                 self._stock = False
-                return _directory_from_workers(body)
+                directory = _directory_from_workers(body)
+                for infos in directory.workers.values():
+                    for info in infos:
+                        if info.last_heart_beat is not None:
+                            self._health.saw_heartbeat(info.address, info.last_heart_beat)
+                return directory
             except _NotOurs:
                 log.info("controller at %s is a stock FastChat controller", self.address)
                 self._stock = True
@@ -182,6 +238,10 @@ class _NotOurs(Exception):
     """The controller has no such endpoint (a stock FastChat controller)."""
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def _directory_from_workers(body: dict[str, Any]) -> Directory:
     workers: dict[str, list[WorkerInfo]] = {}
     multimodal: set[str] = set()
@@ -191,7 +251,8 @@ def _directory_from_workers(body: dict[str, Any]) -> Directory:
                               model_names=tuple(str(m) for m in item["model_names"]),
                               speed=float(item.get("speed") or 1.0),
                               queue_length=int(item.get("queue_length") or 0),
-                              multimodal=bool(item.get("multimodal")))
+                              multimodal=bool(item.get("multimodal")),
+                              last_heart_beat=_number(item.get("last_heart_beat")))
         except (KeyError, TypeError, ValueError):
             log.warning("skipping malformed worker entry from the controller: %r", item)
             continue

@@ -232,6 +232,11 @@ class _Body:
         finally:
             sock.settimeout(previous)
 
+    def set_timeout(self, seconds: float) -> None:
+        """The longest wait for each later read (after a stream's first frame)."""
+        if self._connection is not None:
+            self._connection.sock.settimeout(seconds)
+
     def read(self, amount: int | None = None, decode_content: bool = True) -> bytes:
         return b"".join(self.stream())
 

@@ -29,6 +29,15 @@ Key = tuple[str, str]  # (worker address, model)
 
 
 @dataclass(frozen=True)
+class Timing:
+    """How long a stream may keep a request waiting."""
+
+    tick: float  # how often a silent stream reports in to its reader
+    first_token: float  # the longest wait for a stream's first frame
+    between_tokens: float  # the longest wait for any later read
+
+
+@dataclass(frozen=True)
 class WorkerDetails:
     context_length: int
     capabilities: frozenset[str] = frozenset()
@@ -36,9 +45,13 @@ class WorkerDetails:
 
 class WorkerClient:
     def __init__(self, session: requests.Session, timeouts: tuple[float, float],
-                 info_ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 info_ttl: float, first_token_timeout: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._session = session
         self._timeouts = timeouts
+        # A stream's head may come only once the worker has a free slot (FastChat's worker
+        # queues before answering), so it may take as long as the first token.
+        self._stream_timeouts = (timeouts[0], first_token_timeout or timeouts[1])
         self._templates: RefreshingCache[Key, dict[str, Any]] = RefreshingCache(
             self._fetch_template, info_ttl, clock)
         self._details: RefreshingCache[Key, WorkerDetails] = RefreshingCache(
@@ -86,11 +99,6 @@ class WorkerClient:
             raise errors.UpstreamError("The worker's /count_token answer has no count.") \
                 from None
 
-    def generate(self, address: str, params: dict[str, Any], request_id: str) -> dict[str, Any]:
-        frame = self._post_json(address, "/worker_generate", params, request_id)
-        raise_for_frame(frame)
-        return frame
-
     def embeddings(self, address: str, payload: dict[str, Any],
                    request_id: str) -> dict[str, Any]:
         body = self._post_json(address, "/worker_get_embeddings", payload, request_id)
@@ -102,7 +110,7 @@ class WorkerClient:
         """The open /worker_generate_stream response, its status checked; close it when done."""
         with mapped_errors("the model worker"):
             response = post_json(self._session, address + "/worker_generate_stream", params,
-                                 self._timeouts, stream=True,
+                                 self._stream_timeouts, stream=True,
                                  headers={"X-Request-Id": request_id})
         if response.status_code != 200:
             error = _status_error(response)
@@ -194,10 +202,14 @@ def _status_error(response: requests.Response) -> errors.APIError:
     detail = " ".join(body[:300].decode("utf-8", "replace").split())
     status = response.status_code
     message = f"The model worker answered with HTTP {status}" + (f": {detail}" if detail else ".")
+    error: errors.APIError
     if status == 429:
-        return errors.Overloaded(message)
-    if status in (502, 503):
-        return errors.UpstreamUnavailable(message)
-    if status == 504:
-        return errors.UpstreamTimeout(message)
-    return errors.UpstreamError(message)
+        error = errors.Overloaded(message)
+    elif status in (502, 503):
+        error = errors.UpstreamUnavailable(message)
+    elif status == 504:
+        error = errors.UpstreamTimeout(message)
+    else:
+        error = errors.UpstreamError(message)
+    error.failover = status >= 500  # the worker is in trouble, not the request
+    return error

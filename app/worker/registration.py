@@ -29,6 +29,8 @@ def start(settings: WorkerSettings, status: Callable[[], dict[str, Any]]) -> thr
 
 def _keep_registered(settings: WorkerSettings, status: Callable[[], dict[str, Any]]) -> None:
     session = build_session(pool_size=2)
+    if settings.controller_secret:
+        session.headers["Authorization"] = f"Bearer {settings.controller_secret}"
     controller = settings.controller_address.rstrip("/")
     registered = False
     while True:

@@ -1,0 +1,63 @@
+"""Workers that failed a call are skipped until they show life again: a newer heartbeat at
+the controller, or an answer to a probe of their /worker_get_status (every few seconds, in
+the background). FastChat keeps routing to a dead worker until the controller expires it,
+90 to 180 s later."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import requests
+
+from app.upstream.http import post_json
+
+log = logging.getLogger("flaskchat.health")
+
+PROBE_INTERVAL = 2.0
+PROBE_TIMEOUT = (2.0, 2.0)
+GIVE_UP_AFTER = 600.0  # then real traffic decides again
+
+
+class WorkerHealth:
+    def __init__(self, session: requests.Session, probe_interval: float = PROBE_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._session = session
+        self._interval = probe_interval
+        self._clock = clock
+        self._failed: dict[str, float | None] = {}  # address -> heartbeat seen at failure
+
+    def healthy(self, address: str) -> bool:
+        return address not in self._failed
+
+    def failed(self, address: str, heartbeat: float | None = None) -> None:
+        first = address not in self._failed
+        self._failed[address] = heartbeat
+        if first:
+            log.warning("worker %s failed; skipping it until it answers again", address)
+            threading.Thread(target=self._probe, args=(address,), daemon=True).start()
+
+    def saw_heartbeat(self, address: str, heartbeat: float) -> None:
+        if address in self._failed:
+            before = self._failed[address]
+            if before is not None and heartbeat > before:
+                self._recovered(address, "a newer heartbeat")
+
+    def _probe(self, address: str) -> None:
+        deadline = self._clock() + GIVE_UP_AFTER
+        while address in self._failed and self._clock() < deadline:
+            time.sleep(self._interval)
+            try:
+                response = post_json(self._session, address + "/worker_get_status", {},
+                                     PROBE_TIMEOUT)
+                if response.status_code == 200:
+                    self._recovered(address, "a probe")
+                    return
+            except requests.RequestException:
+                pass
+        self._failed.pop(address, None)
+
+    def _recovered(self, address: str, how: str) -> None:
+        if self._failed.pop(address, "gone") != "gone":
+            log.info("worker %s is back (%s)", address, how)
