@@ -7,6 +7,7 @@ import orjson
 
 DELIMITER = b"\0"
 MAX_FRAME_BYTES = 64 * 1024 * 1024
+TAIL = 320  # bytes after a frame's text that hold its error_code and finish_reason
 
 
 class FrameError(ValueError):
@@ -33,9 +34,12 @@ def _routine(data: bytes) -> bool:
     """A frame that only carries text (error_code 0, no finish_reason): when a later frame
     arrived in the same read, its cumulative text supersedes this one, which then need not
     be decoded. Anything else (an error, a finish, something odd) is decoded and checked."""
-    return data[:1] == b"{" and data[-1:] == b"}" and \
-        (b'"error_code": 0,' in data or b'"error_code":0,' in data) and \
-        (b'"finish_reason": null' in data or b'"finish_reason":null' in data)
+    # JSON escapes quotes inside strings, so these keys cannot be faked by the text; and
+    # workers put them after the (long, cumulative) text, so the tail is enough to search.
+    tail = data[-TAIL:]
+    return data[:1] == b"{" and tail[-1:] == b"}" and \
+        (b'"error_code": 0,' in tail or b'"error_code":0,' in tail) and \
+        (b'"finish_reason": null' in tail or b'"finish_reason":null' in tail)
 
 
 def iter_frames(chunks: Iterable[bytes],
