@@ -109,6 +109,10 @@ class Settings:
         0.0, "--first-token-timeout", float,
         "longest wait, in seconds, for a worker's first token (queueing and prompt "
         "included); 0: the read timeout")
+    generation_timeout: float = _opt(
+        600.0, "--generation-timeout", _positive(float),
+        "longest wait, in seconds, for a non-stream answer from a worker that sends "
+        "nothing until it is done (stock FastChat workers)")
     embedding_batch_size: int = _opt(
         4, "--embedding-batch-size", _positive(int), "inputs per worker embedding call",
         env=("FASTCHAT_WORKER_API_EMBEDDING_BATCH_SIZE",))
@@ -127,7 +131,7 @@ class Settings:
     keepalive_interval: float = _opt(
         10.0, "--keepalive-interval", _positive(float),
         "seconds between SSE comment lines while a stream waits for its first token")
-    max_in_flight: int = _opt(4096, "--max-in-flight", _positive(int),
+    max_in_flight: int = _opt(8192, "--max-in-flight", _positive(int),
                               "requests one process works on at once; more wait in a queue")
     max_queued: int = _opt(1024, "--max-queued", int,
                            "requests that may wait for a place; beyond it: 429")

@@ -152,7 +152,8 @@ def stack() -> Iterator[Stack]:
             servers.append(workers[model])
         gateway = start_gateway(
             controller.url, "--api-keys", f"{API_KEY},second-key", "--workers", "2",
-            env={"FLASKCHAT_READ_TIMEOUT": "3", "FLASKCHAT_KEEPALIVE_INTERVAL": "0.5"})
+            env={"FLASKCHAT_READ_TIMEOUT": "3", "FLASKCHAT_GENERATION_TIMEOUT": "4",
+                 "FLASKCHAT_KEEPALIVE_INTERVAL": "0.5"})
         servers.append(gateway)
         yield Stack(controller, gateway, workers)
     finally:

@@ -189,6 +189,16 @@ class FakeWorker:
             return Response("Internal Server Error", status=int(directives["http"] or 500))
         if "hang" in directives or "stall" in directives:
             time.sleep(LONG_WAIT)
+        if "garbage" in directives:
+            return Response(b"{not json", mimetype="application/json")
+        if self.capabilities:  # like flaskchat's worker: headers at once, a space per token
+            def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+                start_response("200 OK", [("Content-Type", "application/json")])
+                return self._spaced(params)
+            return app  # type: ignore[return-value]
+        return _json(self._last_frame(params))
+
+    def _last_frame(self, params: dict[str, Any]) -> dict[str, Any]:
         last: dict[str, Any] = {}
         try:
             for frame in self._frames(params):
@@ -197,7 +207,30 @@ class FakeWorker:
                     break
         except _Stop:
             pass
-        return _json(last)
+        return last
+
+    def _spaced(self, params: dict[str, Any]) -> Iterator[bytes]:
+        with self.lock:
+            self.active += 1
+        finished = False
+        last: dict[str, Any] = {}
+        try:
+            yield b" "
+            try:
+                for frame in self._frames(params):
+                    last = frame
+                    if frame.get("error_code"):
+                        break
+                    yield b" "
+            except _Stop:
+                pass
+            finished = True
+            yield orjson.dumps(last)
+        finally:
+            with self.lock:
+                self.active -= 1
+                if not finished:
+                    self.cancelled += 1
 
     # ---- the small endpoints --------------------------------------------------------
 

@@ -55,15 +55,15 @@ def test_template_stop_strings_are_merged(client: openai.OpenAI, stack: Stack) -
     client.chat.completions.create(model="qwen-stock", stop=["END"],
                                    messages=[{"role": "user", "content": "Hi"}])
     params = [e for e in stack.worker_log("qwen-stock")
-              if e["path"] == "/worker_generate_stream"][-1]["body"]
+              if e["path"] == "/worker_generate"][-1]["body"]
     assert sorted(params["stop"]) == ["<|endoftext|>", "END"]
     assert params["stop_token_ids"] == [151643, 151644, 151645]
     assert params["prompt"].startswith("<|im_start|>system\nYou are a helpful assistant.")
 
 
 @pytest.mark.parametrize("model, calls_per_request", [
-    ("fake-model", ["/worker_generate_stream"]),  # checks the length itself: one call
-    ("vicuna-stock", ["/count_token", "/worker_generate_stream"]),  # stock worker: two
+    ("fake-model", ["/worker_generate"]),  # checks the length itself: one call
+    ("vicuna-stock", ["/count_token", "/worker_generate"]),  # stock worker: two
 ])
 def test_backend_calls_per_request_in_steady_state(client: openai.OpenAI, stack: Stack,
                                                    model: str,

@@ -107,7 +107,7 @@ def test_our_gateway_in_front_of_fastchat_controller(
     client.chat.completions.create(model="modern-b",
                                    messages=[{"role": "user", "content": "Hi"}])
     paths = [e["path"] for e in requests.get(worker.url + "/fake/log", timeout=5).json()]
-    assert paths == ["/worker_generate_stream"]
+    assert paths == ["/worker_generate"]
 
 
 def test_fastchat_api_server_in_front_of_our_controller(

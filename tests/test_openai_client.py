@@ -225,7 +225,7 @@ def test_fastchat_api_routes(stack: Stack) -> None:
         "repetition_penalty": 1.2})
     assert chat.status_code == 200
     assert chat.json()["choices"][0]["message"]["content"] == DEFAULT_REPLY
-    sent = [e for e in stack.worker_log("vicuna-stock") if e["path"] == "/worker_generate_stream"]
+    sent = [e for e in stack.worker_log("vicuna-stock") if e["path"] == "/worker_generate"]
     assert sent[-1]["body"]["repetition_penalty"] == 1.2
 
 
@@ -242,7 +242,7 @@ def test_messages_variants_accepted(client: openai.OpenAI, stack: Stack) -> None
     ])
     assert reply.choices[0].message.content == DEFAULT_REPLY
     prompt = [e for e in stack.worker_log("llama2-stock")
-              if e["path"] == "/worker_generate_stream"][-1]["body"]["prompt"]
+              if e["path"] == "/worker_generate"][-1]["body"]["prompt"]
     assert prompt.startswith("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is\nthe weather? ")
     assert prompt.endswith("[INST] sunny [/INST]")
 
@@ -254,6 +254,6 @@ def test_image_parts_go_to_vision_workers_as_images(client: openai.OpenAI,
         {"type": "text", "text": "What is this?"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
     body = [e for e in stack.worker_log("vision-model")
-            if e["path"] == "/worker_generate_stream"][-1]["body"]
+            if e["path"] == "/worker_generate"][-1]["body"]
     assert body["images"] == ["iVBORw0KGgo="]
     assert "USER: $$<image>$$<image>\nWhat is this? ASSISTANT:" in body["prompt"]

@@ -34,7 +34,7 @@ GATEWAY_WORKERS: list[str] = []
 @pytest.fixture(scope="module")
 def gateway(controller: Server) -> Iterator[Server]:
     server = start_gateway(controller.url, "--read-timeout", "2", "--first-token-timeout", "3",
-                           "--models-ttl", "1")
+                           "--generation-timeout", "3", "--models-ttl", "1")
     GATEWAY_WORKERS[:] = gunicorn_workers(server)
     yield server
     server.stop()
@@ -158,7 +158,8 @@ def test_garbage_frames_become_an_error_event(controller: Server, gateway: Serve
 
 def test_client_leaving_a_non_stream_request_cancels_the_generation(
         controller: Server, gateway: Server) -> None:
-    worker = start_fake_worker(controller.url, "--models", "abandoned")
+    worker = start_fake_worker(controller.url, "--models", "abandoned",
+                               "--capabilities", "length_check")  # answers like ours
     try:
         wait_for_model(gateway, "abandoned")
         body = orjson.dumps({"model": "abandoned", "messages": [

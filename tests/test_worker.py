@@ -238,3 +238,35 @@ def test_concurrency_limit_queues_and_disconnect_frees_the_slot(
     assert queue_length() == 0
     # Both left early: uncancelled, they would have needed two whole generations.
     assert time.monotonic() - closed < one_generation
+
+
+def test_client_leaving_a_non_stream_request_frees_the_worker_slot(
+        http_stack: dict[str, Server]) -> None:
+    """Client -> gateway -> flaskchat worker, non-stream: the client hangs up, the gateway
+    closes its request, the worker stops generating and frees its slot."""
+    worker, gateway = http_stack["worker"].url, http_stack["gateway"].url
+
+    def queue_length() -> int:
+        length: int = requests.post(worker + "/worker_get_status", json={}).json()[
+            "queue_length"]
+        return length
+
+    started = time.monotonic()
+    requests.post(gateway + "/v1/completions", json={"model": "tiny", "prompt": "x",
+                                                     "max_tokens": 1800})
+    one_generation = time.monotonic() - started
+    body = orjson.dumps({"model": "tiny", "prompt": "x", "max_tokens": 1800})
+    host, port = gateway.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: g\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: " + str(len(body)).encode() +
+                     b"\r\n\r\n" + body)
+        time.sleep(0.3)
+        assert queue_length() == 1
+    left = time.monotonic()
+    while queue_length() and time.monotonic() - left < 10:
+        time.sleep(0.05)
+    freed = time.monotonic() - left
+    print(f"\nnon-stream client left: worker slot free after {freed:.2f} s "
+          f"(a whole generation takes {one_generation:.2f} s)")
+    assert queue_length() == 0 and freed < one_generation

@@ -12,9 +12,9 @@ from app.calls import Call
 from app.conversation import TemplateError, render, stop_strings
 from app.errors import InvalidRequest, UpstreamError
 from app.ids import new_id
-from app.serving.generation import (Source, UsageTally, on_worker, once, open_generations,
-                                    sampling_params, token_budget)
-from app.serving.stream_driver import collect, drive
+from app.serving.generation import (Source, UsageTally, final_text, generate_all, on_worker,
+                                    once, open_generations, sampling_params, token_budget)
+from app.serving.stream_driver import drive
 from app.text_stream import TextTracker
 from app.upstream import Upstream
 from app.upstream.worker import RENDERS_MESSAGES
@@ -29,18 +29,19 @@ class ChatPlan:
 
 
 def complete(body: ChatRequest, upstream: Upstream, call: Call) -> dict[str, Any]:
-    n = body["n"]
-    address, (plan, source) = on_worker(upstream, body["model"],
-                                        partial(_start, body, upstream, call))
-    usage = UsageTally(n, [plan.prompt_tokens])
-    try:
-        results = collect(source, [TextTracker(plan.stops) for _ in range(n)], usage,
-                          call.client_gone, upstream.timing.tick)
-    finally:
-        upstream.controller.release(address)
-    choices = [{"index": index, "message": {"role": "assistant", "content": result.text},
-                "logprobs": None, "finish_reason": result.finish_reason or "stop"}
-               for index, result in enumerate(results)]
+    def attempt(address: str) -> tuple[ChatPlan, list[dict[str, Any]]]:
+        plan = _plan(body, upstream, call, address)
+        return plan, generate_all(upstream, call, address, [plan.params], body["n"])
+
+    address, (plan, frames) = on_worker(upstream, body["model"], attempt)
+    upstream.controller.release(address)
+    usage = UsageTally(body["n"], [plan.prompt_tokens])
+    choices = []
+    for index, frame in enumerate(frames):
+        usage.record(index, frame)
+        text, reason = final_text(frame, plan.stops)
+        choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                        "logprobs": None, "finish_reason": reason})
     return {"id": new_id("chatcmpl-"), "object": "chat.completion",
             "created": int(time.time()), "model": body["model"], "choices": choices,
             "usage": usage.total()}

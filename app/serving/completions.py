@@ -16,9 +16,9 @@ import orjson
 from app.calls import Call
 from app.conversation import stop_strings
 from app.ids import new_id
-from app.serving.generation import (Source, UsageTally, on_worker, once, open_generations,
-                                    sampling_params, token_budget)
-from app.serving.stream_driver import collect, drive
+from app.serving.generation import (Source, UsageTally, final_text, generate_all, on_worker,
+                                    once, open_generations, sampling_params, token_budget)
+from app.serving.stream_driver import drive
 from app.text_stream import TextTracker
 from app.upstream import Upstream
 from app.upstream.worker import RENDERS_MESSAGES
@@ -34,19 +34,22 @@ class PromptPlan:
 
 def complete(body: CompletionRequest, upstream: Upstream, call: Call) -> dict[str, Any]:
     n = body["n"]
-    address, (plans, source) = on_worker(upstream, body["model"],
-                                         partial(_start, body, upstream, call))
+
+    def attempt(address: str) -> tuple[list[PromptPlan], list[dict[str, Any]]]:
+        plans = _plans(body, upstream, call, address)
+        return plans, generate_all(upstream, call, address, [p.params for p in plans], n)
+
+    address, (plans, frames) = on_worker(upstream, body["model"], attempt)
+    upstream.controller.release(address)
     usage = UsageTally(n, [plan.prompt_tokens for plan in plans])
-    try:
-        results = collect(source, _trackers(body, plans), usage, call.client_gone,
-                          upstream.timing.tick)
-    finally:
-        upstream.controller.release(address)
     with_logprobs = body["logprobs"] is not None
-    choices = [{"index": index, "text": result.text,
-                "logprobs": (result.frame or {}).get("logprobs") if with_logprobs else None,
-                "finish_reason": result.finish_reason or "stop"}
-               for index, result in enumerate(results)]
+    choices = []
+    for index, frame in enumerate(frames):
+        usage.record(index, frame)
+        text, reason = final_text(frame, body["stop"], plans[index // n].floor)
+        choices.append({"index": index, "text": text,
+                        "logprobs": frame.get("logprobs") if with_logprobs else None,
+                        "finish_reason": reason})
     return {"id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()),
             "model": body["model"], "choices": choices, "usage": usage.total()}
 

@@ -7,7 +7,9 @@ from typing import Any, Callable, Sequence, TypeVar, Union
 
 from app.calls import Call
 from app.errors import APIError, ContextLengthExceeded
+from app.serving.concurrency import run_all
 from app.serving.frame_sources import MergedSource, SingleSource
+from app.text_stream import INCOMPLETE_CHARACTER, cut_at_stop, finish_reason
 from app.upstream import Upstream
 from app.upstream.worker import LENGTH_CHECK, WorkerDetails
 from schemas import SamplingRequest
@@ -51,15 +53,30 @@ def on_worker(upstream: Upstream, model: str, attempt: Callable[[str], T]) -> tu
             raise
 
 
+def generate_all(upstream: Upstream, call: Call, address: str,
+                 params: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The final frame of every prompt's ``n`` choices (non-stream), generated at once.
+    Nothing has reached the client yet, so any worker failure here may still fail over."""
+    generate = upstream.workers.generate
+    calls = [partial(generate, address, p, call.request_id, call.client_gone,
+                     upstream.timing.tick) for p in params for _ in range(n)]
+    with call.waiting_upstream():
+        return run_all(calls)
+
+
+def final_text(frame: dict[str, Any], stops: Sequence[str], floor: int = 0) -> tuple[str, str]:
+    """A final frame's text, cut at the first stop string even if the worker ignored it,
+    and its finish reason."""
+    text, stopped = cut_at_stop(str(frame.get("text") or "").rstrip(INCOMPLETE_CHARACTER),
+                                stops, floor)
+    return text, "stop" if stopped else finish_reason(frame) or "stop"
+
+
 def open_generations(upstream: Upstream, call: Call, address: str,
                      params: Sequence[dict[str, Any]], n: int) -> Source:
     """The worker streams for every prompt's ``n`` choices. The first is opened here, so
     that its failures (refused, HTTP 5xx, no answer in time) reach the caller, inside
-    ``on_worker``'s failover; the rest are opened concurrently by the source.
-
-    Non-stream requests are generated through the streaming endpoint as well: a client
-    that leaves can then be noticed and its generation cancelled, and a long generation
-    is bounded by the time between tokens rather than by one timeout for the whole."""
+    ``on_worker``'s failover; the rest are opened concurrently by the source."""
     with call.waiting_upstream():
         first = upstream.workers.open_stream(address, params[0], call.request_id)
     if len(params) * n == 1:

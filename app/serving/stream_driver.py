@@ -1,5 +1,4 @@
-"""Turns worker frames into SSE chunk bytes (streams) or final texts (non-stream requests),
-for chat and text completions alike.
+"""Turns worker frames into SSE chunk bytes, for chat and text completions alike.
 
 The endpoint decides what a chunk looks like (a ChunkFormat); this module decides when
 chunks go out: deltas as text becomes releasable, one finish chunk per choice as soon as
@@ -11,11 +10,10 @@ which closes the worker streams and so cancels their generations.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence, Union
 
 from app import sse
-from app.errors import APIError, ClientClosedRequest
+from app.errors import APIError
 from app.serving.frame_sources import MergedSource, SingleSource
 from app.serving.generation import UsageTally
 from app.text_stream import TextTracker, finish_reason
@@ -28,15 +26,6 @@ class ChunkFormat(Protocol):
     def delta(self, index: int, text: str, frame: dict[str, Any]) -> bytes: ...
     def finish(self, index: int, reason: str) -> bytes: ...
     def usage(self, usage: dict[str, int]) -> bytes: ...
-
-
-@dataclass
-class Choice:
-    """What a non-stream request gets per choice."""
-
-    text: str = ""
-    finish_reason: str | None = None
-    frame: dict[str, Any] | None = None  # the last frame seen (usage, logprobs)
 
 
 def drive(source: Source, fmt: ChunkFormat, trackers: Sequence[TextTracker],
@@ -77,41 +66,6 @@ def drive(source: Source, fmt: ChunkFormat, trackers: Sequence[TextTracker],
                 _drain(items)
                 return
         yield sse.DONE  # unreachable: every choice ends before its source does
-    finally:
-        _close(items, source)
-
-
-def collect(source: Source, trackers: Sequence[TextTracker], usage: UsageTally,
-            client_gone: Callable[[], bool], check_every: float) -> list[Choice]:
-    """Reads every choice to its end (or its stop string) for a non-stream request,
-    looking every ``check_every`` seconds whether the client is still there."""
-    choices = [Choice() for _ in trackers]
-    remaining = len(trackers)
-    items = iter(source)
-    checked = time.monotonic()
-    try:
-        for index, batch in items:
-            if time.monotonic() - checked >= check_every:
-                checked = time.monotonic()
-                if client_gone():
-                    raise ClientClosedRequest("The client closed the connection.")
-            if index < 0:
-                continue
-            choice = choices[index]
-            if choice.finish_reason is not None:
-                continue
-            text, reason, frame = _advance(trackers[index], batch, usage, index)
-            choice.text += text
-            choice.frame = frame or choice.frame
-            if reason is not None:
-                choice.finish_reason = reason
-                remaining -= 1
-                if trackers[index].stopped:
-                    source.finish(index)
-            if not remaining:
-                _drain(items)
-                break
-        return choices
     finally:
         _close(items, source)
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 CONTROLLER_READ_TIMEOUT = 10.0
 # How often a waiting request looks at its client; a client that left is noticed in time
 # to cancel its generation within a second.
-TICK_SECONDS = 0.25
+TICK_SECONDS = 0.5
 
 
 class Upstream:
@@ -33,7 +33,8 @@ class Upstream:
             ttl=settings.models_ttl, health=self.health,
             max_worker_in_flight=settings.max_worker_in_flight)
         self.workers = WorkerClient(self.session, timeouts, info_ttl=settings.worker_info_ttl,
-                                    first_token_timeout=settings.first_token_timeout)
+                                    first_token_timeout=settings.first_token_timeout,
+                                    generation_timeout=settings.generation_timeout)
         self.timing = Timing(tick=TICK_SECONDS, first_token=settings.first_token_timeout,
                              between_tokens=settings.read_timeout)
 

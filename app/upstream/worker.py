@@ -46,12 +46,16 @@ class WorkerDetails:
 class WorkerClient:
     def __init__(self, session: requests.Session, timeouts: tuple[float, float],
                  info_ttl: float, first_token_timeout: float | None = None,
+                 generation_timeout: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._session = session
         self._timeouts = timeouts
         # A stream's head may come only once the worker has a free slot (FastChat's worker
         # queues before answering), so it may take as long as the first token.
         self._stream_timeouts = (timeouts[0], first_token_timeout or timeouts[1])
+        # A stock FastChat worker answers /worker_generate only when the whole generation
+        # is done; flaskchat's sends its headers at once.
+        self._generate_timeouts = (timeouts[0], generation_timeout or timeouts[1])
         self._templates: RefreshingCache[Key, dict[str, Any]] = RefreshingCache(
             self._fetch_template, info_ttl, clock)
         self._details: RefreshingCache[Key, WorkerDetails] = RefreshingCache(
@@ -98,6 +102,40 @@ class WorkerClient:
         except (KeyError, TypeError, ValueError):
             raise errors.UpstreamError("The worker's /count_token answer has no count.") \
                 from None
+
+    def generate(self, address: str, params: dict[str, Any], request_id: str,
+                 client_gone: Callable[[], bool], check_every: float) -> dict[str, Any]:
+        """/worker_generate's final frame. Read as a stream: flaskchat's worker sends a space
+        every second while it generates, so a client that left is noticed (and the
+        request closed, which cancels the generation) and a silent worker times out."""
+        with mapped_errors("the model worker"):
+            response = post_json(self._session, address + "/worker_generate", params,
+                                 self._generate_timeouts, stream=True,
+                                 headers={"X-Request-Id": request_id})
+            try:
+                if response.status_code != 200:
+                    raise _status_error(response)
+                set_timeout = getattr(response.raw, "set_timeout", None)
+                if set_timeout is not None:
+                    set_timeout(self._timeouts[1])
+                body = []
+                checked = time.monotonic()
+                for chunk in response.iter_content(chunk_size=None):
+                    body.append(chunk)
+                    if time.monotonic() - checked >= check_every:
+                        checked = time.monotonic()
+                        if client_gone():
+                            raise errors.ClientClosedRequest("The client closed the "
+                                                             "connection.")
+            finally:
+                response.close()
+        try:
+            frame = decode_frame(b"".join(body))
+        except FrameError:
+            raise errors.UpstreamError("The model worker answered /worker_generate with "
+                                       "invalid JSON.") from None
+        raise_for_frame(frame)
+        return frame
 
     def embeddings(self, address: str, payload: dict[str, Any],
                    request_id: str) -> dict[str, Any]:

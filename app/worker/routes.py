@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import orjson
 from flask import Blueprint, Response, current_app
 from flask.typing import ResponseReturnValue
 
@@ -30,6 +32,7 @@ log = logging.getLogger("flaskchat.worker")
 bp = Blueprint("worker", __name__)
 STATE = "flaskchat.worker"
 PROBE_INTERVAL = 1.0
+SPACE_INTERVAL = 0.25  # a non-stream answer's keep-alive while tokens are being made
 
 _generation = GenerationSchema()
 _embedding = WorkerEmbeddingSchema()
@@ -73,18 +76,13 @@ def generate_stream() -> ResponseReturnValue:
 
 @bp.post("/worker_generate")
 def generate() -> ResponseReturnValue:
+    """The final frame as JSON. The headers go out at once and a space every second until
+    it is ready (JSON allows leading whitespace): a failed write tells that the caller
+    left, and the generation stops."""
     job = _prepare()
     if isinstance(job, Response):
         return job
-    worker = state()
-    last: dict[str, Any] = {}
-    try:
-        with worker.slots.slot():
-            for frame in worker.require_chat().generate(job, threading.Event()):
-                last = frame
-    except Exception as exc:
-        last = _error_frame(exc)
-    return json_response(last)
+    return Response(_final(state(), job), content_type="application/json")
 
 
 @bp.post("/worker_get_embeddings")
@@ -152,20 +150,43 @@ def _prepare() -> Job | Response:
 
 
 def _stream(worker: WorkerState, job: Job) -> Iterator[bytes]:
+    yield DELIMITER  # the headers go out now, before the wait for a slot
+    for frame in _frames(worker, job, probe=DELIMITER):
+        yield frame if isinstance(frame, bytes) else encode_frame(frame)
+
+
+def _final(worker: WorkerState, job: Job) -> Iterator[bytes]:
+    yield b" "
+    last: dict[str, Any] = {}
+    written = time.monotonic()
+    for frame in _frames(worker, job, probe=b" "):
+        if isinstance(frame, bytes):
+            yield frame
+        else:
+            last = frame
+            if time.monotonic() - written >= SPACE_INTERVAL:
+                written = time.monotonic()
+                yield b" "  # lets the caller look at its client, and us notice it left
+    yield orjson.dumps(last)
+
+
+def _frames(worker: WorkerState, job: Job,
+            probe: bytes) -> Iterator[dict[str, Any] | bytes]:
+    """The generation's frames, from its own thread; ``probe`` whenever none came for a
+    second. When the caller stops reading (the client left), the generation is cancelled."""
     cancel = threading.Event()
     frames: queue.Queue[dict[str, Any] | None] = queue.Queue()
     threading.Thread(target=_run, args=(worker, job, cancel, frames), daemon=True).start()
     try:
-        yield DELIMITER  # the headers go out now, before the wait for a slot
         while True:
             try:
                 frame = frames.get(timeout=PROBE_INTERVAL)
             except queue.Empty:
-                yield DELIMITER
+                yield probe
                 continue
             if frame is None:
                 return
-            yield encode_frame(frame)
+            yield frame
     finally:
         cancel.set()
 
