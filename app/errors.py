@@ -123,6 +123,10 @@ class UpstreamTimeout(APIError):
     failover = True
 
 
+class ConnectTimedOut(UpstreamTimeout):
+    """Not even the connection could be made in time: the host is down or cut off."""
+
+
 def envelope(error: APIError) -> dict[str, Any]:
     return {
         "error": {"message": error.message, "type": error.type, "param": error.param,

@@ -25,6 +25,7 @@ def health() -> ResponseReturnValue:
     if request.args.get("verbose"):
         body["fds"] = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") \
             else None
+        gc.collect()
         body["greenlets"] = sum(1 for o in gc.get_objects()
                                 if type(o).__name__ in ("greenlet", "Greenlet"))
     return json_response(body)

@@ -6,7 +6,7 @@ from functools import partial
 from typing import Any, Callable, Sequence, TypeVar, Union
 
 from app.calls import Call
-from app.errors import APIError, ContextLengthExceeded
+from app.errors import APIError, ConnectTimedOut, ContextLengthExceeded, WorkerUnreachable
 from app.serving.concurrency import run_all
 from app.serving.frame_sources import MergedSource, SingleSource
 from app.text_stream import INCOMPLETE_CHARACTER, cut_at_stop, finish_reason
@@ -41,7 +41,10 @@ def on_worker(upstream: Upstream, model: str, attempt: Callable[[str], T]) -> tu
             upstream.controller.release(address)
             if not exc.failover:
                 raise
-            upstream.controller.mark_failed(address)
+            # Refusing or not taking the connection means down; a slow or failed answer
+            # may be this request's trouble, so such a worker is only avoided.
+            upstream.controller.mark_failed(
+                address, unreachable=isinstance(exc, (WorkerUnreachable, ConnectTimedOut)))
             upstream.workers.forget(address, model)
             tried.append(address)
             log.warning("worker %s failed for %s: %s", address, model, exc.message)

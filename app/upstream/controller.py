@@ -127,14 +127,14 @@ class ControllerClient:
         else:
             self._in_flight.pop(address, None)
 
-    def mark_failed(self, address: str) -> None:
+    def mark_failed(self, address: str, unreachable: bool = False) -> None:
         """Skip ``address`` until it shows life again (see WorkerHealth)."""
         heartbeat = None
         cached = self._directory.peek("")
         for info in (cached.workers.values() if cached else ()):
             heartbeat = next((w.last_heart_beat for w in info if w.address == address),
                              heartbeat)
-        self._health.failed(address, heartbeat)
+        self._health.failed(address, heartbeat, unreachable)
         self._directory.refresh_soon("")
 
     def _pick_locally(self, workers: list[WorkerInfo], model: str,
@@ -144,9 +144,14 @@ class ControllerClient:
         if not candidates:
             raise UpstreamUnavailable(f"No worker is available for model '{model}'.",
                                       headers={"Retry-After": "2"})
-        # Workers that failed recently are skipped while others can serve; when none can,
-        # they are tried rather than refusing everything.
-        candidates = [w for w in candidates if self._health.healthy(w.address)] or candidates
+        # Workers that failed recently are skipped while others can serve. When none can,
+        # one that answered with a server error is tried rather than refusing everything;
+        # one that refused a connection or hung is not (it is down until a probe says not).
+        candidates = [w for w in candidates if self._health.healthy(w.address)] or \
+            [w for w in candidates if self._health.reachable(w.address)]
+        if not candidates:
+            raise UpstreamUnavailable(f"No worker for model '{model}' can be reached now.",
+                                      headers={"Retry-After": "2"})
         open_ones = [w for w in candidates if self._has_room(w.address)]
         if not open_ones:
             raise Overloaded(f"Every worker for model '{model}' is busy; retry shortly.",
@@ -175,7 +180,8 @@ class ControllerClient:
                 if address in excluded:
                     continue
                 if not self._health.healthy(address):
-                    unhealthy = address
+                    if self._health.reachable(address):
+                        unhealthy = address
                     continue
                 if not self._has_room(address):
                     raise Overloaded(f"Every worker for model '{model}' is busy; retry "

@@ -27,13 +27,22 @@ class WorkerHealth:
         self._interval = probe_interval
         self._clock = clock
         self._failed: dict[str, float | None] = {}  # address -> heartbeat seen at failure
+        self._unreachable: set[str] = set()  # of those, the ones that refused or hung
 
     def healthy(self, address: str) -> bool:
         return address not in self._failed
 
-    def failed(self, address: str, heartbeat: float | None = None) -> None:
+    def reachable(self, address: str) -> bool:
+        """False for a worker that refused or timed out a connection (it is down); one that
+        answered badly or slowly is up, if unwell."""
+        return address not in self._unreachable
+
+    def failed(self, address: str, heartbeat: float | None = None,
+               unreachable: bool = False) -> None:
         first = address not in self._failed
         self._failed[address] = heartbeat
+        if unreachable:
+            self._unreachable.add(address)
         if first:
             log.warning("worker %s failed; skipping it until it answers again", address)
             threading.Thread(target=self._probe, args=(address,), daemon=True).start()
@@ -57,7 +66,9 @@ class WorkerHealth:
             except requests.RequestException:
                 pass
         self._failed.pop(address, None)
+        self._unreachable.discard(address)
 
     def _recovered(self, address: str, how: str) -> None:
+        self._unreachable.discard(address)
         if self._failed.pop(address, "gone") != "gone":
             log.info("worker %s is back (%s)", address, how)

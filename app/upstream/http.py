@@ -17,7 +17,7 @@ from requests.models import PreparedRequest
 from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
-from app.errors import UpstreamError, UpstreamTimeout, WorkerUnreachable
+from app.errors import ConnectTimedOut, UpstreamError, UpstreamTimeout, WorkerUnreachable
 from app.upstream.transport import HttpTransport
 
 USER_AGENT = "flaskchat"
@@ -62,6 +62,12 @@ def post_json(session: requests.Session, url: str, payload: Any, timeout: tuple[
     return response
 
 
+def _reason(exc: Exception) -> str:
+    """The last line of an exception chain's text: 'Connection refused' and the like."""
+    text = str(exc.args[0] if exc.args else exc)
+    return text.rsplit(": ", 1)[-1].strip(" ')\"")[:120] or type(exc).__name__
+
+
 def _stale_connection(exc: requests.exceptions.ConnectionError) -> bool:
     """urllib3 (https) picked a pooled connection that the peer had just closed: nothing
     was processed, so sending once more is safe. (HttpTransport retries this itself.)"""
@@ -77,7 +83,7 @@ def mapped_errors(what: str) -> Iterator[None]:
     try:
         yield
     except requests.exceptions.ConnectTimeout:
-        raise UpstreamTimeout(f"Timed out connecting to {what}.") from None
+        raise ConnectTimedOut(f"Timed out connecting to {what}.") from None
     except requests.exceptions.Timeout:
         raise UpstreamTimeout(f"{what} did not answer in time.") from None
     except requests.exceptions.ChunkedEncodingError:
@@ -88,6 +94,6 @@ def mapped_errors(what: str) -> Iterator[None]:
             raise UpstreamTimeout(f"{what} did not answer in time.") from None
         if isinstance(cause, ProtocolError):
             raise UpstreamError(f"{what} closed the connection unexpectedly.") from None
-        raise WorkerUnreachable(f"Could not connect to {what}.") from None
+        raise WorkerUnreachable(f"Could not connect to {what} ({_reason(exc)}).") from None
     except requests.exceptions.RequestException as exc:
         raise UpstreamError(f"Error talking to {what}: {type(exc).__name__}.") from None
