@@ -168,7 +168,8 @@ class Soak:
             if final["fds"] > self.baseline["fds"] + 3 * 8 + 10:
                 self.violations.append(f"file descriptors leaked: {self.baseline['fds']} "
                                        f"-> {final['fds']}")
-            if final["greenlets"] > self.baseline["greenlets"] + 10:
+            probes = final["workers_probed"]  # killed workers: probed until they expire
+            if final["greenlets"] > self.baseline["greenlets"] + probes + 5:
                 self.violations.append(f"greenlets leaked: {self.baseline['greenlets']} -> "
                                        f"{final['greenlets']}")
         finally:

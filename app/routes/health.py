@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections import Counter
 
 from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
@@ -26,9 +27,27 @@ def health() -> ResponseReturnValue:
         body["fds"] = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") \
             else None
         gc.collect()
-        body["greenlets"] = sum(1 for o in gc.get_objects()
-                                if type(o).__name__ in ("greenlet", "Greenlet"))
+        alive = [o for o in gc.get_objects() if type(o).__name__ in ("greenlet", "Greenlet")
+                 and getattr(o, "dead", True) is False]
+        body["greenlets"] = len(alive)
+        body["greenlets_waiting_in"] = dict(Counter(_where(g) for g in alive).most_common(8))
+        body["workers_probed"] = upstream().health.probing
     return json_response(body)
+
+
+def _where(greenlet: object) -> str:
+    """Where a greenlet waits: its innermost frame in flaskchat's code, else in any code."""
+    frame = getattr(greenlet, "gr_frame", None)
+    innermost = "?"
+    while frame is not None:
+        path = frame.f_code.co_filename
+        name = f"{path.rsplit('/', 2)[-2]}/{path.rsplit('/', 1)[-1]}:{frame.f_code.co_name}"
+        if "/app/" in path:
+            return name
+        if innermost == "?":
+            innermost = name
+        frame = frame.f_back
+    return innermost
 
 
 @bp.get("/ready")

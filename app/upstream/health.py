@@ -28,6 +28,12 @@ class WorkerHealth:
         self._clock = clock
         self._failed: dict[str, float | None] = {}  # address -> heartbeat seen at failure
         self._unreachable: set[str] = set()  # of those, the ones that refused or hung
+        self._probing: set[str] = set()  # one probe thread per address at most
+
+    @property
+    def probing(self) -> int:
+        """Failed workers being probed (each by one background thread)."""
+        return len(self._probing)
 
     def healthy(self, address: str) -> bool:
         return address not in self._failed
@@ -39,11 +45,11 @@ class WorkerHealth:
 
     def failed(self, address: str, heartbeat: float | None = None,
                unreachable: bool = False) -> None:
-        first = address not in self._failed
         self._failed[address] = heartbeat
         if unreachable:
             self._unreachable.add(address)
-        if first:
+        if address not in self._probing:
+            self._probing.add(address)
             log.warning("worker %s failed; skipping it until it answers again", address)
             threading.Thread(target=self._probe, args=(address,), daemon=True).start()
 
@@ -55,18 +61,21 @@ class WorkerHealth:
 
     def _probe(self, address: str) -> None:
         deadline = self._clock() + GIVE_UP_AFTER
-        while address in self._failed and self._clock() < deadline:
-            time.sleep(self._interval)
-            try:
-                response = post_json(self._session, address + "/worker_get_status", {},
-                                     PROBE_TIMEOUT)
-                if response.status_code == 200:
-                    self._recovered(address, "a probe")
-                    return
-            except requests.RequestException:
-                pass
-        self._failed.pop(address, None)
-        self._unreachable.discard(address)
+        try:
+            while address in self._failed and self._clock() < deadline:
+                time.sleep(self._interval)
+                try:
+                    response = post_json(self._session, address + "/worker_get_status", {},
+                                         PROBE_TIMEOUT)
+                    if response.status_code == 200:
+                        self._recovered(address, "a probe")
+                        return
+                except requests.RequestException:
+                    pass
+            self._failed.pop(address, None)
+            self._unreachable.discard(address)
+        finally:
+            self._probing.discard(address)
 
     def _recovered(self, address: str, how: str) -> None:
         self._unreachable.discard(address)
