@@ -31,15 +31,17 @@ def decode_frame(data: bytes) -> dict[str, Any]:
 
 
 def _routine(data: bytes) -> bool:
-    """A frame that only carries text (error_code 0, no finish_reason): when a later frame
-    arrived in the same read, its cumulative text supersedes this one, which then need not
-    be decoded. Anything else (an error, a finish, something odd) is decoded and checked."""
-    # JSON escapes quotes inside strings, so these keys cannot be faked by the text; and
-    # workers put them after the (long, cumulative) text, so the tail is enough to search.
-    tail = data[-TAIL:]
-    return data[:1] == b"{" and tail[-1:] == b"}" and \
-        (b'"error_code": 0,' in tail or b'"error_code":0,' in tail) and \
-        (b'"finish_reason": null' in tail or b'"finish_reason":null' in tail)
+    """A frame that only carries text: it says ``"finish_reason": null`` (error frames have
+    no finish_reason at all; a final frame has a reason). When a later frame arrived in the
+    same read, its cumulative text supersedes this one, which then need not be decoded.
+    Anything else (an error, a finish, something odd) is decoded and checked."""
+    if data[:1] != b"{" or data[-1:] != b"}":
+        return False
+    # JSON escapes quotes inside strings, so the key cannot be faked by the text; workers
+    # put it after the (long, cumulative) text, so only the tail is searched.
+    start = max(0, len(data) - TAIL)
+    return data.find(b'"finish_reason":null', start) >= 0 or \
+        data.find(b'"finish_reason": null', start) >= 0
 
 
 def iter_frames(chunks: Iterable[bytes],
