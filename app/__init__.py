@@ -10,16 +10,19 @@ if TYPE_CHECKING:
 
 
 def create_app(settings: "Settings | None" = None) -> Flask:
-    from app import admission, auth, cors, errors, request_id
+    import os
+
+    from app import admission, auth, cors, errors, observability, request_id, state_dir
     from app.config import Settings
     from app.context import EXTENSION, SCHEMAS
+    from app.demo_tickets import TicketStore
     from app.logs import configure_logging
-    from app.routes import chat, completions, embeddings, health, models, openapi
+    from app.routes import chat, completions, demo, embeddings, health, metrics, models, openapi
     from app.upstream import Upstream
     from schemas import RequestSchemas
 
     settings = settings or Settings.from_env()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions[EXTENSION] = Upstream(settings)
@@ -27,6 +30,7 @@ def create_app(settings: "Settings | None" = None) -> Flask:
         max_n=settings.max_n, max_inputs=settings.max_inputs,
         max_messages=settings.max_messages, max_tokens_limit=settings.max_tokens_limit)
     request_id.init_app(app)
+    observability.init_app(app, settings.access_log, settings.metrics)
     cors.init_app(app, settings)
     auth.init_app(app, settings.api_keys)
     admission.init_app(app, settings.max_in_flight, settings.max_queued,
@@ -34,4 +38,13 @@ def create_app(settings: "Settings | None" = None) -> Flask:
     errors.init_app(app)
     for module in (chat, completions, embeddings, models, health, openapi):
         app.register_blueprint(module.bp)
+    if settings.metrics:
+        app.register_blueprint(metrics.bp)
+    if settings.demo:
+        shared = (settings.state_dir or os.environ.get(state_dir.STATE_ENV)
+                  or state_dir.private_dir())
+        os.makedirs(state_dir.tickets_dir(shared), mode=0o700, exist_ok=True)
+        app.extensions[demo.EXTENSION] = TicketStore(state_dir.tickets_dir(shared),
+                                                     settings.demo_ticket_ttl)
+        app.register_blueprint(demo.bp)
     return app

@@ -21,6 +21,13 @@ class Call:
     client_gone: Callable[[], bool] = _connected  # whether the client has disconnected
     started: float = field(default_factory=perf_counter)
     upstream_seconds: float = 0.0  # time spent waiting on the controller and workers
+    model: str = ""  # as the client named it, once the request is read
+    first_token_at: float | None = None  # streams: when the first generated text went out
+    completion_tokens: int = 0
+
+    def first_token(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = perf_counter()
 
     @contextmanager
     def waiting_upstream(self) -> Iterator[None]:

@@ -57,7 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from app import state_dir
+
     settings = Settings.from_args(args)
+    # Before the fork: the workers share metric files and demo tickets through it.
+    settings = dataclasses.replace(settings, state_dir=state_dir.prepare(settings.state_dir))
 
     def load() -> Any:
         from app import create_app
@@ -65,10 +71,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     options = {
         "workers": settings.workers,
-        "worker_class": "gevent",
+        "worker_class": "app.gevent_worker.GeventWorker",
         "worker_connections": settings.worker_connections,
         "timeout": 60,  # only catches a blocked hub; streams are bounded by read_timeout
         "graceful_timeout": 120,  # lets running streams finish on a deploy
+        "child_exit": lambda _arbiter, worker: state_dir.worker_exited(worker.pid),
     }
     print(f"flaskchat: serving the API on http://{settings.host}:{settings.port}/v1 "
           f"(controller {settings.controller_address})", file=sys.stderr, flush=True)

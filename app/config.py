@@ -71,6 +71,15 @@ def _opt(default: Any, flag: str, parse: Callable[[str], Any], help: str,
     return field(default=default, metadata={"option": option})
 
 
+LOG_FORMATS = ("text", "json")
+
+
+def _log_format(text: str) -> str:
+    if text not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}")
+    return text
+
+
 @dataclass(frozen=True)
 class Settings:
     """The gateway (API server) settings."""
@@ -146,6 +155,21 @@ class Settings:
     max_tokens_limit: int = _opt(1_048_576, "--max-tokens-limit", _positive(int),
                                  "largest max_tokens a request may ask for")
     log_level: str = _opt("info", "--log-level", str, "debug, info, warning or error")
+    log_format: str = _opt("text", "--log-format", _log_format,
+                           "text or json (one JSON object per line)")
+    access_log: bool = _opt(True, "--access-log", parse_bool,
+                            "one INFO line per request: route, model, status, latency, "
+                            "TTFT, tokens (never keys or message content)")
+    metrics: bool = _opt(True, "--metrics", parse_bool,
+                         "serve Prometheus metrics at /metrics (unauthenticated, like "
+                         "/health)")
+    demo: bool = _opt(True, "--demo", parse_bool, "serve the browser demo page at /demo")
+    demo_ticket_ttl: float = _opt(30.0, "--demo-ticket-ttl", _positive(float),
+                                  "seconds a demo stream ticket stays valid (single use)")
+    state_dir: str = _opt(
+        "", "--state-dir", str,
+        "directory the worker processes share (metrics files, demo tickets); empty: a "
+        "private temporary directory made at start")
 
     def __post_init__(self) -> None:
         if self.api_keys_file and not self.api_keys:

@@ -38,6 +38,7 @@ class APIError(Exception):
     # Raised before a worker sent any answer, and not about the request itself: the
     # request may be sent to another worker of the model instead.
     failover = False
+    counted = False  # already in the upstream-errors metric (each failure counts once)
 
     def __init__(self, message: str, param: str | None = None, *,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
@@ -76,6 +77,10 @@ class RouteNotFound(InvalidRequest):
 
 class MethodNotAllowed(InvalidRequest):
     status, code = 405, "method_not_allowed"
+
+
+class TicketNotFound(InvalidRequest):
+    status, code = 404, "stream_not_found"
 
 
 class PayloadTooLarge(InvalidRequest):
@@ -158,6 +163,8 @@ def init_app(app: "Flask") -> None:
     def handle_api_error(error: APIError) -> "Response":
         if error.status >= 500:
             log.warning("%s %s: %s", error.status, error.code, error.message)
+            from app import metrics
+            metrics.count_upstream_error(error)
         return error_response(error)
 
     @app.errorhandler(RequestEntityTooLarge)

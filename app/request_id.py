@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
+from contextvars import ContextVar
 
-from flask import Flask, Response, g, has_request_context
+from flask import Flask, Response, g
 
 from app.calls import Call
 from app.client_watch import watcher
@@ -13,6 +14,10 @@ from app.ids import new_id
 
 HEADER = "X-Request-ID"
 _SANE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+# The call being served by this greenlet (or thread). Unlike flask.g it is still there
+# while a stream's generator runs, after Flask has popped the request context.
+CURRENT_CALL: ContextVar[Call | None] = ContextVar("flaskchat_call", default=None)
 
 
 def init_app(app: Flask) -> None:
@@ -26,6 +31,7 @@ def _start() -> None:
     incoming = request.headers.get(HEADER, "")
     g.call = Call(incoming if _SANE.match(incoming) else new_id("req-"),
                   client_gone=watcher(request.environ))
+    CURRENT_CALL.set(g.call)
 
 
 def _finish(response: Response) -> Response:
@@ -37,9 +43,10 @@ def _finish(response: Response) -> Response:
 
 
 class RequestIdFilter(logging.Filter):
-    """Adds ``request_id`` to every record ("-" outside a request)."""
+    """Adds ``request_id`` to every record that has none ("-" outside a request)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        call = g.get("call") if has_request_context() else None
-        record.request_id = call.request_id if call is not None else "-"
+        if not hasattr(record, "request_id"):
+            call = CURRENT_CALL.get(None)
+            record.request_id = call.request_id if call is not None else "-"
         return True

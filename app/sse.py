@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import orjson
 
+from app import metrics
 from app.errors import APIError, envelope
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ def _guarded(events: Iterable[bytes]) -> Iterator[bytes]:
     try:
         yield from events
     except APIError as exc:
+        log.warning("stream ended by %s: %s", type(exc).__name__, exc.message)
+        metrics.count_upstream_error(exc)
         yield error_event(exc)
         yield DONE
     except Exception:

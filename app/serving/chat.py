@@ -29,6 +29,8 @@ class ChatPlan:
 
 
 def complete(body: ChatRequest, upstream: Upstream, call: Call) -> dict[str, Any]:
+    call.model = body["model"]
+
     def attempt(address: str) -> tuple[ChatPlan, list[dict[str, Any]]]:
         plan = _plan(body, upstream, call, address)
         return plan, generate_all(upstream, call, address, [plan.params], body["n"])
@@ -42,15 +44,18 @@ def complete(body: ChatRequest, upstream: Upstream, call: Call) -> dict[str, Any
         text, reason = final_text(frame, plan.stops)
         choices.append({"index": index, "message": {"role": "assistant", "content": text},
                         "logprobs": None, "finish_reason": reason})
+    totals = usage.total()
+    call.completion_tokens = totals["completion_tokens"]
     return {"id": new_id("chatcmpl-"), "object": "chat.completion",
             "created": int(time.time()), "model": body["model"], "choices": choices,
-            "usage": usage.total()}
+            "usage": totals}
 
 
 def open_stream(body: ChatRequest, upstream: Upstream,
                 call: Call) -> tuple[Iterator[bytes], list[Callable[[], object]]]:
     """Everything that can fail with a status happens here, before the first byte; the
     returned events and close callbacks go to ``sse.response``."""
+    call.model = body["model"]
     n = body["n"]
     address, (plan, source) = on_worker(upstream, body["model"],
                                         partial(_start, body, upstream, call))
@@ -59,7 +64,7 @@ def open_stream(body: ChatRequest, upstream: Upstream,
                      body["include_usage"])
     usage = UsageTally(n, [plan.prompt_tokens]) if body["include_usage"] else None
     trackers = [TextTracker(plan.stops) for _ in range(n)]
-    events = drive(source, fmt, trackers, usage, call.client_gone,
+    events = drive(source, fmt, trackers, usage, call,
                    upstream.settings.keepalive_interval)
     return events, [source.close, release]
 

@@ -19,6 +19,7 @@ def embed(body: EmbeddingRequest, path_model: str | None, upstream: Upstream,
     model = body["model"] or path_model
     if not model:
         raise InvalidRequest("Missing required parameter: 'model'.", "model")
+    call.model = model
     upstream.controller.require_model(model)
     size = upstream.settings.embedding_batch_size
     inputs = body["input"]

@@ -5,6 +5,7 @@ import logging
 from functools import partial
 from typing import Any, Callable, Sequence, TypeVar, Union
 
+from app import metrics
 from app.calls import Call
 from app.errors import APIError, ConnectTimedOut, ContextLengthExceeded, WorkerUnreachable
 from app.serving.concurrency import run_all
@@ -48,9 +49,11 @@ def on_worker(upstream: Upstream, model: str, attempt: Callable[[str], T]) -> tu
             upstream.workers.forget(address, model)
             tried.append(address)
             log.warning("worker %s failed for %s: %s", address, model, exc.message)
+            metrics.count_upstream_error(exc)
             if len(tried) >= WORKER_ATTEMPTS:
                 raise
             failure = exc
+            metrics.RETRIES.labels(model).inc()
         except BaseException:
             upstream.controller.release(address)
             raise

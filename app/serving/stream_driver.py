@@ -10,9 +10,10 @@ which closes the worker streams and so cancels their generations.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator, Protocol, Sequence, Union
+from typing import Any, Iterator, Protocol, Sequence, Union
 
 from app import sse
+from app.calls import Call
 from app.errors import APIError
 from app.serving.frame_sources import MergedSource, SingleSource
 from app.serving.generation import UsageTally
@@ -29,9 +30,9 @@ class ChunkFormat(Protocol):
 
 
 def drive(source: Source, fmt: ChunkFormat, trackers: Sequence[TextTracker],
-          usage: UsageTally | None, client_gone: Callable[[], bool],
-          keepalive: float) -> Iterator[bytes]:
-    """The whole event stream. ``usage`` is None unless the client asked for it."""
+          usage: UsageTally | None, call: Call, keepalive: float) -> Iterator[bytes]:
+    """The whole event stream. ``usage`` is None unless the client asked for it; ``call``
+    learns when the first text went out and how many tokens were generated."""
     done = [False] * len(trackers)
     remaining = len(trackers)
     items = iter(source)
@@ -42,7 +43,7 @@ def drive(source: Source, fmt: ChunkFormat, trackers: Sequence[TextTracker],
             yield opening
         for index, batch in items:
             if index < 0:  # TICK: nothing arrived for a while
-                if client_gone():
+                if call.client_gone():
                     return  # the finally below cancels the generations
                 if time.monotonic() - written >= keepalive:
                     written = time.monotonic()
@@ -52,7 +53,10 @@ def drive(source: Source, fmt: ChunkFormat, trackers: Sequence[TextTracker],
                 continue  # read on to the end, so the connection can be reused
             text, reason, frame = _advance(trackers[index], batch, usage, index)
             out = fmt.delta(index, text, frame) if text else b""
+            if text and call.first_token_at is None:
+                call.first_token()
             if reason is not None:
+                call.completion_tokens += _completion_tokens(frame)
                 out += fmt.finish(index, reason)
                 done[index] = True
                 remaining -= 1
@@ -83,6 +87,12 @@ def _advance(tracker: TextTracker, batch: list[dict[str, Any]] | None,
     reason = finish_reason(frame)
     text = tracker.feed(frame.get("text") or "", final=reason is not None)
     return text, "stop" if tracker.stopped else reason, frame
+
+
+def _completion_tokens(frame: dict[str, Any]) -> int:
+    usage = frame.get("usage")
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return tokens if isinstance(tokens, int) and tokens > 0 else 0
 
 
 def _drain(items: Iterator[Any]) -> None:

@@ -105,6 +105,11 @@ class ControllerClient:
             f"The model '{model}' does not exist. Available models: "
             f"{', '.join(directory.models) or 'none'}.", "model")
 
+    def knows(self, model: str) -> bool:
+        """Whether the last view listed ``model``; never waits for the controller."""
+        cached = self._directory.peek("")
+        return cached is not None and model in cached.models
+
     def is_multimodal(self, model: str) -> bool:
         return model in self.directory().multimodal
 

@@ -1,0 +1,72 @@
+"""Prometheus metrics for the gateway, summed over gunicorn's worker processes.
+
+With PROMETHEUS_MULTIPROC_DIR set before prometheus_client is first imported (the arbiter
+sets it: see ``app.state_dir``), every process writes its values to files there and
+/metrics adds them up; without it (one process, e.g. tests in-process) they live in memory.
+Labels are bounded: routes come from the URL map, models from the known list, error kinds
+from the exception classes, so no client can grow the series without limit.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter,
+                               Gauge, Histogram, generate_latest)
+
+from app.state_dir import METRICS_ENV
+
+if TYPE_CHECKING:
+    from app.errors import APIError
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                   60.0, 120.0, 300.0)
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0)
+
+REQUESTS = Counter("flaskchat_requests", "Requests answered, by route, model and status.",
+                   ["route", "model", "status"])
+LATENCY = Histogram("flaskchat_request_duration_seconds",
+                    "Time from the request to the last byte of the response (whole stream).",
+                    ["route"], buckets=LATENCY_BUCKETS)
+TTFT = Histogram("flaskchat_time_to_first_token_seconds",
+                 "Streams: time from the request to the first generated text sent.",
+                 ["route"], buckets=TTFT_BUCKETS)
+TOKENS = Counter("flaskchat_generated_tokens", "Completion tokens the workers generated.",
+                 ["model"])
+STREAMS = Gauge("flaskchat_streams_in_flight", "SSE streams open now.",
+                multiprocess_mode="livesum")
+UPSTREAM_ERRORS = Counter(
+    "flaskchat_upstream_errors",
+    "Failures of workers or the controller (answered with a 5xx, ended a stream, or sent "
+    "the request to another worker), by kind.", ["kind"])
+RETRIES = Counter("flaskchat_upstream_retries",
+                  "Requests sent to another worker after the first one failed.", ["model"])
+
+UNKNOWN_MODEL = "-"
+
+
+def count_upstream_error(error: "APIError") -> None:
+    if not error.counted:
+        error.counted = True
+        UPSTREAM_ERRORS.labels(type(error).__name__).inc()
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text /metrics serves, and its content type."""
+    return generate_latest(_registry()), CONTENT_TYPE_LATEST
+
+
+_multiprocess_registry: CollectorRegistry | None = None
+
+
+def _registry() -> CollectorRegistry:
+    global _multiprocess_registry
+    if not os.environ.get(METRICS_ENV):
+        return REGISTRY
+    if _multiprocess_registry is None:
+        from prometheus_client import multiprocess
+
+        _multiprocess_registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(_multiprocess_registry)  # type: ignore[no-untyped-call]
+    return _multiprocess_registry

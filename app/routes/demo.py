@@ -1,0 +1,102 @@
+"""The browser demo: GET /demo (the page), POST /demo/streams (a ticket for one reply,
+with the API key), GET /demo/stream/<ticket> (the reply as SSE, for EventSource).
+
+The page and its files need no key: they hold nothing. The ticket is the credential for
+the stream (see ``app.demo_tickets``). Failures after the ticket is redeemed are sent as
+an error event in a 200 stream, because EventSource cannot read an error body.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Response, current_app, redirect, send_from_directory
+from flask.typing import ResponseReturnValue
+
+from app import metrics, sse
+from app.admission import admit
+from app.auth import require_api_key
+from app.context import call, schemas, upstream
+from app.demo_tickets import TicketStore
+from app.errors import APIError, TicketNotFound
+from app.http_json import json_response, read_json_object
+from app.serving import chat
+from app.validation import load
+
+EXTENSION = "flaskchat.demo_tickets"
+PAGE_DIR = Path(__file__).resolve().parent.parent / "static" / "demo"
+# Only this origin's files and endpoints; no inline script, no framing.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+bp = Blueprint("demo", __name__)
+
+
+def tickets() -> TicketStore:
+    found: TicketStore = current_app.extensions[EXTENSION]
+    return found
+
+
+@bp.get("/demo")
+def page() -> ResponseReturnValue:
+    return _file("index.html")
+
+
+@bp.get("/demo/")
+def page_with_slash() -> ResponseReturnValue:
+    # The page's URLs are relative to /demo (so that a path prefix works behind a proxy).
+    return redirect("../demo", 308)
+
+
+@bp.get("/demo/static/<name>")
+def asset(name: str) -> ResponseReturnValue:
+    return _file(name)
+
+
+def _file(name: str) -> Response:
+    response = send_from_directory(PAGE_DIR, name, max_age=0)
+    response.headers.update(PAGE_HEADERS)
+    return response
+
+
+@bp.post("/demo/streams")
+def create_stream() -> ResponseReturnValue:
+    """Everything that can be refused is refused here, where the page can read why."""
+    require_api_key()
+    payload = read_json_object()
+    payload.pop("stream", None)
+    payload.pop("stream_options", None)
+    body = load(schemas().chat, payload)
+    call().model = body["model"]
+    upstream().controller.require_model(body["model"])
+    store = tickets()
+    ticket = store.issue(payload, call().request_id)
+    return json_response({"id": ticket, "url": f"demo/stream/{ticket}",
+                          "expires_in": store.ttl}, 201)
+
+
+@bp.get("/demo/stream/<ticket>")
+def stream(ticket: str) -> ResponseReturnValue:
+    found = tickets().redeem(ticket)
+    if found is None:
+        raise TicketNotFound("This demo stream does not exist, has expired or was already "
+                             "used; send the message again.")
+    admit()
+    current = call()
+    current.request_id = found.request_id  # one id for the POST and its stream
+    request: dict[str, Any] = {**found.request, "stream": True,
+                               "stream_options": {"include_usage": True}}
+    try:
+        body = load(schemas().chat, request)
+        events, on_close = chat.open_stream(body, upstream(), current)
+    except APIError as exc:
+        if exc.status >= 500:
+            metrics.count_upstream_error(exc)
+        return sse.response([sse.error_event(exc), sse.DONE])
+    return sse.response(events, on_close)
