@@ -181,5 +181,7 @@ flaskchat is up: {url}/v1   (models: {', '.join(models)})
 
   python -c "{python}"
 
+  In a browser: {url}/demo      Metrics: {url}/metrics
+
 Ctrl-C stops everything.
 """, flush=True)

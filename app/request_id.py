@@ -20,6 +20,11 @@ _SANE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 CURRENT_CALL: ContextVar[Call | None] = ContextVar("flaskchat_call", default=None)
 
 
+def is_sane_request_id(value: str) -> bool:
+    """Safe to echo and to log: no spaces, no control characters, bounded."""
+    return bool(_SANE.match(value))
+
+
 def init_app(app: Flask) -> None:
     app.before_request(_start)
     app.after_request(_finish)
@@ -29,7 +34,7 @@ def _start() -> None:
     from flask import request
 
     incoming = request.headers.get(HEADER, "")
-    g.call = Call(incoming if _SANE.match(incoming) else new_id("req-"),
+    g.call = Call(incoming if is_sane_request_id(incoming) else new_id("req-"),
                   client_gone=watcher(request.environ))
     CURRENT_CALL.set(g.call)
 

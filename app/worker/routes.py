@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import orjson
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, request
 from flask.typing import ResponseReturnValue
 
 from app.config import WorkerSettings
 from app.errors import CUDA_OUT_OF_MEMORY, INTERNAL_ERROR, InvalidRequest
 from app.http_json import json_response, read_json_object
+from app.request_id import HEADER as REQUEST_ID_HEADER
+from app.request_id import is_sane_request_id
 from app.upstream.frames import DELIMITER, encode_frame
 from app.validation import load
 from app.worker.chat_model import ChatModel, Job, PromptTooLong
@@ -71,7 +73,8 @@ def generate_stream() -> ResponseReturnValue:
     job = _prepare()
     if isinstance(job, Response):
         return job
-    return Response(_stream(state(), job), content_type="application/octet-stream")
+    return Response(_stream(state(), job, _request_id()),
+                    content_type="application/octet-stream")
 
 
 @bp.post("/worker_generate")
@@ -82,7 +85,7 @@ def generate() -> ResponseReturnValue:
     job = _prepare()
     if isinstance(job, Response):
         return job
-    return Response(_final(state(), job), content_type="application/json")
+    return Response(_final(state(), job, _request_id()), content_type="application/json")
 
 
 @bp.post("/worker_get_embeddings")
@@ -149,17 +152,23 @@ def _prepare() -> Job | Response:
         return json_response({"text": str(exc), "error_code": exc.code}, 400)
 
 
-def _stream(worker: WorkerState, job: Job) -> Iterator[bytes]:
+def _request_id() -> str:
+    """The gateway's X-Request-Id, for this worker's log lines about the request."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if is_sane_request_id(given) else "-"
+
+
+def _stream(worker: WorkerState, job: Job, request_id: str) -> Iterator[bytes]:
     yield DELIMITER  # the headers go out now, before the wait for a slot
-    for frame in _frames(worker, job, probe=DELIMITER):
+    for frame in _frames(worker, job, request_id, probe=DELIMITER):
         yield frame if isinstance(frame, bytes) else encode_frame(frame)
 
 
-def _final(worker: WorkerState, job: Job) -> Iterator[bytes]:
+def _final(worker: WorkerState, job: Job, request_id: str) -> Iterator[bytes]:
     yield b" "
     last: dict[str, Any] = {}
     written = time.monotonic()
-    for frame in _frames(worker, job, probe=b" "):
+    for frame in _frames(worker, job, request_id, probe=b" "):
         if isinstance(frame, bytes):
             yield frame
         else:
@@ -170,13 +179,14 @@ def _final(worker: WorkerState, job: Job) -> Iterator[bytes]:
     yield orjson.dumps(last)
 
 
-def _frames(worker: WorkerState, job: Job,
+def _frames(worker: WorkerState, job: Job, request_id: str,
             probe: bytes) -> Iterator[dict[str, Any] | bytes]:
     """The generation's frames, from its own thread; ``probe`` whenever none came for a
     second. When the caller stops reading (the client left), the generation is cancelled."""
     cancel = threading.Event()
     frames: queue.Queue[dict[str, Any] | None] = queue.Queue()
-    threading.Thread(target=_run, args=(worker, job, cancel, frames), daemon=True).start()
+    threading.Thread(target=_run, args=(worker, job, request_id, cancel, frames),
+                     daemon=True).start()
     try:
         while True:
             try:
@@ -191,18 +201,29 @@ def _frames(worker: WorkerState, job: Job,
         cancel.set()
 
 
-def _run(worker: WorkerState, job: Job, cancel: threading.Event,
+def _run(worker: WorkerState, job: Job, request_id: str, cancel: threading.Event,
          frames: queue.Queue[dict[str, Any] | None]) -> None:
+    started = time.monotonic()
+    last: dict[str, Any] = {}
+    outcome = "cancelled"
     try:
         with worker.slots.slot(cancel):
             for frame in worker.require_chat().generate(job, cancel):
+                last = frame
                 frames.put(frame)
+        outcome = str(last.get("finish_reason") or "stop")
     except Cancelled:
         pass
     except Exception as exc:
+        outcome = type(exc).__name__
         frames.put(_error_frame(exc))
     finally:
         frames.put(None)
+        usage = last.get("usage") or {}
+        log.info("generation %s: %s prompt + %s completion tokens in %.2f s",
+                 outcome, usage.get("prompt_tokens", len(job.input_ids)),
+                 usage.get("completion_tokens", 0), time.monotonic() - started,
+                 extra={"request_id": request_id})
 
 
 def _error_frame(exc: Exception) -> dict[str, Any]:
