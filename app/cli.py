@@ -62,6 +62,13 @@ def _serve(args: argparse.Namespace) -> int:
     from app import state_dir
 
     settings = Settings.from_args(args)
+    from app.upstreams_config import UpstreamConfigError, load_targets
+    try:  # a wrong upstream entry stops here, clearly, not in every worker process
+        load_targets(settings.openai_upstreams, settings.upstreams_file,
+                     settings.connect_timeout)
+    except UpstreamConfigError as exc:
+        print(f"flaskchat serve: {exc}", file=sys.stderr)
+        return 2
     # Before the fork: the workers share metric files and demo tickets through it.
     settings = dataclasses.replace(settings, state_dir=state_dir.prepare(settings.state_dir))
 

@@ -61,11 +61,12 @@ class Option:
     help: str
     env: tuple[str, ...] = ()  # extra variable names, checked after FLASKCHAT_<NAME>
     is_switch: bool = False  # a flag without a value (FastChat's --allow-credentials)
+    repeatable: bool = False  # the flag may be given several times; values collect
 
 
 def _opt(default: Any, flag: str, parse: Callable[[str], Any], help: str,
-         env: tuple[str, ...] = (), is_switch: bool = False) -> Any:
-    option = Option(flag, parse, help, env, is_switch)
+         env: tuple[str, ...] = (), is_switch: bool = False, repeatable: bool = False) -> Any:
+    option = Option(flag, parse, help, env, is_switch, repeatable)
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for defaults")
     return field(default=default, metadata={"option": option})
@@ -166,6 +167,15 @@ class Settings:
     demo: bool = _opt(True, "--demo", parse_bool, "serve the browser demo page at /demo")
     demo_ticket_ttl: float = _opt(30.0, "--demo-ticket-ttl", _positive(float),
                                   "seconds a demo stream ticket stays valid (single use)")
+    openai_upstreams: tuple[str, ...] = _opt(
+        (), "--openai-upstream", parse_list,
+        "MODEL=BASE_URL: serve MODEL from an OpenAI-compatible server (vLLM, llama.cpp, "
+        "Ollama, TGI...), e.g. llama3=http://gpu-1:8000/v1; repeat the flag for more "
+        "(the variable takes a comma list)", repeatable=True)
+    upstreams_file: str = _opt(
+        "", "--upstreams", str,
+        "TOML file of OpenAI-compatible upstreams (names, base URL, key variable, "
+        "timeouts, weight): see docs/scale-out.md")
     state_dir: str = _opt(
         "", "--state-dir", str,
         "directory the worker processes share (metrics files, demo tickets); empty: a "
@@ -286,7 +296,7 @@ def _build(cls: type[S], args: argparse.Namespace | None, environ: Mapping[str, 
         option: Option = f.metadata["option"]
         given = getattr(args, f.name, None) if args is not None else None
         if given is not None:
-            values[f.name] = given
+            values[f.name] = tuple(given) if option.repeatable else given
             continue
         for name in (prefix + f.name.upper(),) + option.env:
             if environ.get(name, "") != "":
@@ -309,6 +319,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any],
         if option.is_switch:
             parser.add_argument(option.flag, dest=f.name, action="store_const", const=True,
                                 default=None, help=help_text)
+        elif option.repeatable:
+            parser.add_argument(option.flag, dest=f.name, action="append", default=None,
+                                help=help_text)
         else:
             parser.add_argument(option.flag, dest=f.name, type=option.parse, default=None,
                                 help=help_text)

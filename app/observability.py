@@ -46,7 +46,8 @@ def _finished(call: Call, upstream: Upstream, method: str, route: str, status: i
     ttft = call.first_token_at - call.started if call.first_token_at is not None else None
     # Only names the gateway knows become labels or log text: a client's made-up model
     # name must neither grow the metric series nor write into the log.
-    model = call.model if call.model and upstream.controller.knows(call.model) else "-"
+    model = call.model if call.model and (upstream.controller.knows(call.model)
+                                          or upstream.openai.serves(call.model)) else "-"
     if record_metrics:
         metrics.REQUESTS.labels(route, model, str(status)).inc()
         metrics.LATENCY.labels(route).observe(seconds)

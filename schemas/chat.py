@@ -3,19 +3,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import ValidationError, post_load, validates_schema
+from marshmallow import ValidationError, fields, post_load, validates_schema
 
-from schemas.fields import Int, Number, at_least
+from schemas.fields import Bool, Int, Number, at_least, between
 from schemas.messages import ChatMessage, Messages
 from schemas.sampling import SamplingRequest, SamplingSchema
+from schemas.tools import Functions, ResponseFormat, ToolChoice, Tools
 
 
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] | str  # a string is a raw prompt (FastChat extension)
+    tools: list[dict[str, Any]] | None
+    functions: list[dict[str, Any]] | None  # deprecated form of tools
+    tool_choice: Any
+    response_format: dict[str, Any] | None
+    logprobs: bool
+    top_logprobs: int | None
 
 
 class ChatSchema(SamplingSchema):
     messages = Messages(required=True)
+    tools = Tools(allow_none=True, load_default=None)
+    functions = Functions(allow_none=True, load_default=None)
+    tool_choice = ToolChoice(allow_none=True, load_default=None)
+    function_call = fields.Raw(allow_none=True, load_default=None)
+    parallel_tool_calls = Bool(allow_none=True, load_default=None)
+    response_format = ResponseFormat(allow_none=True, load_default=None)
+    logprobs = Bool(allow_none=True, load_default=None)
+    top_logprobs = Int(allow_none=True, load_default=None, validate=between(0, 20, "top_logprobs"))
 
     def __init__(self, *, max_messages: int = 2048, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -27,6 +42,8 @@ class ChatSchema(SamplingSchema):
         if isinstance(messages, list) and len(messages) > self.max_messages:
             raise ValidationError(f"{len(messages)} messages is more than the maximum of "
                                   f"{self.max_messages} - 'messages'", "messages")
+        if data.get("top_logprobs") is not None and not data.get("logprobs"):
+            raise ValidationError("top_logprobs needs logprobs set to true", "top_logprobs")
     # OpenAI's newer name for max_tokens; it wins when both are sent.
     max_completion_tokens = Int(allow_none=True, load_default=None,
                                 validate=at_least(1, "max_completion_tokens"))
@@ -37,6 +54,9 @@ class ChatSchema(SamplingSchema):
         preferred = data.pop("max_completion_tokens", None)
         if preferred is not None:
             data["max_tokens"] = preferred
+        data["logprobs"] = bool(data.get("logprobs"))
+        data.pop("parallel_tool_calls", None)
+        data.pop("function_call", None)
         return data
 
 

@@ -234,3 +234,45 @@ def test_fastchat_api_server_uses_our_model_worker(
                                           max_tokens=6, temperature=0)
     assert direct.choices[0].message.content == reply.choices[0].message.content
     assert direct.usage is not None and direct.usage.prompt_tokens == reply.usage.prompt_tokens
+
+
+def test_fastchat_api_server_as_an_openai_upstream(
+        fastchat_python: str, tmp_path: Path, servers: list[Server],
+        clients: MakeClient) -> None:
+    """A real OpenAI-compatible server behind ours: stock FastChat's openai_api_server
+    (its own controller and worker), configured as an upstream under another name."""
+    behind = start_controller()
+    servers.append(behind)
+    servers.append(start_fake_worker(behind.url, "--models", "stock-up",
+                                     "--conv-template", "vicuna_v1.1", "--context-length",
+                                     "256"))
+    api = start_fastchat(fastchat_python, "fastchat.serve.openai_api_server", tmp_path,
+                         "--controller-address", behind.url, probe="/v1/models")
+    servers.append(api)
+    config = tmp_path / "upstreams.toml"
+    config.write_text(f'[[upstream]]\nbase_url = "{api.url}/v1"\n'
+                      'models = { "team-model" = "stock-up" }\n')
+    front = start_controller()  # ours: no workers of its own
+    servers.append(front)
+    gateway = start_gateway(front.url, "--upstreams", str(config))
+    servers.append(gateway)
+    client = clients(gateway.url + "/v1")
+    assert "team-model" in [m.id for m in client.models.list().data]
+    reply = client.chat.completions.create(model="team-model",
+                                           messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content == DEFAULT_REPLY and reply.model == "team-model"
+    chunks = list(client.chat.completions.create(
+        model="team-model", messages=[{"role": "user", "content": "Hi"}], stream=True))
+    assert {c.model for c in chunks} == {"team-model"}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        DEFAULT_REPLY
+    completion = client.completions.create(model="team-model", prompt="x", max_tokens=1)
+    assert completion.choices[0].text == "Hello! " and completion.model == "team-model"
+    streamed = list(client.completions.create(model="team-model", prompt="x", max_tokens=2,
+                                              stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == "Hello! I "
+    # FastChat's own errors come through as ours: a 400 with its message.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="team-model", messages=[
+            {"role": "user", "content": "word " * 400}])
+    assert "maximum context length" in str(refused.value)

@@ -10,7 +10,8 @@ from app.admission import admit
 from app.auth import require_api_key
 from app.context import call, schemas, upstream
 from app.http_json import json_response, read_json_object
-from app.serving import chat
+from app.routes.relayed import relayed, serves
+from app.serving import chat, relay
 from app.validation import load
 
 bp = Blueprint("chat", __name__)
@@ -29,7 +30,10 @@ def create_api_chat_completion() -> ResponseReturnValue:
 
 
 def _chat(schema: Schema) -> ResponseReturnValue:
-    body = load(schema, read_json_object())
+    payload = read_json_object()
+    body = load(schema, payload)
+    if serves(body["model"]):
+        return relayed(relay.CHAT, payload, body["model"], body["stream"])
     if body["stream"]:
         events, on_close = chat.open_stream(body, upstream(), call())
         return sse.response(events, on_close)

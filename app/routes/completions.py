@@ -9,7 +9,8 @@ from app.admission import admit
 from app.auth import require_api_key
 from app.context import call, schemas, upstream
 from app.http_json import json_response, read_json_object
-from app.serving import completions
+from app.routes.relayed import relayed, serves
+from app.serving import completions, relay
 from app.validation import load
 
 bp = Blueprint("completions", __name__)
@@ -19,7 +20,10 @@ bp.before_request(admit)
 
 @bp.post("/v1/completions")
 def create_completion() -> ResponseReturnValue:
-    body = load(schemas().completion, read_json_object())
+    payload = read_json_object()
+    body = load(schemas().completion, payload)
+    if serves(body["model"]):
+        return relayed(relay.COMPLETIONS, payload, body["model"], body["stream"])
     if body["stream"]:
         events, on_close = completions.open_stream(body, upstream(), call())
         return sse.response(events, on_close)

@@ -8,6 +8,8 @@ from app.admission import admit
 from app.auth import require_api_key
 from app.context import call, schemas, upstream
 from app.http_json import json_response, read_json_object
+from app.routes.relayed import relayed, serves
+from app.serving import relay
 from app.serving.embeddings import embed
 from app.validation import load
 
@@ -19,5 +21,9 @@ bp.before_request(admit)
 @bp.post("/v1/embeddings")
 @bp.post("/v1/engines/<path:model_name>/embeddings")
 def create_embeddings(model_name: str | None = None) -> ResponseReturnValue:
-    body = load(schemas().embedding, read_json_object())
+    payload = read_json_object()
+    body = load(schemas().embedding, payload)
+    model: str = body["model"] or model_name or ""
+    if serves(model):
+        return relayed(relay.EMBEDDINGS, {**payload, "model": model}, model, stream=False)
     return json_response(embed(body, model_name, upstream(), call()))

@@ -53,13 +53,18 @@ def _where(greenlet: object) -> str:
 @bp.get("/ready")
 def ready() -> ResponseReturnValue:
     """200 while some model is known, "degraded" if that list is stale because the
-    controller cannot be reached; 503 when no model can be served."""
+    controller cannot be reached; 503 when no model can be served. Models of
+    OpenAI-compatible upstreams count while one of their servers is not marked failed."""
+    relayed = upstream().openai.healthy_models()
     try:
         status = upstream().controller.status()
     except APIError as exc:
-        # Returned, not raised: probes poll this, and the handler would log each one.
-        return error_response(UpstreamUnavailable(f"Not ready: {exc.message}"))
-    if not status["models"]:
+        if not relayed:
+            # Returned, not raised: probes poll this, and the handler would log each one.
+            return error_response(UpstreamUnavailable(f"Not ready: {exc.message}"))
+        status = {"models": [], "error": exc.message}
+    models = list(dict.fromkeys([*status["models"], *relayed]))
+    if not models:
         return error_response(UpstreamUnavailable("Not ready: no model worker is registered."))
     return json_response({"status": "degraded" if status["error"] else "ready",
-                          "models": status["models"], "controller_error": status["error"]})
+                          "models": models, "controller_error": status["error"]})

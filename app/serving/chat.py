@@ -82,6 +82,7 @@ def _plan(body: ChatRequest, upstream: Upstream, call: Call, address: str) -> Ch
         _check_images(messages, upstream, model)
     with call.waiting_upstream():
         details = upstream.workers.details(address, model)
+    features = _features(body, details.capabilities, model)
     stop = list(body["stop"])
     stop_token_ids = None
     images: list[str] = []
@@ -102,7 +103,40 @@ def _plan(body: ChatRequest, upstream: Upstream, call: Call, address: str) -> Ch
         params["images"] = [_image_payload(url) for url in images]
     if not isinstance(messages, str):
         params["messages"] = messages
+    params.update(features)
     return ChatPlan(params, list(body["stop"]), prompt_tokens)
+
+
+# OpenAI chat features a FastChat worker may list among its capabilities: request field ->
+# capability. Without it, asking for the feature is a 400 naming the field.
+FEATURES = {"tools": "tools", "functions": "tools", "response_format": "response_format",
+            "logprobs": "logprobs"}
+
+
+def _features(body: ChatRequest, capabilities: frozenset[str],
+              model: str) -> dict[str, Any]:
+    """The asked-for features this worker supports, as worker params; a 400 for the first
+    one it does not."""
+    asked: dict[str, Any] = {}
+    if body["tools"] and body["tool_choice"] != "none":
+        asked["tools"] = body["tools"]
+        if body["tool_choice"] is not None:
+            asked["tool_choice"] = body["tool_choice"]
+    if body["functions"]:
+        asked["functions"] = body["functions"]
+    format_ = body["response_format"]
+    if format_ is not None and format_["type"] != "text":
+        asked["response_format"] = format_
+    if body["logprobs"]:
+        asked["logprobs"] = True
+        asked["top_logprobs"] = body["top_logprobs"] or 0
+    for field, capability in FEATURES.items():
+        if field in asked and capability not in capabilities:
+            raise InvalidRequest(
+                f"The model '{model}' is served by a FastChat worker that does not support "
+                f"'{field}'; send the request without it, or use a model served by an "
+                "OpenAI-compatible upstream (vLLM, llama.cpp, Ollama...).", field)
+    return asked
 
 
 def _prompt(template: dict[str, Any], messages: list[ChatMessage] | str) -> tuple[str, list[str]]:

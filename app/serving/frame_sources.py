@@ -18,7 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any, Callable, Generator, Iterator, Sequence, Union
+from typing import Any, Callable, Generator, Generic, Iterator, Sequence, TypeVar, Union
 
 import requests
 
@@ -28,6 +28,7 @@ from app.upstream.worker import Timing, WorkerClient
 Frame = dict[str, Any]
 Item = tuple[int, Union[list[Frame], None]]
 TICK: Item = (-1, None)  # nothing arrived for a tick
+B = TypeVar("B")
 Opener = Callable[[], requests.Response]
 
 
@@ -40,7 +41,7 @@ class SingleSource:
 
     def __iter__(self) -> Iterator[Item]:
         batches = WorkerClient.frame_batches(self._response)
-        if (yield from _until_first_frame(self._response, batches, self._timing, 0)):
+        if (yield from until_first_batch(self._response, batches, self._timing, 0)):
             return
         for batch in batches:
             if batch:
@@ -54,27 +55,28 @@ class SingleSource:
         self._response.close()
 
 
-def _until_first_frame(response: requests.Response, batches: Iterator[list[Frame]],
-                       timing: Timing, index: int) -> Generator[Item, None, bool]:
-    """Yields TICKs until the first frame, then that frame; returns whether the stream
-    already ended. Each read waits a tick at most, so silence never blocks the caller."""
+def until_first_batch(response: requests.Response, batches: Iterator[list[B]], timing: Timing,
+                      index: int, what: str = "The model worker"
+                      ) -> Generator[tuple[int, list[B] | None], None, bool]:
+    """Yields TICKs until the first non-empty batch, then that batch; returns whether the
+    stream already ended. Each read waits a tick at most, so silence never blocks the
+    caller. (Batches are worker frames, or an OpenAI-compatible server's SSE events.)"""
     wait = getattr(response.raw, "wait_readable", None)
     deadline = time.monotonic() + timing.first_token
-    first: _FirstBatch | None = None
+    first: _FirstBatch[B] | None = None
     while True:
         if time.monotonic() > deadline:
             response.close()
-            raise UpstreamTimeout(f"The model worker sent no token within "
-                                  f"{timing.first_token:g} s.")
+            raise UpstreamTimeout(f"{what} sent no token within {timing.first_token:g} s.")
         if wait is not None:  # our transport: a peek with a timeout, no thread
             if not wait(timing.tick):
-                yield TICK
+                yield -1, None  # TICK
                 continue
             batch = next(batches, None)
         else:  # another transport (https): the read happens in a helper thread
             first = first or _FirstBatch(batches)
             if not first.arrived.wait(timing.tick):
-                yield TICK
+                yield -1, None  # TICK
                 continue
             batch, first = first.result(), None
         if batch is None:
@@ -88,16 +90,16 @@ def _until_first_frame(response: requests.Response, batches: Iterator[list[Frame
             return False
 
 
-class _FirstBatch:
-    """Reads the next frames in a helper thread so the caller can wait with a timeout."""
+class _FirstBatch(Generic[B]):
+    """Reads the next batch in a helper thread so the caller can wait with a timeout."""
 
-    def __init__(self, batches: Iterator[list[Frame]]) -> None:
+    def __init__(self, batches: Iterator[list[B]]) -> None:
         self.arrived = threading.Event()
-        self._batch: list[Frame] | None = None
+        self._batch: list[B] | None = None
         self._error: BaseException | None = None
         threading.Thread(target=self._read, args=(batches,), daemon=True).start()
 
-    def _read(self, batches: Iterator[list[Frame]]) -> None:
+    def _read(self, batches: Iterator[list[B]]) -> None:
         try:
             self._batch = next(batches, None)
         except BaseException as exc:  # handed to the caller by result()
@@ -105,7 +107,7 @@ class _FirstBatch:
         finally:
             self.arrived.set()
 
-    def result(self) -> list[Frame] | None:
+    def result(self) -> list[B] | None:
         if self._error is not None:
             raise self._error
         return self._batch
@@ -187,7 +189,7 @@ class _FirstOnly:
 
     def __init__(self, response: requests.Response, batches: Iterator[list[Frame]],
                  timing: Timing) -> None:
-        self._items = _until_first_frame(response, batches, timing, 0)
+        self._items = until_first_batch(response, batches, timing, 0)
         self.ended = False
 
     def __iter__(self) -> Iterator[list[Frame]]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Any, Callable, Sequence, TypeVar, Union
+from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar, Union
 
 from app import metrics
 from app.calls import Call
@@ -16,47 +16,65 @@ from app.upstream.worker import LENGTH_CHECK, WorkerDetails
 from schemas import SamplingRequest
 
 T = TypeVar("T")
+K = TypeVar("K")
 Source = Union[SingleSource, MergedSource]
 log = logging.getLogger("flaskchat.generation")
 
-WORKER_ATTEMPTS = 2  # a worker that refuses the connection is skipped, once
+WORKER_ATTEMPTS = 2  # a server that fails before answering is skipped, once
 
 
-def on_worker(upstream: Upstream, model: str, attempt: Callable[[str], T]) -> tuple[str, T]:
-    """Runs ``attempt(address)`` on a worker for ``model``. A worker that refuses the
+class Router(Protocol[K]):
+    """Where a model's requests can go: FastChat workers (by address, through the
+    controller) or OpenAI-compatible upstreams."""
+
+    def acquire(self, model: str, exclude: Iterable[K] = ...) -> K: ...
+    def release(self, key: K) -> None: ...
+    def mark_failed(self, key: K, unreachable: bool = ...) -> None: ...
+
+
+def with_failover(router: Router[K], model: str, attempt: Callable[[K], T],
+                  forget: Callable[[K], None] | None = None) -> tuple[K, T]:
+    """Runs ``attempt(key)`` on a server for ``model``. A server that refuses the
     connection, says nothing in time, or answers with a server error is marked unhealthy,
-    and the attempt goes once to another worker of the model, unseen by the client. The
-    returned address is still acquired: release it."""
-    tried: list[str] = []
+    and the attempt goes once to another server of the model, unseen by the client. The
+    returned key is still acquired: release it."""
+    tried: list[K] = []
     failure: APIError | None = None
     while True:
         try:
-            address = upstream.controller.acquire(model, exclude=tried)
+            key = router.acquire(model, exclude=tried)
         except APIError:
             if failure is not None:
-                raise failure from None  # no other worker: the first failure is the answer
+                raise failure from None  # no other server: the first failure is the answer
             raise
         try:
-            return address, attempt(address)
+            return key, attempt(key)
         except APIError as exc:
-            upstream.controller.release(address)
+            router.release(key)
             if not exc.failover:
                 raise
             # Refusing or not taking the connection means down; a slow or failed answer
-            # may be this request's trouble, so such a worker is only avoided.
-            upstream.controller.mark_failed(
-                address, unreachable=isinstance(exc, (WorkerUnreachable, ConnectTimedOut)))
-            upstream.workers.forget(address, model)
-            tried.append(address)
-            log.warning("worker %s failed for %s: %s", address, model, exc.message)
+            # may be this request's trouble, so such a server is only avoided.
+            router.mark_failed(
+                key, unreachable=isinstance(exc, (WorkerUnreachable, ConnectTimedOut)))
+            if forget is not None:
+                forget(key)
+            tried.append(key)
+            log.warning("%s failed for %s: %s", key, model, exc.message)
             metrics.count_upstream_error(exc)
             if len(tried) >= WORKER_ATTEMPTS:
                 raise
             failure = exc
             metrics.RETRIES.labels(model).inc()
         except BaseException:
-            upstream.controller.release(address)
+            router.release(key)
             raise
+
+
+def on_worker(upstream: Upstream, model: str, attempt: Callable[[str], T]) -> tuple[str, T]:
+    """``with_failover`` over the model's FastChat workers."""
+    return with_failover(upstream.controller, model, attempt,
+                         forget=lambda address: upstream.workers.forget(address, model))
 
 
 def generate_all(upstream: Upstream, call: Call, address: str,

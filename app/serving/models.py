@@ -1,20 +1,33 @@
-"""/v1/models and /v1/models/{id}, from the controller's cached model list."""
+"""/v1/models and /v1/models/{id}: the controller's cached model list, then the models of
+the OpenAI-compatible upstreams (which win where a name is in both)."""
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from app.errors import ModelNotFound
+from app.errors import APIError, ModelNotFound
 from app.upstream import Upstream
+
+OPENAI_OWNER = "flaskchat-upstream"  # served by an OpenAI-compatible upstream
 
 
 def list_models(upstream: Upstream) -> dict[str, Any]:
     created = int(time.time())
-    return {"object": "list",
-            "data": [_card(model, created) for model in upstream.controller.directory().models]}
+    relayed = upstream.openai.models()
+    try:
+        workers = upstream.controller.directory().models
+    except APIError:
+        if not relayed:
+            raise
+        workers = []  # the controller is down, but these models do not need it
+    cards = [_card(model, created) for model in workers if model not in relayed]
+    cards += [_card(model, created, OPENAI_OWNER) for model in relayed]
+    return {"object": "list", "data": cards}
 
 
 def retrieve_model(upstream: Upstream, model: str) -> dict[str, Any]:
+    if upstream.openai.serves(model):
+        return _card(model, int(time.time()), OPENAI_OWNER)
     try:
         upstream.controller.require_model(model)
     except ModelNotFound:
@@ -22,9 +35,9 @@ def retrieve_model(upstream: Upstream, model: str) -> dict[str, Any]:
     return _card(model, int(time.time()))
 
 
-def _card(model: str, created: int) -> dict[str, Any]:
+def _card(model: str, created: int, owner: str = "fastchat") -> dict[str, Any]:
     # FastChat's fields, so clients that read root/permission keep working.
-    return {"id": model, "object": "model", "created": created, "owned_by": "fastchat",
+    return {"id": model, "object": "model", "created": created, "owned_by": owner,
             "root": model, "parent": None,
             "permission": [{"id": f"modelperm-{model}", "object": "model_permission",
                             "created": created, "allow_create_engine": False,

@@ -5,6 +5,7 @@ from functools import partial
 from typing import Any
 
 from app.calls import Call
+from app.errors import InvalidRequest
 from app.serving.concurrency import run_all
 from app.serving.generation import on_worker
 from app.upstream import Upstream
@@ -13,7 +14,12 @@ from schemas.token_check import TokenCheckItem
 
 
 def check_tokens(body: TokenCheckRequest, upstream: Upstream, call: Call) -> dict[str, Any]:
-    for item in body["prompts"]:
+    for index, item in enumerate(body["prompts"]):
+        if upstream.openai.serves(item["model"]):
+            raise InvalidRequest(
+                f"token_check needs a FastChat worker; the model '{item['model']}' is served "
+                "by an OpenAI-compatible upstream, which has no token counting endpoint.",
+                f"prompts[{index}].model")
         upstream.controller.require_model(item["model"])
     with call.waiting_upstream():
         results = run_all([partial(_check_one, upstream, call, item)

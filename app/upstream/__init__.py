@@ -1,4 +1,5 @@
-"""Upstream: the one pooled Session and the controller and worker clients built on it.
+"""Upstream: the one pooled Session, and the controller, FastChat worker and
+OpenAI-compatible upstream clients built on it.
 
 One instance per app, kept in ``app.extensions["flaskchat"]``; nothing here is global.
 """
@@ -9,6 +10,9 @@ from typing import TYPE_CHECKING
 from app.upstream.controller import ControllerClient
 from app.upstream.health import WorkerHealth
 from app.upstream.http import build_session
+from app.upstream.openai_client import OpenAIClient
+from app.upstream.openai_pool import OpenAIUpstreams
+from app.upstreams_config import load_targets
 from app.upstream.worker import Timing, WorkerClient
 
 if TYPE_CHECKING:
@@ -37,6 +41,10 @@ class Upstream:
                                     generation_timeout=settings.generation_timeout)
         self.timing = Timing(tick=TICK_SECONDS, first_token=settings.first_token_timeout,
                              between_tokens=settings.read_timeout)
+        self.openai = OpenAIUpstreams(
+            load_targets(settings.openai_upstreams, settings.upstreams_file,
+                         settings.connect_timeout),
+            OpenAIClient(self.session), self.health)
 
     def close(self) -> None:
         self.session.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from functools import partial
 from typing import Callable
 
 import requests
@@ -44,14 +45,17 @@ class WorkerHealth:
         return address not in self._unreachable
 
     def failed(self, address: str, heartbeat: float | None = None,
-               unreachable: bool = False) -> None:
+               unreachable: bool = False, probe: Callable[[], bool] | None = None) -> None:
+        """``probe`` says whether the server answers again; the default asks a FastChat
+        worker's /worker_get_status."""
         self._failed[address] = heartbeat
         if unreachable:
             self._unreachable.add(address)
         if address not in self._probing:
             self._probing.add(address)
-            log.warning("worker %s failed; skipping it until it answers again", address)
-            threading.Thread(target=self._probe, args=(address,), daemon=True).start()
+            log.warning("%s failed; skipping it until it answers again", address)
+            threading.Thread(target=self._probe, args=(address, probe or partial(
+                self._worker_answers, address)), daemon=True).start()
 
     def saw_heartbeat(self, address: str, heartbeat: float) -> None:
         if address in self._failed:
@@ -59,15 +63,17 @@ class WorkerHealth:
             if before is not None and heartbeat > before:
                 self._recovered(address, "a newer heartbeat")
 
-    def _probe(self, address: str) -> None:
+    def _worker_answers(self, address: str) -> bool:
+        response = post_json(self._session, address + "/worker_get_status", {}, PROBE_TIMEOUT)
+        return response.status_code == 200
+
+    def _probe(self, address: str, answers: Callable[[], bool]) -> None:
         deadline = self._clock() + GIVE_UP_AFTER
         try:
             while address in self._failed and self._clock() < deadline:
                 time.sleep(self._interval)
                 try:
-                    response = post_json(self._session, address + "/worker_get_status", {},
-                                         PROBE_TIMEOUT)
-                    if response.status_code == 200:
+                    if answers():
                         self._recovered(address, "a probe")
                         return
                 except requests.RequestException:
@@ -80,4 +86,4 @@ class WorkerHealth:
     def _recovered(self, address: str, how: str) -> None:
         self._unreachable.discard(address)
         if self._failed.pop(address, "gone") != "gone":
-            log.info("worker %s is back (%s)", address, how)
+            log.info("%s is back (%s)", address, how)

@@ -1,0 +1,22 @@
+"""The response for a request whose model an OpenAI-compatible upstream serves."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response
+
+from app import sse
+from app.context import call, upstream
+from app.http_json import json_response
+from app.serving import relay
+
+
+def serves(model: str) -> bool:
+    return upstream().openai.serves(model)
+
+
+def relayed(path: str, payload: dict[str, Any], model: str, stream: bool) -> Response:
+    if stream:
+        events, on_close = relay.open_stream(path, payload, model, upstream(), call())
+        return sse.response(events, on_close)
+    return json_response(relay.complete(path, payload, model, upstream(), call()))

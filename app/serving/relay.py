@@ -1,0 +1,193 @@
+"""Requests for models that OpenAI-compatible upstreams serve: the client's own body goes
+on (with the upstream's name for the model), and the answer comes back (with the client's).
+
+Our schemas, limits, auth and admission have run already; what an upstream understands
+beyond them (tools, tool_choice, response_format, seed, logprobs...) passes through
+untouched. Streams are relayed event by event, with the FastChat path's guarantees: a
+failure before the first byte fails over or gets its HTTP status, one after it ends the
+stream with an error event and ``[DONE]``, and a client that leaves closes the upstream
+request, which makes the upstream stop generating.
+"""
+from __future__ import annotations
+
+import time
+from functools import partial
+from itertools import chain
+from typing import Any, Callable, Iterator
+
+import orjson
+import requests
+
+from app import sse
+from app.calls import Call
+from app.errors import APIError, UpstreamError
+from app.serving.frame_sources import until_first_batch
+from app.serving.generation import once, with_failover
+from app.upstream import Upstream
+from app.upstream.openai_client import OpenAIClient
+from app.upstreams_config import OpenAITarget
+from app.upstream.worker import Timing
+
+CHAT = "/chat/completions"
+COMPLETIONS = "/completions"
+EMBEDDINGS = "/embeddings"
+
+
+def complete(path: str, payload: dict[str, Any], model: str, upstream: Upstream,
+             call: Call) -> dict[str, Any]:
+    """A non-stream answer (chat, completion or embeddings), ``model`` as the client named
+    it."""
+    call.model = model
+    client = upstream.openai.client
+
+    def attempt(target: OpenAITarget) -> dict[str, Any]:
+        with call.waiting_upstream():
+            response = client.post(target, path, _outgoing(payload, target), call.request_id)
+            return client.read_json(response, target, call.client_gone, upstream.timing.tick)
+
+    target, answer = with_failover(upstream.openai, model, attempt)
+    upstream.openai.release(target)
+    if "model" in answer:
+        answer["model"] = model
+    call.completion_tokens = _completion_tokens(answer)
+    return answer
+
+
+def open_stream(path: str, payload: dict[str, Any], model: str, upstream: Upstream,
+                call: Call) -> tuple[Iterator[bytes], list[Callable[[], object]]]:
+    """The relayed events and the close callbacks, for ``sse.response``."""
+    call.model = model
+    client = upstream.openai.client
+    target, response = with_failover(upstream.openai, model, lambda target: client.post(
+        target, path, _outgoing(payload, target), call.request_id))
+    release = once(partial(upstream.openai.release, target))
+    timing = Timing(tick=upstream.timing.tick, first_token=target.read_timeout,
+                    between_tokens=target.read_timeout)
+    events = _relay(response, target, _Events(model, target, call), call, timing,
+                    upstream.settings.keepalive_interval)
+    return events, [response.close, release]
+
+
+def _outgoing(payload: dict[str, Any], target: OpenAITarget) -> dict[str, Any]:
+    if payload.get("model") == target.model:
+        return payload
+    return {**payload, "model": target.model}
+
+
+def _relay(response: requests.Response, target: OpenAITarget, events: "_Events", call: Call,
+           timing: Timing, keepalive: float) -> Iterator[bytes]:
+    batches = OpenAIClient.event_batches(response, target)
+    items = chain(until_first_batch(response, batches, timing, 0,
+                                    what=f"The upstream {target.base_url}"),
+                  ((0, batch) for batch in batches))
+    written = time.monotonic()
+    done = False
+    try:
+        for index, batch in items:
+            if index < 0:  # nothing yet: the upstream queues or reads the prompt
+                if call.client_gone():
+                    return  # the close callbacks close the upstream request
+                if time.monotonic() - written >= keepalive:
+                    written = time.monotonic()
+                    yield sse.KEEPALIVE
+                continue
+            if batch is None:
+                break
+            out = []
+            for data in batch:
+                if data == b"[DONE]":
+                    done = True
+                    break
+                try:
+                    out.append(events.relayed(data))
+                except APIError:
+                    if out:  # what came before the failure is the client's
+                        yield b"".join(out)
+                    raise
+            if out:
+                written = time.monotonic()
+                yield b"".join(out)
+            if done:
+                break
+        if not done and not events.finished:
+            raise UpstreamError(f"The upstream {target.base_url} ended the stream before "
+                                "it was complete.")
+        yield sse.DONE
+        if done:
+            _drain(items)
+    finally:
+        response.close()
+
+
+class _Events:
+    """Turns an upstream's event data into our ``data:`` events: the client's model name,
+    one line each, errors as ours; notes the first token and the usage on ``call``."""
+
+    def __init__(self, model: str, target: OpenAITarget, call: Call) -> None:
+        self._model = model
+        self._as_sent = b'"model":' + orjson.dumps(model)  # compact JSON needs no rewrite
+        self._target = target
+        self._call = call
+        self.finished = False  # a choice has had its finish_reason
+
+    def relayed(self, data: bytes) -> bytes:
+        call = self._call
+        if (call.first_token_at is None or b"\n" in data or self._as_sent not in data
+                or b'"completion_tokens"' in data or b'"error"' in data):
+            data = self._checked(data)
+        if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
+            self.finished = True
+        return b"data: " + data + b"\n\n"
+
+    def _checked(self, data: bytes) -> bytes:
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(f"The upstream {self._target.base_url} sent an event that "
+                                "is not JSON.") from None
+        if not isinstance(event, dict):
+            raise UpstreamError(f"The upstream {self._target.base_url} sent an event that "
+                                "is not a JSON object.")
+        if "error" in event or event.get("object") == "error":
+            error = event.get("error")
+            message = (error.get("message") if isinstance(error, dict) else error) \
+                or event.get("message") or "unknown error"
+            raise UpstreamError(f"The upstream {self._target.base_url} failed: "
+                                f"{' '.join(str(message).split())[:1000]}")
+        if self._call.first_token_at is None and _has_output(event):
+            self._call.first_token()
+        tokens = _completion_tokens(event)
+        if tokens:
+            self._call.completion_tokens = tokens
+        if event.get("model", self._model) != self._model or b"\n" in data:
+            event["model"] = self._model
+            return orjson.dumps(event)
+        return data
+
+
+def _has_output(event: dict[str, Any]) -> bool:
+    for choice in event.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls")
+                                        or delta.get("reasoning_content")):
+            return True
+        if choice.get("text"):
+            return True
+    return False
+
+
+def _completion_tokens(answer: dict[str, Any]) -> int:
+    usage = answer.get("usage")
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return tokens if isinstance(tokens, int) and tokens > 0 else 0
+
+
+def _drain(items: Iterator[Any]) -> None:
+    """Reads the end of the body after [DONE], so the connection goes back to the pool."""
+    try:
+        for _ in items:
+            pass
+    except APIError:
+        pass

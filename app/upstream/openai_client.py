@@ -1,0 +1,183 @@
+"""HTTP to OpenAI-compatible servers (vLLM, llama.cpp's server, Ollama, TGI, another
+gateway): requests on the shared Session, their errors as ours, and their SSE streams as
+lists of ``data:`` payloads per read.
+
+An upstream's 4xx about the request reaches the client as our 400 with the upstream's
+message and ``param``; a refused key, an unknown model name or a 5xx is the gateway's
+problem (502/503, and a 5xx or 429 may go to another upstream of the model).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator
+
+import orjson
+import requests
+
+from app import errors
+from app.upstream.http import mapped_errors, post_json
+from app.upstreams_config import OpenAITarget
+
+MAX_BODY = 64 * 1024 * 1024  # a non-stream answer, or one SSE event
+ERROR_BODY = 8192  # of an error answer, at most this much is read
+PROBE_TIMEOUT = (2.0, 2.0)
+
+
+class OpenAIClient:
+    def __init__(self, session: requests.Session) -> None:
+        self._session = session
+
+    def post(self, target: OpenAITarget, path: str, payload: dict[str, Any],
+             request_id: str) -> requests.Response:
+        """The open response (body unread), its status checked; close it when done."""
+        headers = {"X-Request-ID": request_id}
+        if target.api_key:
+            headers["Authorization"] = f"Bearer {target.api_key}"
+        with mapped_errors(f"the upstream {target.base_url}"):
+            response = post_json(self._session, target.base_url + path, payload,
+                                 (target.connect_timeout, target.read_timeout), stream=True,
+                                 headers=headers)
+        if response.status_code != 200:
+            try:
+                raise status_error(response, target)
+            finally:
+                response.close()
+        return response
+
+    def read_json(self, response: requests.Response, target: OpenAITarget,
+                  client_gone: Callable[[], bool], tick: float) -> dict[str, Any]:
+        """A non-stream answer. While the upstream generates (silent until it is done), the
+        client is looked at every ``tick``: one that left closes the request, which makes
+        the upstream stop."""
+        what = f"the upstream {target.base_url}"
+        wait = getattr(response.raw, "wait_readable", None)
+        body: list[bytes] = []
+        size = 0
+        with mapped_errors(what):
+            try:
+                # Until the first byte: a peek with a timeout per tick (our transport).
+                # Then the answer arrives at once; each read may wait read_timeout.
+                began = time.monotonic()
+                while wait is not None and not wait(tick):
+                    if client_gone():
+                        raise errors.ClientClosedRequest("The client closed the connection.")
+                    if time.monotonic() - began > target.read_timeout:
+                        raise errors.UpstreamTimeout(f"{what} did not answer within "
+                                                     f"{target.read_timeout:g} s.")
+                for chunk in response.iter_content(chunk_size=None):
+                    body.append(chunk)
+                    size += len(chunk)
+                    if size > MAX_BODY:
+                        raise errors.UpstreamError(f"{what} sent an answer over "
+                                                   f"{MAX_BODY} bytes.")
+            finally:
+                response.close()
+        try:
+            answer = orjson.loads(b"".join(body))
+        except orjson.JSONDecodeError:
+            raise errors.UpstreamError(f"{what} answered with invalid JSON.") from None
+        if not isinstance(answer, dict):
+            raise errors.UpstreamError(f"{what} answered with JSON that is not an object.")
+        return answer
+
+    @staticmethod
+    def event_batches(response: requests.Response,
+                      target: OpenAITarget) -> Iterator[list[bytes]]:
+        """The ``data:`` payloads of an SSE stream, a list per read (comments and other
+        fields dropped, so a read of keep-alive comments gives an empty list)."""
+        what = f"the upstream {target.base_url}"
+        buffer = b""
+        with mapped_errors(what):
+            for chunk in response.iter_content(chunk_size=None):
+                buffer += chunk
+                if b"\r" in buffer:
+                    buffer = buffer.replace(b"\r\n", b"\n")
+                end = buffer.rfind(b"\n\n")
+                if end < 0:
+                    if len(buffer) > MAX_BODY:
+                        raise errors.UpstreamError(f"{what} sent an SSE event over "
+                                                   f"{MAX_BODY} bytes.")
+                    continue
+                complete, buffer = buffer[:end], buffer[end + 2:]
+                yield [data for block in complete.split(b"\n\n")
+                       if (data := _event_data(block)) is not None]
+        if buffer.strip():
+            last = _event_data(buffer)
+            if last is not None:
+                yield [last]
+
+    def answers(self, target: OpenAITarget) -> bool:
+        """For health probes: GET /models answers 200."""
+        headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else None
+        response = self._session.get(target.base_url + "/models", timeout=PROBE_TIMEOUT,
+                                     headers=headers)
+        response.close()
+        return response.status_code == 200
+
+
+def _event_data(block: bytes) -> bytes | None:
+    """The data of one SSE event (its ``data:`` lines joined), or None if it has none."""
+    lines = [line[5:].removeprefix(b" ") for line in block.split(b"\n")
+             if line.startswith(b"data:")]
+    if not lines:
+        return None
+    return b"\n".join(lines)
+
+
+def status_error(response: requests.Response, target: OpenAITarget) -> errors.APIError:
+    status = response.status_code
+    try:
+        body = next(response.iter_content(ERROR_BODY), b"")
+    except requests.RequestException:
+        body = b""
+    message, param, code = _explanation(body)
+    where = f"the upstream {target.base_url}"
+    error: errors.APIError
+    if status in (400, 422):
+        error = errors.InvalidRequest(message or f"{where} refused the request.", param)
+        if code == "context_length_exceeded":
+            error = errors.ContextLengthExceeded(message, param or "messages")
+        return error
+    if status == 413:
+        return errors.PayloadTooLarge(message or f"{where} found the request too large.")
+    detail = f": {message}" if message else "."
+    if status in (401, 403):
+        error = errors.UpstreamError(f"{where} refused the gateway's credentials (HTTP "
+                                     f"{status}); check its api_key_env.")
+    elif status == 404:
+        error = errors.UpstreamError(f"{where} answered 404 for model '{target.model}'"
+                                     + detail)
+    elif status == 429:
+        error = errors.Overloaded(f"{where} is at capacity" + detail)
+        retry_after = response.headers.get("Retry-After")
+        error.headers = {"Retry-After": retry_after if retry_after and
+                         retry_after.isdigit() else "1"}
+    elif status in (502, 503):
+        error = errors.UpstreamUnavailable(f"{where} is unavailable (HTTP {status})" + detail)
+    elif status == 504:
+        error = errors.UpstreamTimeout(f"{where} timed out (HTTP 504)" + detail)
+    else:
+        error = errors.UpstreamError(f"{where} answered with HTTP {status}" + detail)
+    error.failover = status >= 500 or status == 429  # the server's trouble, not the request's
+    return error
+
+
+def _explanation(body: bytes) -> tuple[str, str | None, str | None]:
+    """(message, param, code) from an OpenAI envelope, FastChat's or vLLM's error object,
+    TGI's {"error": "..."} or plain text; shortened, never the whole body."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return " ".join(body[:300].decode("utf-8", "replace").split()), None, None
+    if not isinstance(parsed, dict):
+        return "", None, None
+    inner = parsed.get("error")
+    source = inner if isinstance(inner, dict) else parsed
+    message = source.get("message") or (inner if isinstance(inner, str) else "") \
+        or parsed.get("detail") or ""
+    if not isinstance(message, str):
+        message = orjson.dumps(message).decode()
+    param = source.get("param")
+    code = source.get("code")
+    return (" ".join(message.split())[:1000], param if isinstance(param, str) else None,
+            code if isinstance(code, str) else None)

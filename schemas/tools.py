@@ -1,0 +1,90 @@
+"""Chat fields beyond FastChat's: tools, tool_choice, response_format, logprobs.
+
+They are checked here, in OpenAI's shapes, for every model. An OpenAI-compatible upstream
+gets them as the client sent them; a FastChat worker that does not list the capability
+gets a 400 naming the parameter (``app.serving.chat``), never a silent drop.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from marshmallow import ValidationError, fields
+
+_FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TOOL_CHOICES = ("none", "auto", "required")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def _function(value: Any, where: str) -> None:
+    if not isinstance(value, dict):
+        raise ValidationError(f"{where} must be an object")
+    name = value.get("name")
+    if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
+        raise ValidationError(f"{where}.name must be 1-64 letters, digits, '_' or '-'")
+    if "parameters" in value and not isinstance(value["parameters"], dict):
+        raise ValidationError(f"{where}.parameters must be a JSON Schema object")
+    if "description" in value and not isinstance(value["description"], str):
+        raise ValidationError(f"{where}.description must be a string")
+
+
+class Tools(fields.Field[list[dict[str, Any]]]):
+    """[{"type": "function", "function": {"name", "description"?, "parameters"?}}]"""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None,
+                     **kwargs: Any) -> list[dict[str, Any]]:
+        if not isinstance(value, list):
+            raise ValidationError("must be an array of tools")
+        for index, tool in enumerate(value):
+            if not isinstance(tool, dict) or tool.get("type") != "function":
+                raise ValidationError(f"[{index}] must be {{\"type\": \"function\", "
+                                      "\"function\": {...}}")
+            _function(tool.get("function"), f"[{index}].function")
+        return value
+
+
+class Functions(fields.Field[list[dict[str, Any]]]):
+    """The deprecated ``functions``: [{"name", "description"?, "parameters"?}]"""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None,
+                     **kwargs: Any) -> list[dict[str, Any]]:
+        if not isinstance(value, list):
+            raise ValidationError("must be an array of functions")
+        for index, function in enumerate(value):
+            _function(function, f"[{index}]")
+        return value
+
+
+class ToolChoice(fields.Field[Any]):
+    """"none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}"""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None,
+                     **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            if value not in TOOL_CHOICES:
+                raise ValidationError(f"must be one of {', '.join(TOOL_CHOICES)} or a "
+                                      "function choice")
+            return value
+        if isinstance(value, dict) and value.get("type") == "function":
+            _function(value.get("function"), ".function")
+            return value
+        raise ValidationError("must be 'none', 'auto', 'required' or {\"type\": \"function\", "
+                              "\"function\": {\"name\": ...}}")
+
+
+class ResponseFormat(fields.Field[dict[str, Any]]):
+    """{"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {...}}"""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None,
+                     **kwargs: Any) -> dict[str, Any]:
+        if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMATS:
+            raise ValidationError(f"must be an object whose type is one of "
+                                  f"{', '.join(RESPONSE_FORMATS)}")
+        if value["type"] == "json_schema":
+            spec = value.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                raise ValidationError("json_schema must be an object with a name (and a "
+                                      "schema)")
+            if "schema" in spec and not isinstance(spec["schema"], dict):
+                raise ValidationError("json_schema.schema must be a JSON Schema object")
+        return value
