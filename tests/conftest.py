@@ -90,16 +90,20 @@ def start_gateway(controller_url: str, *extra: str, env: dict[str, str] | None =
                             *extra], "/health", env)
 
 
-def start_fake_worker(controller_url: str, *extra: str) -> Server:
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fake_worker.py"), "--controller",
-         controller_url, *extra], cwd=ROOT, stdout=subprocess.PIPE)
+def start_fake(script: str, *args: str) -> Server:
+    """Starts tests/<script>, which prints ``PORT <n>`` once it listens on 127.0.0.1."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / script), *args],
+                               cwd=ROOT, stdout=subprocess.PIPE)
     assert process.stdout is not None
     line = process.stdout.readline().decode()
     if not line.startswith("PORT "):
         process.kill()
-        raise RuntimeError(f"fake worker did not start: {line!r}")
+        raise RuntimeError(f"{script} did not start: {line!r}")
     return Server(f"http://127.0.0.1:{int(line.split()[1])}", process)
+
+
+def start_fake_worker(controller_url: str, *extra: str) -> Server:
+    return start_fake("fake_worker.py", "--controller", controller_url, *extra)
 
 
 # Workers registered with the session's controller: model name -> fake_worker.py flags.

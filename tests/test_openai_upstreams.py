@@ -14,22 +14,15 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import (ROOT, MakeClient, Server, start_controller, start_fake_worker,
-                            start_gateway)
+from tests.conftest import (ROOT, MakeClient, Server, start_controller, start_fake,
+                            start_fake_worker, start_gateway)
 
 UPSTREAM_KEY = "sk-upstream-a-7c1e"
 WRONG_KEY = "sk-not-the-right-one"
 
 
 def start_fake_openai(*args: str) -> Server:
-    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_openai.py"), *args],
-                               cwd=ROOT, stdout=subprocess.PIPE)
-    assert process.stdout is not None
-    line = process.stdout.readline().decode()
-    if not line.startswith("PORT "):
-        process.kill()
-        raise RuntimeError(f"fake upstream did not start: {line!r}")
-    return Server(f"http://127.0.0.1:{int(line.split()[1])}", process)
+    return start_fake("fake_openai.py", *args)
 
 
 @pytest.fixture(scope="module")
@@ -312,8 +305,19 @@ def test_client_leaving_cancels_the_upstream(servers: dict[str, Server]) -> None
 
 def test_balanced_and_failing_over(servers: dict[str, Server], clients: MakeClient) -> None:
     p1, p2 = servers["p1"], servers["p2"]
-    reset(p1, p2)
     client = clients(servers["gateway"].url + "/v1")
+
+    def ask() -> str | None:
+        return client.chat.completions.create(
+            model="pair", messages=[{"role": "user", "content": "Hi"}]).choices[0] \
+            .message.content
+
+    # An earlier test (the hung upstream) had both marked failed: wait for the probes.
+    deadline = time.monotonic() + 15
+    while {ask() for _ in range(4)} != {"Hi from P1.", "Hi from P2."}:
+        assert time.monotonic() < deadline, "a recovered upstream never took traffic again"
+        time.sleep(0.5)
+    reset(p1, p2)
     answers = [client.chat.completions.create(
         model="pair", messages=[{"role": "user", "content": "Hi"}]).choices[0].message.content
         for _ in range(12)]
@@ -361,6 +365,17 @@ def test_bad_upstream_files_are_explained(tmp_path: Path, text: str, says: str) 
                              "--upstreams", str(path)], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and says in result.stderr, result.stderr
+
+
+def test_demo_page_streams_upstream_models(servers: dict[str, Server]) -> None:
+    made = post(servers, "/demo/streams", chat_body("renamed", "[[reply:via the demo]]"))
+    assert made.status_code == 201, made.text
+    streamed = requests.get(f"{servers['gateway'].url}/{made.json()['url']}", timeout=30)
+    got = events(streamed)
+    assert got[-1] == "[DONE]" and {e["model"] for e in got[:-1]} == {"renamed"}
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in got[:-1]
+                   if e["choices"]) == "via the demo"
+    assert any(e.get("usage") for e in got[:-1])  # the page asks for usage (tokens/s)
 
 
 def test_openai_client_sees_upstream_errors_as_exceptions(servers: dict[str, Server],

@@ -20,7 +20,8 @@ from app.context import call, schemas, upstream
 from app.demo_tickets import TicketStore
 from app.errors import APIError, TicketNotFound
 from app.http_json import json_response, read_json_object
-from app.serving import chat
+from app.routes.relayed import serves
+from app.serving import chat, relay
 from app.validation import load
 
 EXTENSION = "flaskchat.demo_tickets"
@@ -74,7 +75,8 @@ def create_stream() -> ResponseReturnValue:
     payload.pop("stream_options", None)
     body = load(schemas().chat, payload)
     call().model = body["model"]
-    upstream().controller.require_model(body["model"])
+    if not serves(body["model"]):
+        upstream().controller.require_model(body["model"])
     store = tickets()
     ticket = store.issue(payload, call().request_id)
     return json_response({"id": ticket, "url": f"demo/stream/{ticket}",
@@ -94,7 +96,11 @@ def stream(ticket: str) -> ResponseReturnValue:
                                "stream_options": {"include_usage": True}}
     try:
         body = load(schemas().chat, request)
-        events, on_close = chat.open_stream(body, upstream(), current)
+        if serves(body["model"]):
+            events, on_close = relay.open_stream(relay.CHAT, request, body["model"],
+                                                 upstream(), current)
+        else:
+            events, on_close = chat.open_stream(body, upstream(), current)
     except APIError as exc:
         if exc.status >= 500:
             metrics.count_upstream_error(exc)
