@@ -42,5 +42,6 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
-        for greenlet, timeout in list(self._idle.items()):
+        idle: dict[Any, gevent.Timeout] = getattr(self, "_idle", {})  # {} while booting
+        for greenlet, timeout in list(idle.items()):
             gevent.kill(greenlet, timeout)  # as if the keep-alive wait expired
