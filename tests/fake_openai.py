@@ -43,6 +43,7 @@ class FakeOpenAI:
         self.args = args
         self.models = args.models.split(",")
         self.log: list[dict[str, Any]] = []
+        self.ports: set[str] = set()  # client ports seen: one per TCP connection
         self.cancelled = 0
         self.lock = threading.Lock()
 
@@ -63,10 +64,12 @@ class FakeOpenAI:
         if path == "/fake/reset":
             with self.lock:
                 self.log.clear()
+                self.ports.clear()
                 self.cancelled = 0
             return self.json({"ok": True})
         if path == "/fake/stats":
-            return self.json({"cancelled": self.cancelled, "requests": len(self.log)})
+            return self.json({"cancelled": self.cancelled, "requests": len(self.log),
+                              "connections": len(self.ports)})
         if self.args.api_key and request.headers.get("Authorization") != \
                 f"Bearer {self.args.api_key}":
             return self.error(401, "Incorrect API key provided.", "invalid_api_key")
@@ -75,6 +78,8 @@ class FakeOpenAI:
                 {"id": m, "object": "model", "owned_by": "fake"} for m in self.models]})
         body = request.get_json(silent=True) or {}
         with self.lock:
+            self.ports.add(f"{request.environ.get('REMOTE_ADDR')}:"
+                           f"{request.environ.get('REMOTE_PORT')}")
             self.log.append({"path": path, "body": body,
                              "request_id": request.headers.get("X-Request-ID"),
                              "authorization": request.headers.get("Authorization")})

@@ -367,6 +367,26 @@ def test_bad_upstream_files_are_explained(tmp_path: Path, text: str, says: str) 
     assert result.returncode == 2 and says in result.stderr, result.stderr
 
 
+def test_upstream_connections_are_reused(servers: dict[str, Server],
+                                         clients: MakeClient) -> None:
+    """One pooled Session: after warm-up, requests (stream or not) open no connections."""
+    client = clients(servers["gateway"].url + "/v1")
+    messages: Any = [{"role": "user", "content": "Hi"}]
+
+    def both() -> None:
+        client.chat.completions.create(model="same", messages=messages)
+        list(client.chat.completions.create(model="same", messages=messages, stream=True))
+
+    for _ in range(3):
+        both()  # warm-up: each gateway process opens what it needs
+    reset(servers["b"])
+    for _ in range(10):
+        both()
+    stats = requests.get(servers["b"].url + "/fake/stats", timeout=5).json()
+    assert stats["requests"] == 20
+    assert stats["connections"] <= 2, stats  # the connections already open, reused
+
+
 def test_demo_page_streams_upstream_models(servers: dict[str, Server]) -> None:
     made = post(servers, "/demo/streams", chat_body("renamed", "[[reply:via the demo]]"))
     assert made.status_code == 201, made.text
