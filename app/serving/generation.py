@@ -195,6 +195,13 @@ class UsageTally:
                 "total_tokens": prompt + completion}
 
 
+def completion_tokens(payload: dict[str, Any]) -> int:
+    """``usage.completion_tokens`` of a worker frame or an OpenAI answer or chunk (0 if
+    absent)."""
+    usage = payload.get("usage")
+    return _count(usage if isinstance(usage, dict) else None, "completion_tokens")
+
+
 def _count(usage: dict[str, Any] | None, key: str) -> int:
     if not usage:
         return 0

@@ -22,7 +22,8 @@ from app import sse
 from app.calls import Call
 from app.errors import APIError, UpstreamError
 from app.serving.frame_sources import until_first_batch
-from app.serving.generation import once, with_failover
+from app.serving.generation import completion_tokens, once, with_failover
+from app.serving.stream_driver import drain
 from app.upstream import Upstream
 from app.upstream.openai_client import OpenAIClient
 from app.upstreams_config import OpenAITarget
@@ -49,7 +50,7 @@ def complete(path: str, payload: dict[str, Any], model: str, upstream: Upstream,
     upstream.openai.release(target)
     if "model" in answer:
         answer["model"] = model
-    call.completion_tokens = _completion_tokens(answer)
+    call.completion_tokens = completion_tokens(answer)
     return answer
 
 
@@ -114,7 +115,7 @@ def _relay(response: requests.Response, target: OpenAITarget, events: "_Events",
                                 "it was complete.")
         yield sse.DONE
         if done:
-            _drain(items)
+            drain(items)
     finally:
         response.close()
 
@@ -156,7 +157,7 @@ class _Events:
                                 f"{' '.join(str(message).split())[:1000]}")
         if self._call.first_token_at is None and _has_output(event):
             self._call.first_token()
-        tokens = _completion_tokens(event)
+        tokens = completion_tokens(event)
         if tokens:
             self._call.completion_tokens = tokens
         if event.get("model", self._model) != self._model or b"\n" in data:
@@ -176,18 +177,3 @@ def _has_output(event: dict[str, Any]) -> bool:
         if choice.get("text"):
             return True
     return False
-
-
-def _completion_tokens(answer: dict[str, Any]) -> int:
-    usage = answer.get("usage")
-    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    return tokens if isinstance(tokens, int) and tokens > 0 else 0
-
-
-def _drain(items: Iterator[Any]) -> None:
-    """Reads the end of the body after [DONE], so the connection goes back to the pool."""
-    try:
-        for _ in items:
-            pass
-    except APIError:
-        pass

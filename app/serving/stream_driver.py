@@ -16,7 +16,7 @@ from app import sse
 from app.calls import Call
 from app.errors import APIError
 from app.serving.frame_sources import MergedSource, SingleSource
-from app.serving.generation import UsageTally
+from app.serving.generation import UsageTally, completion_tokens
 from app.text_stream import TextTracker, finish_reason
 
 Source = Union[SingleSource, MergedSource]
@@ -56,7 +56,7 @@ def drive(source: Source, fmt: ChunkFormat, trackers: Sequence[TextTracker],
             if text and call.first_token_at is None:
                 call.first_token()
             if reason is not None:
-                call.completion_tokens += _completion_tokens(frame)
+                call.completion_tokens += completion_tokens(frame)
                 out += fmt.finish(index, reason)
                 done[index] = True
                 remaining -= 1
@@ -67,7 +67,7 @@ def drive(source: Source, fmt: ChunkFormat, trackers: Sequence[TextTracker],
                 yield out
             if not remaining:
                 yield (fmt.usage(usage.total()) if usage is not None else b"") + sse.DONE
-                _drain(items)
+                drain(items)
                 return
         yield sse.DONE  # unreachable: every choice ends before its source does
     finally:
@@ -89,15 +89,9 @@ def _advance(tracker: TextTracker, batch: list[dict[str, Any]] | None,
     return text, "stop" if tracker.stopped else reason, frame
 
 
-def _completion_tokens(frame: dict[str, Any]) -> int:
-    usage = frame.get("usage")
-    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    return tokens if isinstance(tokens, int) and tokens > 0 else 0
-
-
-def _drain(items: Iterator[Any]) -> None:
-    """Reads what is left after the last choice ended (usually just the end of the chunked
-    body), so the worker connection returns to the pool. The client already has all it
+def drain(items: Iterator[Any]) -> None:
+    """Reads what is left after the stream's end (usually just the end of the chunked
+    body), so the upstream connection returns to the pool. The client already has all it
     asked for: a failure here is no longer its concern."""
     try:
         for _ in items:
