@@ -83,6 +83,20 @@ def test_minilm_embeddings_are_real(client: openai.OpenAI) -> None:
     assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.2
 
 
+def test_models_used_for_the_wrong_job_get_a_clear_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as chat:
+        client.chat.completions.create(model="all-MiniLM-L6-v2",
+                                       messages=[{"role": "user", "content": "Hi"}])
+    assert chat.value.status_code == 400 and "embedding model" in str(chat.value)
+    with pytest.raises(openai.BadRequestError) as completion:
+        client.completions.create(model="all-MiniLM-L6-v2", prompt="Hi")
+    assert "embedding model" in str(completion.value)
+    with pytest.raises(openai.BadRequestError) as embed:
+        client.embeddings.create(model="SmolLM2-135M-Instruct", input=["Hi"])
+    assert embed.value.status_code == 400 and "no embeddings" in str(embed.value)
+    assert "HTTP 400" not in str(embed.value)  # the worker's own message, not a wrapper
+
+
 def test_sigterm_stops_the_whole_tree(up: tuple[str, subprocess.Popen[bytes]]) -> None:
     url, process = up
     children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,

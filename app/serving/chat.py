@@ -13,7 +13,8 @@ from app.conversation import TemplateError, render, stop_strings
 from app.errors import InvalidRequest, UpstreamError
 from app.ids import new_id
 from app.serving.generation import (Source, UsageTally, final_text, generate_all, on_worker,
-                                    once, open_generations, sampling_params, token_budget)
+                                    once, open_generations, sampling_params, text_model_details,
+                                    token_budget)
 from app.serving.stream_driver import drive
 from app.text_stream import TextTracker
 from app.upstream import Upstream
@@ -80,8 +81,7 @@ def _plan(body: ChatRequest, upstream: Upstream, call: Call, address: str) -> Ch
     messages = body["messages"]
     if not isinstance(messages, str):
         _check_images(messages, upstream, model)
-    with call.waiting_upstream():
-        details = upstream.workers.details(address, model)
+    details = text_model_details(upstream, call, address, model)
     features = _features(body, details.capabilities, model)
     stop = list(body["stop"])
     stop_token_ids = None

@@ -17,7 +17,8 @@ from app.calls import Call
 from app.conversation import stop_strings
 from app.ids import new_id
 from app.serving.generation import (Source, UsageTally, final_text, generate_all, on_worker,
-                                    once, open_generations, sampling_params, token_budget)
+                                    once, open_generations, sampling_params, text_model_details,
+                                    token_budget)
 from app.serving.stream_driver import drive
 from app.text_stream import TextTracker
 from app.upstream import Upstream
@@ -87,8 +88,7 @@ def _trackers(body: CompletionRequest, plans: list[PromptPlan]) -> list[TextTrac
 def _plans(body: CompletionRequest, upstream: Upstream, call: Call,
            address: str) -> list[PromptPlan]:
     model = body["model"]
-    with call.waiting_upstream():
-        details = upstream.workers.details(address, model)
+    details = text_model_details(upstream, call, address, model)
     stop = list(body["stop"])
     stop_token_ids = None
     if RENDERS_MESSAGES not in details.capabilities:

@@ -7,12 +7,13 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar, Union
 
 from app import metrics
 from app.calls import Call
-from app.errors import APIError, ConnectTimedOut, ContextLengthExceeded, WorkerUnreachable
+from app.errors import (APIError, ConnectTimedOut, ContextLengthExceeded, InvalidRequest,
+                        WorkerUnreachable)
 from app.serving.concurrency import run_all
 from app.serving.frame_sources import MergedSource, SingleSource
 from app.text_stream import INCOMPLETE_CHARACTER, cut_at_stop, finish_reason
 from app.upstream import Upstream
-from app.upstream.worker import LENGTH_CHECK, WorkerDetails
+from app.upstream.worker import EMBEDDING_ONLY, LENGTH_CHECK, WorkerDetails
 from schemas import SamplingRequest
 
 T = TypeVar("T")
@@ -75,6 +76,17 @@ def on_worker(upstream: Upstream, model: str, attempt: Callable[[str], T]) -> tu
     """``with_failover`` over the model's FastChat workers."""
     return with_failover(upstream.controller, model, attempt,
                          forget=lambda address: upstream.workers.forget(address, model))
+
+
+def text_model_details(upstream: Upstream, call: Call, address: str,
+                       model: str) -> WorkerDetails:
+    """The worker's details, for chat and completions: an embedding model is a 400."""
+    with call.waiting_upstream():
+        details = upstream.workers.details(address, model)
+    if EMBEDDING_ONLY in details.capabilities:
+        raise InvalidRequest(f"The model '{model}' is an embedding model; it cannot generate "
+                             "text. Use it with /v1/embeddings.", "model")
+    return details
 
 
 def generate_all(upstream: Upstream, call: Call, address: str,

@@ -24,6 +24,8 @@ from app.upstream.http import mapped_errors, post_json
 LENGTH_CHECK = "length_check"
 RENDERS_MESSAGES = "messages"
 VISION = "vision"
+# "embedding_only": an embedding model; chat and completions get a 400 instead of a try.
+EMBEDDING_ONLY = "embedding_only"
 
 Key = tuple[str, str]  # (worker address, model)
 
@@ -78,7 +80,8 @@ class WorkerClient:
         body = self._post_json(key[0], "/worker_get_conv_template", {"model": key[1]}, None)
         conv = body.get("conv")
         if not isinstance(conv, dict):
-            raise errors.UpstreamError("The worker's conversation template is missing.")
+            raise errors.UpstreamError(f"The model worker for '{key[1]}' has no conversation "
+                                       "template (is it an embedding model?).")
         return conv
 
     def _fetch_details(self, key: Key) -> WorkerDetails:
@@ -236,9 +239,14 @@ def _status_error(response: requests.Response) -> errors.APIError:
     except errors.APIError as exc:
         return exc
     except FrameError:
-        pass
-    detail = " ".join(body[:300].decode("utf-8", "replace").split())
+        frame = {}
     status = response.status_code
+    explained = _explanation(frame)
+    if explained is not None and 400 <= status < 500 and status != 429:
+        # The worker refused the request itself, in the error envelope (flaskchat's worker).
+        return errors.PayloadTooLarge(explained[0]) if status == 413 \
+            else errors.InvalidRequest(*explained)
+    detail = " ".join(body[:300].decode("utf-8", "replace").split())
     message = f"The model worker answered with HTTP {status}" + (f": {detail}" if detail else ".")
     error: errors.APIError
     if status == 429:
@@ -251,3 +259,12 @@ def _status_error(response: requests.Response) -> errors.APIError:
         error = errors.UpstreamError(message)
     error.failover = status >= 500  # the worker is in trouble, not the request
     return error
+
+
+def _explanation(body: Any) -> tuple[str, str | None] | None:
+    """(message, param) of an error envelope body, if it is one."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return None
+    param = error.get("param")
+    return error["message"], param if isinstance(param, str) else None

@@ -125,7 +125,9 @@ def model_details() -> ResponseReturnValue:
     # The worker checks the context length itself; with a chat template it also renders
     # the prompt from "messages" (see app.upstream.worker for what gateways make of it).
     capabilities = ["length_check"]
-    if worker.chat is not None and worker.chat.has_chat_template:
+    if worker.chat is None:
+        capabilities.append("embedding_only")
+    elif worker.chat.has_chat_template:
         capabilities.append("messages")
     return json_response({"context_length": model.context_length,
                           "capabilities": capabilities})
