@@ -1,8 +1,10 @@
 """A cache whose stale entries are served while one background refresh runs.
 
 Requests never wait for a refresh once a value exists; only the first use of a key (or
-one after ``invalidate``) loads synchronously. Background work runs in a thread, which
-gunicorn's gevent worker has already turned into a greenlet.
+one after ``invalidate``) loads synchronously, and a key whose load just failed fails again
+at once for a ttl instead of making every request wait for the same dead server.
+Background work runs in a thread, which gunicorn's gevent worker has already turned into a
+greenlet.
 """
 from __future__ import annotations
 
@@ -26,10 +28,14 @@ class RefreshingCache(Generic[K, V]):
         self._entries: dict[K, tuple[float, V]] = {}
         self._refreshing: set[K] = set()
         self.errors: dict[K, str] = {}  # the last failed load per key, until one succeeds
+        self._failures: dict[K, tuple[float, Exception]] = {}  # for keys with no value
 
     def get(self, key: K) -> V:
         entry = self._entries.get(key)
         if entry is None:
+            failure = self._failures.get(key)
+            if failure is not None and self._clock() - failure[0] < self._ttl:
+                raise failure[1].with_traceback(None)
             return self.load(key)
         loaded_at, value = entry
         if self._clock() - loaded_at > self._ttl:
@@ -56,9 +62,11 @@ class RefreshingCache(Generic[K, V]):
             value = self._loader(key)
         except Exception as exc:
             self.errors[key] = str(exc)
+            self._failures[key] = (self._clock(), exc)
             raise
         self._entries[key] = (self._clock(), value)
         self.errors.pop(key, None)
+        self._failures.pop(key, None)
         return value
 
     def invalidate(self, key: K) -> None:
