@@ -46,12 +46,35 @@ def frames(count: int, prompt_tokens: int = 8) -> list[bytes]:
     return out
 
 
+def openai_stream(model: str, count: int) -> list[bytes]:
+    """An OpenAI-compatible server's stream of ``count`` tokens, an event per write."""
+    head = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1,
+            "model": model}
+    events = [{**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}]}]
+    events += [{**head, "choices": [{"index": 0, "delta": {"content": f" tok{i}"},
+                                     "finish_reason": None}]} for i in range(count)]
+    events.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+    return [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+
+
+def openai_completion(model: str, count: int) -> bytes:
+    return orjson.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(
+            f" tok{i}" for i in range(count))}, "finish_reason": "length", "logprobs": None}],
+        "usage": {"prompt_tokens": 8, "completion_tokens": count, "total_tokens": 8 + count}})
+
+
 class FastWorker:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.frames = frames(TOKENS)
         self.final = self.frames[-1][:-1]
         self.embedding = [round(((i * 37) % 101 - 50) / 290.0, 6) for i in range(DIM)]
+        # Also an OpenAI-compatible server (POST /v1/chat/completions) for the relay phases.
+        self.openai_events = openai_stream(args.relay_model, TOKENS)
+        self.openai_answer = openai_completion(args.relay_model, TOKENS)
         self.calls: Counter[str] = Counter()
         self.connections = 0
         details: dict[str, Any] = {"context_length": 4096}
@@ -95,6 +118,12 @@ class FastWorker:
                 gevent.sleep(delay * count)
             start_response("200 OK", JSON)
             return [self.final if count == TOKENS else frames(count)[-1][:-1]]
+        if path == "/v1/chat/completions":
+            if b'"stream":true' in body:
+                start_response("200 OK", [("Content-Type", "text/event-stream")])
+                return iter(self.openai_events)  # chunked, an event per chunk
+            start_response("200 OK", JSON)
+            return [self.openai_answer]
         if path == "/worker_get_embeddings":
             inputs = orjson.loads(body).get("input") or []
             start_response("200 OK", JSON)
@@ -128,6 +157,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--model", default="bench-model")
+    parser.add_argument("--relay-model", default="relay-model",
+                        help="the model name its OpenAI-compatible endpoint answers with")
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--stock", action="store_true",
                         help="no capabilities: the gateway counts tokens first")

@@ -50,7 +50,12 @@ class Phase:
 PHASES = [Phase("chat c=1", "chat", 1), Phase("chat c=8", "chat", 8),
           Phase("chat c=64", "chat", 64), Phase("stream c=1", "stream", 1),
           Phase("stream c=64", "stream", 64), Phase("stream c=256", "stream", 256),
-          Phase("embeddings(16) c=8", "embed", 8)]
+          Phase("embeddings(16) c=8", "embed", 8),
+          # A model served by an OpenAI-compatible upstream (the same fast worker's
+          # /v1/chat/completions), relayed instead of translated from the worker protocol.
+          Phase("relay chat c=64", "relay-chat", 64),
+          Phase("relay stream c=256", "relay-stream", 256)]
+RELAY_MODEL = "relay-model"
 
 
 def requests_for(kind: str, extra: str = "") -> tuple[load.Request, load.Request]:
@@ -66,6 +71,14 @@ def requests_for(kind: str, extra: str = "") -> tuple[load.Request, load.Request
         chat["stream"] = True
         return (load.Request("/v1/chat/completions", orjson.dumps(chat), "sse"),
                 load.Request("/worker_generate_stream", orjson.dumps(params), "frames"))
+    if kind.startswith("relay-"):
+        chat["model"] = RELAY_MODEL
+        stream = kind == "relay-stream"
+        chat["stream"] = stream
+        body = orjson.dumps(chat)
+        answer = "sse" if stream else "json"
+        return (load.Request("/v1/chat/completions", body, answer),
+                load.Request("/v1/chat/completions", body, answer))
     body = orjson.dumps({"model": MODEL, "input": EMBED_INPUTS})
     return (load.Request("/v1/embeddings", body, "json"),
             load.Request("/worker_get_embeddings", body, "json"))
@@ -174,7 +187,8 @@ class Bench:
         gateway, self.gateway_port = spawn_on_socket([
             python, "-m", "app.cli", "serve", "--fd", "{fd}", "--workers",
             str(self.args.workers), "--worker-connections", "20000", "--controller-address",
-            self.controller, "--log-level", "warning"])
+            self.controller, "--log-level", "warning",
+            "--openai-upstream", f"{RELAY_MODEL}={self.worker}/v1"])
         self.processes.append(gateway)
         self.gateway_pid = gateway.pid
         self.gateway = f"http://127.0.0.1:{self.gateway_port}"
@@ -218,7 +232,7 @@ class Bench:
         gateway["controller_calls"] = sum(controller_stats["calls"].values())
         ceiling = summarize(load.run("127.0.0.1", self.worker_port, direct, phase.users,
                                      self.args.seconds, count))
-        key = "tokens_per_s" if phase.kind == "stream" else "rps"
+        key = "tokens_per_s" if phase.kind in ("stream", "relay-stream") else "rps"
         ratio = gateway[key] / ceiling[key] if ceiling[key] else None
         return {"phase": phase.name, "users": phase.users, "gateway": gateway,
                 "ceiling": ceiling, "ratio": ratio, "ratio_of": key}
