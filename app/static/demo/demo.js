@@ -130,6 +130,7 @@ function finishReply(note, error) {
   if (state.source) { state.source.close(); state.source = null; }
   reply.endAt = performance.now();
   if (reply.text) state.messages.push({ role: "assistant", content: reply.text });
+  else state.messages.pop();  // never answered: the message is not part of the conversation
   if (error) {
     reply.bubble.classList.add("error");
     const text = reply.bubble.querySelector(".text");
@@ -161,13 +162,11 @@ async function send(text) {
   try {
     response = await fetch("demo/streams", { method: "POST", headers: authHeaders(), body: JSON.stringify(request) });
   } catch (err) {
-    state.messages.pop();
     finishReply("", "Cannot reach the server: " + err.message);
     return;
   }
   const body = await readJson(response);
   if (!response.ok) {
-    state.messages.pop();  // not answered: it is not part of the conversation
     if (response.status === 401) showKeyPanel(true);
     finishReply("", describe(response.status, body));
     return;
@@ -180,7 +179,9 @@ async function send(text) {
   source.onerror = () => {
     // A finished stream was closed by us; anything else is a cut connection or a
     // ticket the server no longer knows. EventSource would retry: we do not.
-    if (state.reply === reply) finishReply("", reply.text ? "The connection was lost." : "The stream could not be opened (expired or already used).");
+    if (state.reply !== reply) return;
+    finishReply("", reply.text ? "The connection was lost."
+      : "The stream could not be opened (it expired or the server is busy); send the message again.");
   };
 }
 
