@@ -81,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
         "worker_class": "app.gevent_worker.GeventWorker",
         "worker_connections": settings.worker_connections,
         "timeout": 60,  # only catches a blocked hub; streams are bounded by read_timeout
-        "graceful_timeout": 120,  # lets running streams finish on a deploy
+        "graceful_timeout": settings.graceful_timeout,  # running streams finish on a deploy
         "child_exit": lambda _arbiter, worker: state_dir.worker_exited(worker.pid),
     }
     print(f"flaskchat: serving the API on http://{settings.host}:{settings.port}/v1 "

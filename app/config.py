@@ -106,6 +106,9 @@ class Settings:
     allowed_headers: tuple[str, ...] = _opt(("*",), "--allowed-headers", parse_list,
                                             "CORS request headers (JSON array or comma list)")
     workers: int = _opt(1, "--workers", _positive(int), "gunicorn worker processes")
+    graceful_timeout: int = _opt(
+        120, "--graceful-timeout", _positive(int),
+        "seconds a stop (SIGTERM) or reload (SIGHUP) lets running streams finish")
     worker_connections: int = _opt(
         10000, "--worker-connections", _positive(int),
         "open connections per worker process (each stream holds one)")
