@@ -124,6 +124,15 @@ class Outcome:
     elapsed: float = 0.0
 
 
+def _connect(host: str, port: int, timeout: float, outcome: Outcome) -> Connection | None:
+    """A new connection, or None (counted in ``outcome``) if it cannot be opened."""
+    try:
+        return Connection(host, port, timeout)
+    except OSError:
+        outcome.connect_errors += 1
+        return None
+
+
 def run(host: str, port: int, request: Request, users: int, seconds: float,
         max_requests: int, timeout: float = 60.0,
         on_open: Callable[[int], None] | None = None) -> Outcome:
@@ -135,10 +144,8 @@ def run(host: str, port: int, request: Request, users: int, seconds: float,
     budget = [max_requests]
 
     def user() -> None:
-        try:
-            connection = Connection(host, port, timeout)
-        except OSError:
-            outcome.connect_errors += 1
+        connection = _connect(host, port, timeout, outcome)
+        if connection is None:
             return
         try:
             connection.send(wire, request)  # warm-up: pools, caches, first imports
@@ -177,10 +184,8 @@ def hold(host: str, port: int, request: Request, streams: int, ramp_per_second: 
     done = gevent.event.Event()
 
     def one() -> None:
-        try:
-            connection = Connection(host, port, timeout)
-        except OSError:
-            outcome.connect_errors += 1
+        connection = _connect(host, port, timeout, outcome)
+        if connection is None:
             return
         try:
             started = time.perf_counter()

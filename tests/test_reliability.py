@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import orjson
@@ -52,6 +53,17 @@ def wait_for_model(gateway: Server, model: str) -> None:
         time.sleep(0.2)
 
 
+@contextmanager
+def serving(controller: Server, gateway: Server, model: str, *flags: str) -> Iterator[Server]:
+    """A fake worker for ``model``, registered and seen by ``gateway``; stopped after."""
+    worker = start_fake_worker(controller.url, "--models", model, *flags)
+    try:
+        wait_for_model(gateway, model)
+        yield worker
+    finally:
+        worker.stop()
+
+
 def chat(gateway: Server, model: str, content: str = "Hi", stream: bool = False,
          timeout: float = 30) -> requests.Response:
     return requests.post(gateway.url + "/v1/chat/completions", timeout=timeout, json={
@@ -87,9 +99,7 @@ def test_two_workers_one_killed_every_request_still_served(
 
 
 def test_worker_killed_mid_stream(controller: Server, gateway: Server) -> None:
-    worker = start_fake_worker(controller.url, "--models", "victim")
-    try:
-        wait_for_model(gateway, "victim")
+    with serving(controller, gateway, "victim") as worker:
         response = requests.post(gateway.url + "/v1/chat/completions", stream=True, json={
             "model": "victim", "stream": True, "messages": [
                 {"role": "user", "content": "[[slow:0.3]][[reply:a b c d e f g h i j]]"}]})
@@ -117,14 +127,10 @@ def test_worker_killed_mid_stream(controller: Server, gateway: Server) -> None:
             print(f"next request served {time.monotonic() - killed:.2f} s after the kill")
         finally:
             replacement.stop()
-    finally:
-        worker.stop()
 
 
 def test_hanging_worker_times_out(controller: Server, gateway: Server) -> None:
-    worker = start_fake_worker(controller.url, "--models", "sleepy")
-    try:
-        wait_for_model(gateway, "sleepy")
+    with serving(controller, gateway, "sleepy"):
         started = time.monotonic()
         response = chat(gateway, "sleepy", "[[hang]]")
         took = time.monotonic() - started
@@ -139,29 +145,21 @@ def test_hanging_worker_times_out(controller: Server, gateway: Server) -> None:
               f"{stall_took:.2f} s")
         assert took < 10 and stall_took < 10
         assert chat(gateway, "sleepy").status_code == 200
-    finally:
-        worker.stop()
 
 
 def test_garbage_frames_become_an_error_event(controller: Server, gateway: Server) -> None:
-    worker = start_fake_worker(controller.url, "--models", "noisy")
-    try:
-        wait_for_model(gateway, "noisy")
+    with serving(controller, gateway, "noisy"):
         response = chat(gateway, "noisy", "[[garbage]]", stream=True)
         assert b"malformed stream" in events(response)[-2]
         non_stream = chat(gateway, "noisy", "[[garbage]]")
         assert non_stream.status_code == 502
         assert chat(gateway, "noisy").status_code == 200
-    finally:
-        worker.stop()
 
 
 def test_client_leaving_a_non_stream_request_cancels_the_generation(
         controller: Server, gateway: Server) -> None:
-    worker = start_fake_worker(controller.url, "--models", "abandoned",
-                               "--capabilities", "length_check")  # answers like ours
-    try:
-        wait_for_model(gateway, "abandoned")
+    # --capabilities length_check: it answers /worker_generate like ours
+    with serving(controller, gateway, "abandoned", "--capabilities", "length_check") as worker:
         body = orjson.dumps({"model": "abandoned", "messages": [
             {"role": "user", "content": "[[slow:0.3]][[reply:a b c d e f g h i j k l]]"}]})
         host, port = gateway.url.removeprefix("http://").split(":")
@@ -179,8 +177,6 @@ def test_client_leaving_a_non_stream_request_cancels_the_generation(
         print(f"\nclient left a non-stream request: generation cancelled after "
               f"{time.monotonic() - left:.2f} s")
         assert stats["cancelled"] == 1 and stats["active"] == 0
-    finally:
-        worker.stop()
 
 
 def test_controller_down_the_gateway_serves_from_its_cache(gateway: Server,

@@ -205,14 +205,14 @@ def test_through_the_gateway(http_stack: dict[str, Server], clients: MakeClient)
     assert info.value.code == "context_length_exceeded"
 
 
+def queue_length(worker: str) -> int:
+    length: int = requests.post(worker + "/worker_get_status", json={}).json()["queue_length"]
+    return length
+
+
 def test_concurrency_limit_queues_and_disconnect_frees_the_slot(
         http_stack: dict[str, Server]) -> None:
     worker = http_stack["worker"].url
-
-    def queue_length() -> int:
-        length: int = requests.post(worker + "/worker_get_status", json={}).json()[
-            "queue_length"]
-        return length
 
     started = time.monotonic()
     requests.post(worker + "/worker_generate", json={"model": "tiny", "prompt": "x",
@@ -229,13 +229,13 @@ def test_concurrency_limit_queues_and_disconnect_frees_the_slot(
     second = socket.create_connection((host, int(port)))
     second.sendall(request)  # limit 1: this one waits for the slot
     time.sleep(0.2)
-    assert queue_length() == 2
+    assert queue_length(worker) == 2
     first.close()
     second.close()
     closed = time.monotonic()
-    while queue_length() and time.monotonic() - closed < 10:
+    while queue_length(worker) and time.monotonic() - closed < 10:
         time.sleep(0.05)
-    assert queue_length() == 0
+    assert queue_length(worker) == 0
     # Both left early: uncancelled, they would have needed two whole generations.
     assert time.monotonic() - closed < one_generation
 
@@ -245,11 +245,6 @@ def test_client_leaving_a_non_stream_request_frees_the_worker_slot(
     """Client -> gateway -> flaskchat worker, non-stream: the client hangs up, the gateway
     closes its request, the worker stops generating and frees its slot."""
     worker, gateway = http_stack["worker"].url, http_stack["gateway"].url
-
-    def queue_length() -> int:
-        length: int = requests.post(worker + "/worker_get_status", json={}).json()[
-            "queue_length"]
-        return length
 
     started = time.monotonic()
     requests.post(gateway + "/v1/completions", json={"model": "tiny", "prompt": "x",
@@ -262,11 +257,11 @@ def test_client_leaving_a_non_stream_request_frees_the_worker_slot(
                      b"application/json\r\nContent-Length: " + str(len(body)).encode() +
                      b"\r\n\r\n" + body)
         time.sleep(0.3)
-        assert queue_length() == 1
+        assert queue_length(worker) == 1
     left = time.monotonic()
-    while queue_length() and time.monotonic() - left < 10:
+    while queue_length(worker) and time.monotonic() - left < 10:
         time.sleep(0.05)
     freed = time.monotonic() - left
     print(f"\nnon-stream client left: worker slot free after {freed:.2f} s "
           f"(a whole generation takes {one_generation:.2f} s)")
-    assert queue_length() == 0 and freed < one_generation
+    assert queue_length(worker) == 0 and freed < one_generation
