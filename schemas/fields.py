@@ -31,23 +31,35 @@ class Number(fields.Field[float]):
         return number
 
 
+INT64 = (-2**63, 2**63 - 1)  # what a worker or an upstream can take (and orjson can send)
+
+
 class Int(fields.Field[int]):
-    """An integer; integral floats (3.0) and integer strings ("3") are accepted."""
+    """A 64-bit integer; integral floats (3.0) and integer strings ("3") are accepted."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None,
                      **kwargs: Any) -> int:
-        if _is_bool(value):
+        number = _integer(value)
+        if number is None:
             raise ValidationError("must be an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ValidationError("must be an integer")
+        if not INT64[0] <= number <= INT64[1]:
+            raise ValidationError("must be a 64-bit integer")
+        return number
+
+
+def _integer(value: Any) -> int | None:
+    if _is_bool(value):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
 
 
 class Bool(fields.Field[bool]):
