@@ -7,17 +7,15 @@ else that went wrong on the wire).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from http.client import RemoteDisconnected
 from typing import Any, Iterator, Mapping
 
 import orjson
 import requests
-from requests.adapters import HTTPAdapter
 from requests.models import PreparedRequest
 from requests.structures import CaseInsensitiveDict
-from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from app.errors import ConnectTimedOut, UpstreamError, UpstreamTimeout, WorkerUnreachable
+from app.upstream.connection import InvalidResponse
 from app.upstream.transport import HttpTransport
 
 USER_AGENT = "flaskchat"
@@ -30,10 +28,11 @@ def build_session(pool_size: int) -> requests.Session:
     session = requests.Session()
     # Without this, every call scans the environment for proxies and .netrc (~0.25 ms).
     session.trust_env = False
-    session.mount("http://", HttpTransport(max_idle=pool_size))
-    session.mount("https://", HTTPAdapter(pool_connections=16, pool_maxsize=pool_size,
-                                          max_retries=0, pool_block=False))
-    session.headers.update({"User-Agent": USER_AGENT})
+    transport = HttpTransport(max_idle=pool_size)
+    session.mount("http://", transport)
+    session.mount("https://", transport)
+    # Exactly what the transport decodes (requests would add br or zstd when installed).
+    session.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "gzip, deflate"})
     return session
 
 
@@ -53,12 +52,7 @@ def post_json(session: requests.Session, url: str, payload: Any, timeout: tuple[
     request.headers = CaseInsensitiveDict({**JSON_HEADERS, **headers} if headers
                                           else JSON_HEADERS)
     adapter = session.get_adapter(url)
-    try:
-        response: requests.Response = adapter.send(request, stream=stream, timeout=timeout)
-    except requests.exceptions.ConnectionError as exc:
-        if not _stale_connection(exc):
-            raise
-        response = adapter.send(request, stream=stream, timeout=timeout)
+    response: requests.Response = adapter.send(request, stream=stream, timeout=timeout)
     return response
 
 
@@ -66,15 +60,6 @@ def _reason(exc: Exception) -> str:
     """The last line of an exception chain's text: 'Connection refused' and the like."""
     text = str(exc.args[0] if exc.args else exc)
     return text.rsplit(": ", 1)[-1].strip(" ')\"")[:120] or type(exc).__name__
-
-
-def _stale_connection(exc: requests.exceptions.ConnectionError) -> bool:
-    """urllib3 (https) picked a pooled connection that the peer had just closed: nothing
-    was processed, so sending once more is safe. (HttpTransport retries this itself.)"""
-    cause = exc.args[0] if exc.args else None
-    if not isinstance(cause, ProtocolError) or len(cause.args) < 2:
-        return False
-    return isinstance(cause.args[1], (RemoteDisconnected, ConnectionResetError, BrokenPipeError))
 
 
 @contextmanager
@@ -86,14 +71,10 @@ def mapped_errors(what: str) -> Iterator[None]:
         raise ConnectTimedOut(f"Timed out connecting to {what}.") from None
     except requests.exceptions.Timeout:
         raise UpstreamTimeout(f"{what} did not answer in time.") from None
-    except requests.exceptions.ChunkedEncodingError:
-        raise UpstreamError(f"{what} closed the connection unexpectedly.") from None
+    except (requests.exceptions.ChunkedEncodingError, InvalidResponse) as exc:
+        raise UpstreamError(f"{what} broke off or garbled its answer ({_reason(exc)}).") \
+            from None
     except requests.exceptions.ConnectionError as exc:
-        cause = exc.args[0] if exc.args else None
-        if isinstance(cause, ReadTimeoutError):  # requests wraps body read timeouts so
-            raise UpstreamTimeout(f"{what} did not answer in time.") from None
-        if isinstance(cause, ProtocolError):
-            raise UpstreamError(f"{what} closed the connection unexpectedly.") from None
         raise WorkerUnreachable(f"Could not connect to {what} ({_reason(exc)}).") from None
     except requests.exceptions.RequestException as exc:
         raise UpstreamError(f"Error talking to {what}: {type(exc).__name__}.") from None

@@ -1,73 +1,86 @@
-"""A requests transport adapter for plain-HTTP backends: HTTP/1.1 spoken directly on
-pooled keep-alive sockets.
+"""A requests transport adapter: HTTP/1.1 on pooled keep-alive sockets, framed by llhttp.
 
-The gateway's backend calls are small JSON POSTs to a handful of hosts on a trusted
-network. urllib3 and http.client spend most of a call's CPU on generality those calls do
-not need (an email-parser header parse, a liveness poll before each reuse, retry and proxy
-machinery): measured on the bench, this adapter makes a call about three times cheaper.
-It is mounted on the Session for ``http://`` only; ``https://`` keeps requests' own
-HTTPAdapter. Responses are ordinary ``requests.Response`` objects whose ``raw`` streams
-the body, so ``iter_content``, ``content`` and ``close`` behave as usual; errors are
-requests' exceptions.
+The gateway's backend calls are small JSON POSTs and long streams to a handful of hosts.
+urllib3 and http.client spend most of a call's CPU on what those calls do not need (an
+email-parser header parse, a liveness poll before each reuse, retry and proxy machinery);
+this adapter keeps a call to one send and (usually) one read, and leaves the framing of
+answers to llhttp, the parser Node and uvicorn use (see ``app.upstream.connection``;
+``bench/parser_choice.py`` has what chose it over h11 and geventhttpclient's parser).
+
+Mounted on the Session for ``http://`` and ``https://`` (TLS by the ssl module), so both
+kinds of upstream stream the same way. Responses are ordinary ``requests.Response``
+objects whose ``raw`` streams the body (decoding gzip and deflate), so ``iter_content``,
+``content`` and ``close`` behave as usual; errors are requests' exceptions.
+
+A request goes out once. A pooled connection is checked before it is reused, and one the
+peer has closed is replaced; once a request is written, a failure is the caller's to see,
+never a silent second send (a worker that died mid-generation must not get it again).
 """
 from __future__ import annotations
 
+import os
 import socket
+import ssl
 from collections import deque
-from typing import Any, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import BaseAdapter
-from requests.exceptions import ChunkedEncodingError, ConnectTimeout, ReadTimeout
+from requests.exceptions import ConnectTimeout, InvalidHeader, InvalidURL
 from requests.models import PreparedRequest, Response
-from requests.structures import CaseInsensitiveDict
+from requests.utils import DEFAULT_CA_BUNDLE_PATH
 
-READ_SIZE = 65536
-MAX_HEAD = 65536
+from app.upstream.connection import Body, Connection
+
 MAX_IDLE_PER_HOST = 1024
+MAX_ROUTES = 10_000
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_UNSAFE_TARGET = frozenset(" \t\r\n\0")
+
+
+@dataclass(frozen=True)
+class _Route:
+    tls: bool
+    host: str  # as connected to (an IPv6 address without brackets)
+    port: int
+    target: bytes  # path and query
+    host_header: bytes
 
 
 class HttpTransport(BaseAdapter):
     def __init__(self, max_idle: int = MAX_IDLE_PER_HOST) -> None:
         super().__init__()
         self._max_idle = max_idle
-        self._idle: dict[tuple[str, int], deque[_Connection]] = {}
-        self._routes: dict[str, tuple[str, int, bytes]] = {}
+        self._idle: dict[tuple[Any, ...], deque[Connection]] = {}
+        self._routes: dict[str, _Route] = {}
+        self._tls_contexts: dict[tuple[Any, Any], ssl.SSLContext] = {}
 
     def send(self, request: PreparedRequest, stream: bool = False, timeout: Any = None,
              verify: Any = True, cert: Any = None,
              proxies: Mapping[str, str] | None = None) -> Response:
-        host, port, target = self._route(str(request.url))
+        route = self._route(str(request.url), request)
         connect_timeout, read_timeout = _timeouts(timeout)
         body = _body_bytes(request.body)
-        message = _request_head(str(request.method), target, host, port,
-                                request.headers, len(body)) + body
-        idle = self._idle.setdefault((host, port), deque())
-        while True:
-            reused = bool(idle)
-            connection = idle.pop() if reused else \
-                _Connection.open(host, port, connect_timeout, request)
-            try:
-                connection.sock.settimeout(read_timeout)
-                connection.send(message, request)
-                status, reason, headers = connection.read_head(request)
-                break
-            except _Stale:
-                connection.close()  # the peer closed it while idle: nothing was processed
-                if not reused:
-                    raise requests.exceptions.ConnectionError(
-                        "the server closed the connection without answering",
-                        request=request) from None
-            except BaseException:
-                connection.close()
-                raise
-        raw = _Body(connection, headers, self, (host, port), request)
+        message = _request_head(str(request.method), route, request.headers, len(body)) + body
+        key = (route.tls, route.host, route.port, verify, cert) if route.tls else \
+            (False, route.host, route.port)
+        connection = self._reusable(key) or \
+            self._open(route, connect_timeout, verify, cert, request)
+        connection.start(request, request.method == "HEAD")
+        try:
+            connection.sock.settimeout(read_timeout)
+            connection.send(message)
+            connection.read_head()
+        except BaseException:
+            connection.close()
+            raise
         response = Response()
-        response.status_code = status
-        response.reason = reason
-        response.headers = CaseInsensitiveDict(headers)
-        response.raw = raw
+        response.status_code = connection.status
+        response.reason = connection.reason
+        response.headers = connection.header_dict()
+        response.raw = Body(connection, lambda done: self.release(key, done))
         response.url = str(request.url)
         response.request = request
         response.connection = self  # type: ignore[assignment]
@@ -76,7 +89,7 @@ class HttpTransport(BaseAdapter):
             response.content  # reads the body, which returns the connection to the pool
         return response
 
-    def release(self, key: tuple[str, int], connection: "_Connection") -> None:
+    def release(self, key: tuple[Any, ...], connection: Connection) -> None:
         idle = self._idle.setdefault(key, deque())
         if len(idle) < self._max_idle:
             idle.append(connection)
@@ -88,240 +101,86 @@ class HttpTransport(BaseAdapter):
             while idle:
                 idle.pop().close()
 
-    def _route(self, url: str) -> tuple[str, int, bytes]:
+    def _reusable(self, key: tuple[Any, ...]) -> Connection | None:
+        """The most recently used idle connection that the peer has not closed."""
+        idle = self._idle.get(key)
+        while idle:
+            connection = idle.pop()
+            if connection.usable():
+                return connection
+            connection.close()
+        return None
+
+    def _open(self, route: _Route, timeout: float | None, verify: Any, cert: Any,
+              request: PreparedRequest) -> Connection:
+        where = f"{route.host}:{route.port}"
+        try:
+            sock = socket.create_connection((route.host, route.port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if route.tls:
+                try:
+                    sock = self._tls_context(verify, cert).wrap_socket(
+                        sock, server_hostname=route.host)
+                except BaseException:
+                    sock.close()
+                    raise
+        except socket.timeout:
+            raise ConnectTimeout(f"connecting to {where} timed out", request=request) \
+                from None
+        except ssl.SSLError as exc:
+            raise requests.exceptions.SSLError(f"TLS with {where} failed: {exc}",
+                                               request=request) from None
+        except OSError as exc:
+            raise requests.exceptions.ConnectionError(
+                f"could not connect to {where}: {exc}", request=request) from None
+        return Connection(sock, route.tls)
+
+    def _tls_context(self, verify: Any, cert: Any) -> ssl.SSLContext:
+        """One context per (verify, cert) setting, as requests' HTTPAdapter interprets
+        them: True (certifi's bundle), a CA file or directory, or False."""
+        context = self._tls_contexts.get((verify, cert))
+        if context is None:
+            context = ssl.create_default_context()
+            if verify is False:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            elif isinstance(verify, str) and os.path.isdir(verify):
+                context.load_verify_locations(capath=verify)
+            elif isinstance(verify, str):
+                context.load_verify_locations(cafile=verify)
+            else:
+                context.load_verify_locations(cafile=DEFAULT_CA_BUNDLE_PATH)
+            if cert:
+                certfile, keyfile = (cert, None) if isinstance(cert, str) else cert
+                context.load_cert_chain(certfile, keyfile)
+            self._tls_contexts[(verify, cert)] = context
+        return context
+
+    def _route(self, url: str, request: PreparedRequest) -> _Route:
         route = self._routes.get(url)
         if route is None:
-            parts = urlsplit(url)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            route = (parts.hostname or "", parts.port or 80, target.encode())
-            if len(self._routes) < 10_000:
+            route = _parse_route(url, request)
+            if len(self._routes) < MAX_ROUTES:
                 self._routes[url] = route
         return route
 
 
-class _Stale(Exception):
-    """A reused connection that the peer had closed (no byte of an answer came back)."""
-
-
-class _Connection:
-    __slots__ = ("sock", "buffer")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = b""
-
-    @classmethod
-    def open(cls, host: str, port: int, timeout: float | None,
-             request: PreparedRequest) -> "_Connection":
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except socket.timeout:
-            raise ConnectTimeout(f"connecting to {host}:{port} timed out",
-                                 request=request) from None
-        except OSError as exc:
-            raise requests.exceptions.ConnectionError(
-                f"could not connect to {host}:{port}: {exc}", request=request) from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(sock)
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def send(self, message: bytes, request: PreparedRequest) -> None:
-        try:
-            self.sock.sendall(message)
-        except socket.timeout:
-            raise ReadTimeout("the server did not take the request in time",
-                              request=request) from None
-        except OSError:
-            raise _Stale() from None  # a fresh connection then fails as "without answering"
-
-    def fill(self, request: PreparedRequest) -> bool:
-        try:
-            data = self.sock.recv(READ_SIZE)
-        except socket.timeout:
-            raise ReadTimeout("the server did not answer in time", request=request) from None
-        except OSError as exc:
-            raise requests.exceptions.ConnectionError(
-                f"connection lost: {exc}", request=request) from None
-        self.buffer += data
-        return bool(data)
-
-    def read_head(self, request: PreparedRequest) -> tuple[int, str, dict[str, str]]:
-        first = True
-        while b"\r\n\r\n" not in self.buffer:
-            if len(self.buffer) > MAX_HEAD:
-                raise requests.exceptions.ConnectionError("response head too large",
-                                                          request=request)
-            try:
-                got = self.fill(request)
-            except requests.exceptions.ConnectionError:
-                if first and not self.buffer:
-                    raise _Stale() from None
-                raise
-            if not got:
-                if first and not self.buffer:
-                    raise _Stale()
-                raise requests.exceptions.ConnectionError(
-                    "the server closed the connection mid-answer", request=request)
-            first = False
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        try:
-            _, code, *rest = lines[0].split(" ", 2)
-            status = int(code)
-        except ValueError:
-            raise requests.exceptions.ConnectionError(
-                f"bad status line {lines[0][:80]!r}", request=request) from None
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip()] = value.strip()
-        return status, rest[0] if rest else "", headers
-
-
-class _Body:
-    """The response body as requests' Response expects ``raw`` to behave."""
-
-    def __init__(self, connection: _Connection, headers: Mapping[str, str],
-                 transport: HttpTransport, key: tuple[str, int],
-                 request: PreparedRequest) -> None:
-        lowered = {k.lower(): v for k, v in headers.items()}
-        self._connection: _Connection | None = connection
-        self._transport = transport
-        self._key = key
-        self._request = request
-        self._chunked = "chunked" in lowered.get("transfer-encoding", "").lower()
-        length = lowered.get("content-length")
-        self._remaining = int(length) if length is not None and not self._chunked else None
-        self._reusable = "close" not in lowered.get("connection", "").lower() and \
-            (self._chunked or self._remaining is not None)
-        self.closed = False
-
-    def stream(self, chunk_size: int | None = None,
-               decode_content: bool = True) -> Iterator[bytes]:
-        if self._connection is None:
-            return
-        if self._chunked:
-            yield from self._chunks()
-        elif self._remaining is not None:
-            yield from self._sized()
-        else:
-            yield from self._until_close()
-
-    def wait_readable(self, timeout: float) -> bool:
-        """Whether body bytes are (or become within ``timeout``) available to read."""
-        connection = self._connection
-        if connection is None or connection.buffer:
-            return True
-        # A peek with a timeout, not select(): select() cannot watch descriptors past 1024,
-        # and a gateway holding thousands of streams has many.
-        sock = connection.sock
-        previous = sock.gettimeout()
-        sock.settimeout(timeout)
-        try:
-            sock.recv(1, socket.MSG_PEEK)
-            return True
-        except socket.timeout:
-            return False
-        except OSError:
-            return True  # the next read reports what went wrong
-        finally:
-            sock.settimeout(previous)
-
-    def set_timeout(self, seconds: float) -> None:
-        """The longest wait for each later read (after a stream's first frame)."""
-        if self._connection is not None:
-            self._connection.sock.settimeout(seconds)
-
-    def read(self, amount: int | None = None, decode_content: bool = True) -> bytes:
-        return b"".join(self.stream())
-
-    def _chunks(self) -> Iterator[bytes]:
-        connection = self._require()
-        while True:
-            out: list[bytes] = []
-            while True:  # every chunk already buffered goes out together
-                line_end = connection.buffer.find(b"\r\n")
-                if line_end < 0:
-                    break
-                try:
-                    size = int(connection.buffer[:line_end].split(b";", 1)[0], 16)
-                except ValueError:
-                    raise ChunkedEncodingError("bad chunk size", request=self._request) \
-                        from None
-                if size == 0:
-                    end = connection.buffer.find(b"\r\n\r\n", line_end)
-                    if end < 0:
-                        break  # the end of the (empty) trailer has not arrived yet
-                    connection.buffer = connection.buffer[end + 4:]
-                    if out:
-                        yield b"".join(out)
-                    self._finish()
-                    return
-                start = line_end + 2
-                if len(connection.buffer) < start + size + 2:
-                    break
-                out.append(connection.buffer[start:start + size])
-                connection.buffer = connection.buffer[start + size + 2:]
-            if out:
-                yield b"".join(out)
-            self._more()
-
-    def _sized(self) -> Iterator[bytes]:
-        connection = self._require()
-        assert self._remaining is not None
-        while self._remaining > 0:
-            if not connection.buffer:
-                self._more()
-            data = connection.buffer[:self._remaining]
-            connection.buffer = connection.buffer[len(data):]
-            self._remaining -= len(data)
-            yield data
-        self._finish()
-
-    def _until_close(self) -> Iterator[bytes]:
-        connection = self._require()
-        while True:
-            if connection.buffer:
-                data, connection.buffer = connection.buffer, b""
-                yield data
-            if not connection.fill(self._request):
-                self._finish()
-                return
-
-    def _require(self) -> _Connection:
-        if self._connection is None:
-            raise ChunkedEncodingError("the response was closed", request=self._request)
-        return self._connection
-
-    def _more(self) -> None:
-        if not self._require().fill(self._request):
-            self.close()
-            raise ChunkedEncodingError("the server closed the connection mid-body",
-                                       request=self._request)
-
-    def _finish(self) -> None:
-        connection, self._connection = self._connection, None
-        self.closed = True
-        if connection is not None:
-            if self._reusable and not connection.buffer:
-                self._transport.release(self._key, connection)
-            else:
-                connection.close()
-
-    def close(self) -> None:
-        """Before the end: the connection is closed (which cancels a generation)."""
-        connection, self._connection = self._connection, None
-        self.closed = True
-        if connection is not None:
-            connection.close()
-
-    def release_conn(self) -> None:
-        pass  # the connection goes back to the pool when the body has been read
+def _parse_route(url: str, request: PreparedRequest) -> _Route:
+    parts = urlsplit(url)
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise InvalidURL(f"not an http(s) URL: {url!r}", request=request)
+    try:
+        port = parts.port or _DEFAULT_PORTS[parts.scheme]
+    except ValueError:
+        raise InvalidURL(f"bad port in {url!r}", request=request) from None
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host = parts.hostname
+    if _UNSAFE_TARGET.intersection(target + host) or not (target + host).isascii():
+        raise InvalidURL(f"not a plain ASCII URL: {url!r}", request=request)
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address
+    if port != _DEFAULT_PORTS[parts.scheme]:
+        shown += f":{port}"
+    return _Route(parts.scheme == "https", host, port, target.encode(), shown.encode())
 
 
 def _timeouts(timeout: Any) -> tuple[float | None, float | None]:
@@ -340,13 +199,30 @@ def _body_bytes(body: Any) -> bytes:
     return b"".join(body)
 
 
-def _request_head(method: str, target: bytes, host: str, port: int,
-                  headers: Mapping[str, str | bytes], length: int) -> bytes:
-    lines = [method.encode(), b" ", target, b" HTTP/1.1\r\nHost: ", host.encode(), b":",
-             str(port).encode(), b"\r\n"]
+def _request_head(method: str, route: _Route, headers: Mapping[str, str | bytes],
+                  length: int) -> bytes:
+    lines = [method.encode("ascii"), b" ", route.target, b" HTTP/1.1\r\nHost: ",
+             route.host_header, b"\r\n"]
     for name, value in headers.items():
-        if name.lower() != "content-length":
-            encoded = value if isinstance(value, bytes) else value.encode("latin-1")
-            lines += [name.encode("latin-1"), b": ", encoded, b"\r\n"]
+        lowered = name.lower()
+        if lowered in ("content-length", "transfer-encoding"):
+            continue
+        text = value if isinstance(value, str) else value.decode("latin-1")
+        if _unsafe(name, text):
+            raise InvalidHeader(f"Invalid leading whitespace, reserved character(s), or "
+                                f"return character(s) in header {name!r}")
+        if lowered == "host":  # the caller's own Host replaces ours
+            lines[3:6] = [b" HTTP/1.1\r\n"]
+        lines += [name.encode("latin-1"), b": ", text.encode("latin-1"), b"\r\n"]
     lines += [b"Content-Length: ", str(length).encode(), b"\r\n\r\n"]
     return b"".join(lines)
+
+
+def _unsafe(name: str, value: str) -> bool:
+    """requests' rules for a header (a CR or LF would put another header on the wire),
+    plus NUL: no name that is empty, starts with a space or holds a colon or a line break;
+    no value that starts with a space or holds a line break. (On str: ``in`` on bytes
+    first tries the needle as an integer, and raises and clears an error doing so.)"""
+    return (not name or name[0].isspace() or ":" in name or "\r" in name or "\n" in name
+            or "\0" in name or value[:1].isspace() or "\r" in value or "\n" in value
+            or "\0" in value)
