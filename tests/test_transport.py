@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import socket
+import ssl
 import threading
 import time
 import zlib
@@ -12,6 +13,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import requests
+import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,8 +24,10 @@ Script = Callable[[socket.socket, int], None]  # (connection, request number on 
 
 
 class RawServer:
-    def __init__(self, script: Script, family: int = socket.AF_INET) -> None:
+    def __init__(self, script: Script, family: int = socket.AF_INET,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.script = script
+        self.tls = tls
         self.listener = socket.socket(family)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
@@ -48,6 +52,12 @@ class RawServer:
 
     def _serve(self, conn: socket.socket) -> None:
         number = 0
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except (OSError, ssl.SSLError):
+                conn.close()  # a client that refused our certificate
+                return
         with conn:
             while True:
                 head = _read_request(conn)
@@ -429,4 +439,56 @@ def test_10_an_ipv6_host_is_bracketed_in_the_host_header(session: requests.Sessi
         assert post_json(session, url, {}, (2, 2)).content == b"ok"
         assert f"\r\nHost: [::1]:{server.port}\r\n".encode() in server.heads[0]
     finally:
+        server.close()
+
+
+# ---- https through the same adapter ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tls_ca() -> Any:
+    return trustme.CA()
+
+
+def test_https_answers_keep_alive_and_verification(tls_ca: Any, tmp_path: Any) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("127.0.0.1").configure_cert(context)
+    server = RawServer(lambda conn, n: conn.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), tls=context)
+    bundle = tmp_path / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(bundle))
+    session = build_session(4)
+    url = f"https://127.0.0.1:{server.port}/x"
+    try:
+        for _ in range(3):
+            assert session.post(url, json={}, timeout=(2, 2), verify=str(bundle)).text == "ok"
+        assert server.connections == 1
+        with pytest.raises(requests.exceptions.SSLError):  # not in certifi's bundle
+            session.post(url, json={}, timeout=(2, 2))
+        with pytest.raises(errors.WorkerUnreachable), mapped_errors("the test server"):
+            post_json(session, url, {}, (2, 2))
+    finally:
+        session.close()
+        server.close()
+
+
+def test_https_streams_wait_like_http(tls_ca: Any, tmp_path: Any) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("127.0.0.1").configure_cert(context)
+
+    def script(conn: socket.socket, n: int) -> None:
+        conn.sendall(HEAD)
+        time.sleep(0.4)
+        conn.sendall(b"2\r\nhi\r\n0\r\n\r\n")
+    server = RawServer(script, tls=context)
+    bundle = tmp_path / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(bundle))
+    session = build_session(4)
+    try:
+        response = session.post(f"https://127.0.0.1:{server.port}/x", json={},
+                                timeout=(2, 2), verify=str(bundle), stream=True)
+        assert response.raw.wait(0.1) is False
+        assert response.raw.wait(2) is True
+        assert response.content == b"hi"
+    finally:
+        session.close()
         server.close()
