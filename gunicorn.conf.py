@@ -9,7 +9,7 @@ bind = [f"{os.environ.get('FLASKCHAT_HOST', 'localhost')}:"
         f"{os.environ.get('FLASKCHAT_PORT', '8000')}"]
 workers = int(os.environ.get("FLASKCHAT_WORKERS", "1"))
 # gunicorn's gevent worker; a graceful stop also closes idle keep-alive connections at once.
-worker_class = "app.gevent_worker.GeventWorker"
+worker_class = "app.runtime.gevent_worker.GeventWorker"
 # Each open stream holds one connection; the default of 1,000 caps a process too low.
 worker_connections = int(os.environ.get("FLASKCHAT_WORKER_CONNECTIONS", "10000"))
 # For gevent workers this only catches a hub blocked this long; streams are bounded by
@@ -22,7 +22,7 @@ preload_app = False
 control_socket_disable = True
 
 # The directory the workers share (metric files, demo tickets), made before they fork.
-from app import state_dir  # noqa: E402  (imports nothing that gevent must patch first)
+from app.runtime import state_dir  # noqa: E402  (imports nothing that gevent must patch first)
 
 state_dir.prepare(os.environ.get("FLASKCHAT_STATE_DIR", ""))
 

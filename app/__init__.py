@@ -12,13 +12,17 @@ if TYPE_CHECKING:
 def create_app(settings: "Settings | None" = None) -> Flask:
     import os
 
-    from app import admission, auth, cors, errors, observability, request_id, state_dir
+    from app import errors
     from app.config import Settings
-    from app.context import EXTENSION, SCHEMAS
-    from app.demo_tickets import TicketStore
-    from app.logs import configure_logging
-    from app.routes import chat, completions, demo, embeddings, health, metrics, models, openapi
+    from app.demo import routes as demo
+    from app.demo.tickets import TicketStore
+    from app.routes import chat, completions, embeddings, health, metrics, models, openapi
+    from app.runtime import state_dir
+    from app.telemetry import access_log as observability
+    from app.telemetry.logs import configure_logging
     from app.upstream import Upstream
+    from app.web import admission, auth, cors, request_id
+    from app.web.context import EXTENSION, SCHEMAS
     from schemas import RequestSchemas
 
     settings = settings or Settings.from_env()

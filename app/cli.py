@@ -59,10 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from app import state_dir
+    from app.runtime import state_dir
 
     settings = Settings.from_args(args)
-    from app.upstreams_config import UpstreamConfigError, load_targets
+    from app.upstream.openai_config import UpstreamConfigError, load_targets
     try:  # a wrong upstream entry stops here, clearly, not in every worker process
         load_targets(settings.openai_upstreams, settings.upstreams_file,
                      settings.connect_timeout)
@@ -78,7 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     options = {
         "workers": settings.workers,
-        "worker_class": "app.gevent_worker.GeventWorker",
+        "worker_class": "app.runtime.gevent_worker.GeventWorker",
         "worker_connections": settings.worker_connections,
         "timeout": 60,  # only catches a blocked hub; streams are bounded by read_timeout
         "graceful_timeout": settings.graceful_timeout,  # running streams finish on a deploy
@@ -128,7 +128,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     import os
 
-    from app.launcher import Plan, Stack
+    from app.runtime.launcher import Plan, Stack
     from app.worker.loading import LoadError, resolve
 
     keys: tuple[str, ...] = args.api_keys or ()

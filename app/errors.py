@@ -143,7 +143,7 @@ def envelope(error: APIError) -> dict[str, Any]:
 
 
 def error_response(error: APIError) -> "Response":
-    from app.http_json import json_response
+    from app.web.json_io import json_response
 
     response = json_response(envelope(error), error.status)
     response.headers.update(error.headers)
@@ -163,7 +163,7 @@ def init_app(app: "Flask") -> None:
     def handle_api_error(error: APIError) -> "Response":
         if error.status >= 500:
             log.warning("%s %s: %s", error.status, error.code, error.message)
-            from app import metrics
+            from app.telemetry import metrics
             metrics.count_upstream_error(error)
         return error_response(error)
 

@@ -22,7 +22,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.upstream.http import build_session, post_json  # noqa: E402
+from app.upstream.session import build_session, post_json  # noqa: E402
 
 PARAMS = {"model": "bench-model", "prompt": "Hello", "temperature": 0.7, "top_p": 1.0,
           "max_new_tokens": 64, "stop": [], "echo": False}

@@ -36,7 +36,7 @@ from gevent.pywsgi import WSGIServer
 from werkzeug.wrappers import Request, Response
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from app.upstream.frames import encode_frame
+from app.protocol.frames import encode_frame
 from tests.fake_data import DEFAULT_REPLY, TEMPLATES, vector
 
 LONG_WAIT = 3600.0

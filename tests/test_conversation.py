@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from app.conversation import TemplateError, render, stop_strings
+from app.serving.prompt import TemplateError, render, stop_strings
 from schemas.messages import ChatMessage
 from tests.fake_data import TEMPLATES
 

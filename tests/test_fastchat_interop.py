@@ -20,7 +20,7 @@ import openai
 import pytest
 import requests
 
-from app.conversation import render
+from app.serving.prompt import render
 from tests.conftest import (ROOT, MakeClient, Server, start_controller, start_fake_worker,
                             start_gateway, wait_until_up)
 from tests.fake_data import DEFAULT_REPLY

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai._streaming import SSEDecoder
 
-from app import sse
+from app.web import sse
 from app.errors import UpstreamError
-from app.text_stream import TextTracker, cut_at_stop
-from app.upstream.frames import FrameError, encode_frame, iter_frame_batches, iter_frames
+from app.protocol.stop_strings import TextTracker, cut_at_stop
+from app.protocol.frames import FrameError, encode_frame, iter_frame_batches, iter_frames
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.text(),
@@ -154,7 +154,7 @@ def test_single_source_without_wait_readable_reads_the_first_frames_in_a_thread(
 
     import requests
 
-    from app.serving.frame_sources import TICK, SingleSource
+    from app.serving.sources import TICK, SingleSource
     from app.upstream.worker import Timing
 
     response = requests.Response()

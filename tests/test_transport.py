@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app import errors
-from app.upstream.http import build_session, mapped_errors, post_json
+from app.upstream.session import build_session, mapped_errors, post_json
 
 Script = Callable[[socket.socket, int], None]  # (connection, request number on it)
 

@@ -14,14 +14,14 @@ import orjson
 import pytest
 import requests
 
-from app.text_stream import cut_at_stop
+from app.protocol.stop_strings import cut_at_stop
 from tests.conftest import (MakeClient, Server, start_controller, start_gateway,
                             start_on_socket)
 
 pytestmark = pytest.mark.worker
 torch = pytest.importorskip("torch")
 
-from app.upstream.frames import iter_frames  # noqa: E402
+from app.protocol.frames import iter_frames  # noqa: E402
 from app.worker.chat_model import ChatModel, PromptTooLong  # noqa: E402
 from app.worker.loading import LoadError, load_causal_lm, resolve  # noqa: E402
 from schemas.worker import GenerationSchema  # noqa: E402

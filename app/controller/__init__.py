@@ -22,8 +22,8 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Flask:
     from app import errors
     from app.controller.registry import Registry
     from app.controller.routes import REGISTRY, SESSION, bp
-    from app.logs import configure_logging
-    from app.upstream.http import build_session
+    from app.telemetry.logs import configure_logging
+    from app.upstream.session import build_session
     from schemas.controller import WorkerStatusSchema
 
     settings = settings or ControllerSettings()

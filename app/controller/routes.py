@@ -10,9 +10,9 @@ from flask.typing import ResponseReturnValue
 
 from app.controller.registry import Registry
 from app.errors import CONTROLLER_NO_WORKER, CONTROLLER_WORKER_TIMEOUT, AuthenticationFailed
-from app.http_json import json_response, read_json_object
-from app.upstream.frames import encode_frame
-from app.validation import load
+from app.web.json_io import json_response, read_json_object
+from app.protocol.frames import encode_frame
+from app.web.validation import load
 from schemas.controller import HeartbeatSchema, ModelQuerySchema, RegisterWorkerSchema
 
 bp = Blueprint("controller", __name__)

@@ -8,10 +8,10 @@ from collections import Counter
 from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
 
-from app.admission import admission
-from app.context import upstream
+from app.web.admission import admission
+from app.web.context import upstream
 from app.errors import APIError, UpstreamUnavailable, error_response
-from app.http_json import json_response
+from app.web.json_io import json_response
 
 bp = Blueprint("health", __name__)
 

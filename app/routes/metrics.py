@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response
 
-from app import metrics
+from app.telemetry import metrics
 
 bp = Blueprint("metrics", __name__)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 from flask import Blueprint
 from flask.typing import ResponseReturnValue
 
-from app.admission import admit
-from app.auth import require_api_key
-from app.context import call, schemas, upstream
-from app.http_json import json_response, read_json_object
+from app.web.admission import admit
+from app.web.auth import require_api_key
+from app.web.context import call, schemas, upstream
+from app.web.json_io import json_response, read_json_object
 from app.serving.models import list_models, retrieve_model
 from app.serving.token_check import check_tokens
-from app.validation import load
+from app.web.validation import load
 
 bp = Blueprint("models", __name__)
 bp.before_request(require_api_key)

@@ -4,9 +4,9 @@ from __future__ import annotations
 from flask import Blueprint, current_app
 from flask.typing import ResponseReturnValue
 
-from app.context import schemas
-from app.http_json import json_response
-from app.openapi import build_spec
+from app.web.context import schemas
+from app.web.json_io import json_response
+from app.web.openapi import build_spec
 
 bp = Blueprint("openapi", __name__)
 EXTENSION = "flaskchat.openapi"

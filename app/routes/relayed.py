@@ -5,9 +5,9 @@ from typing import Any
 
 from flask import Response
 
-from app import sse
-from app.context import call, upstream
-from app.http_json import json_response
+from app.web import sse
+from app.web.context import call, upstream
+from app.web.json_io import json_response
 from app.serving import relay
 
 

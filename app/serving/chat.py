@@ -8,15 +8,15 @@ from typing import Any, Callable, Iterator
 
 import orjson
 
-from app.calls import Call
-from app.conversation import TemplateError, render, stop_strings
+from app.serving.call import Call
+from app.serving.prompt import TemplateError, render, stop_strings
 from app.errors import InvalidRequest, UpstreamError
-from app.ids import new_id
+from app.serving.ids import new_id
 from app.serving.generation import (Source, UsageTally, final_text, generate_all, on_worker,
                                     once, open_generations, sampling_params, text_model_details,
                                     token_budget)
 from app.serving.stream_driver import drive
-from app.text_stream import TextTracker
+from app.protocol.stop_strings import TextTracker
 from app.upstream import Upstream
 from app.upstream.worker import RENDERS_MESSAGES
 from schemas import ChatMessage, ChatRequest

@@ -6,7 +6,7 @@ import struct
 from functools import partial
 from typing import Any
 
-from app.calls import Call
+from app.serving.call import Call
 from app.errors import InvalidRequest, UpstreamError
 from app.serving.concurrency import run_all
 from app.serving.generation import on_worker

@@ -5,13 +5,13 @@ import logging
 from functools import partial
 from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar, Union
 
-from app import metrics
-from app.calls import Call
+from app.telemetry import metrics
+from app.serving.call import Call
 from app.errors import (APIError, ConnectTimedOut, ContextLengthExceeded, InvalidRequest,
                         WorkerUnreachable)
 from app.serving.concurrency import run_all
-from app.serving.frame_sources import MergedSource, SingleSource
-from app.text_stream import INCOMPLETE_CHARACTER, cut_at_stop, finish_reason
+from app.serving.sources import MergedSource, SingleSource
+from app.protocol.stop_strings import INCOMPLETE_CHARACTER, cut_at_stop, finish_reason
 from app.upstream import Upstream
 from app.upstream.worker import EMBEDDING_ONLY, LENGTH_CHECK, WorkerDetails
 from schemas import SamplingRequest

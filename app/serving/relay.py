@@ -18,15 +18,15 @@ from typing import Any, Callable, Iterator
 import orjson
 import requests
 
-from app import sse
-from app.calls import Call
+from app.web import sse
+from app.serving.call import Call
 from app.errors import APIError, UpstreamError
-from app.serving.frame_sources import until_first_batch
+from app.serving.sources import until_first_batch
 from app.serving.generation import completion_tokens, once, with_failover
 from app.serving.stream_driver import drain
 from app.upstream import Upstream
 from app.upstream.openai_client import OpenAIClient
-from app.upstreams_config import OpenAITarget
+from app.upstream.openai_config import OpenAITarget
 from app.upstream.worker import Timing
 
 CHAT = "/chat/completions"

@@ -4,7 +4,7 @@ The endpoint decides what a chunk looks like (a ChunkFormat); this module decide
 chunks go out: deltas as text becomes releasable, one finish chunk per choice as soon as
 that choice ends, the usage chunk, then ``[DONE]``. Everything that one upstream read
 produced goes out as one write. Errors raised by the source end a stream through
-``app.sse``'s guard (error event, then ``[DONE]``); a client that goes away ends it at once,
+``app.web.sse``'s guard (error event, then ``[DONE]``); a client that goes away ends it at once,
 which closes the worker streams and so cancels their generations.
 """
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 import time
 from typing import Any, Iterator, Protocol, Sequence, Union
 
-from app import sse
-from app.calls import Call
+from app.web import sse
+from app.serving.call import Call
 from app.errors import APIError
-from app.serving.frame_sources import MergedSource, SingleSource
+from app.serving.sources import MergedSource, SingleSource
 from app.serving.generation import UsageTally, completion_tokens
-from app.text_stream import TextTracker, finish_reason
+from app.protocol.stop_strings import TextTracker, finish_reason
 
 Source = Union[SingleSource, MergedSource]
 

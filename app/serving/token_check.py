@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from app.calls import Call
+from app.serving.call import Call
 from app.errors import InvalidRequest
 from app.serving.concurrency import run_all
 from app.serving.generation import on_worker

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 from app.upstream.controller import ControllerClient
 from app.upstream.health import WorkerHealth
-from app.upstream.http import build_session
+from app.upstream.session import build_session
 from app.upstream.openai_client import OpenAIClient
 from app.upstream.openai_pool import OpenAIUpstreams
-from app.upstreams_config import load_targets
+from app.upstream.openai_config import load_targets
 from app.upstream.worker import Timing, WorkerClient
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from app.errors import (APIError, ModelNotFound, Overloaded, UpstreamError, Upst
                         UpstreamUnavailable, WorkerUnreachable)
 from app.upstream.cache import RefreshingCache
 from app.upstream.health import WorkerHealth
-from app.upstream.http import mapped_errors, post_json
+from app.upstream.session import mapped_errors, post_json
 
 log = logging.getLogger("flaskchat.controller_client")
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import requests
 
-from app.upstream.http import post_json
+from app.upstream.session import post_json
 
 log = logging.getLogger("flaskchat.health")
 

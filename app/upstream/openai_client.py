@@ -15,8 +15,8 @@ import orjson
 import requests
 
 from app import errors
-from app.upstream.http import mapped_errors, post_json
-from app.upstreams_config import OpenAITarget
+from app.upstream.session import mapped_errors, post_json
+from app.upstream.openai_config import OpenAITarget
 
 MAX_BODY = 64 * 1024 * 1024  # a non-stream answer, or one SSE event
 ERROR_BODY = 8192  # of an error answer, at most this much is read

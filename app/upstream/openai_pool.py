@@ -11,7 +11,7 @@ from typing import Iterable
 from app.errors import ModelNotFound, UpstreamUnavailable
 from app.upstream.health import WorkerHealth
 from app.upstream.openai_client import OpenAIClient
-from app.upstreams_config import OpenAITarget, Targets
+from app.upstream.openai_config import OpenAITarget, Targets
 
 
 class OpenAIUpstreams:

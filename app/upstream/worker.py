@@ -15,8 +15,8 @@ import requests
 
 from app import errors
 from app.upstream.cache import RefreshingCache
-from app.upstream.frames import FrameError, decode_frame, iter_frame_batches
-from app.upstream.http import mapped_errors, post_json
+from app.protocol.frames import FrameError, decode_frame, iter_frame_batches
+from app.upstream.session import mapped_errors, post_json
 
 # Capabilities a worker may list in its /model_details answer under "capabilities".
 # "length_check": the worker enforces the context length itself and answers 40303.

@@ -14,7 +14,7 @@ log = logging.getLogger("flaskchat.worker")
 
 def create_worker_app(settings: WorkerSettings, register: bool = True) -> Flask:
     from app import errors
-    from app.logs import configure_logging
+    from app.telemetry.logs import configure_logging
     from app.worker import loading, registration
     from app.worker.routes import STATE, WorkerState, bp
     from app.worker.slots import Slots

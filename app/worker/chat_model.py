@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from app.errors import CONTEXT_OVERFLOW
-from app.text_stream import TextTracker
+from app.protocol.stop_strings import TextTracker
 from app.worker.sampling import Sampling, next_token
 from app.worker.templates import template_for
 from schemas.messages import ChatMessage

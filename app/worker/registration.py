@@ -13,7 +13,7 @@ from typing import Any, Callable
 import requests
 
 from app.config import WorkerSettings
-from app.upstream.http import build_session
+from app.upstream.session import build_session
 
 log = logging.getLogger("flaskchat.worker")
 RETRY_DELAY = 2.0

@@ -20,11 +20,11 @@ from flask.typing import ResponseReturnValue
 
 from app.config import WorkerSettings
 from app.errors import CUDA_OUT_OF_MEMORY, INTERNAL_ERROR, InvalidRequest
-from app.http_json import json_response, read_json_object
-from app.request_id import HEADER as REQUEST_ID_HEADER
-from app.request_id import is_sane_request_id
-from app.upstream.frames import DELIMITER, encode_frame
-from app.validation import load
+from app.web.json_io import json_response, read_json_object
+from app.web.request_id import HEADER as REQUEST_ID_HEADER
+from app.web.request_id import is_sane_request_id
+from app.protocol.frames import DELIMITER, encode_frame
+from app.web.validation import load
 from app.worker.chat_model import ChatModel, Job, PromptTooLong
 from app.worker.embedding_model import EmbeddingModel
 from app.worker.slots import Cancelled, Slots

@@ -2,7 +2,7 @@
 with the API key), GET /demo/stream/<ticket> (the reply as SSE, for EventSource).
 
 The page and its files need no key: they hold nothing. The ticket is the credential for
-the stream (see ``app.demo_tickets``). Failures after the ticket is redeemed are sent as
+the stream (see ``app.demo.tickets``). Failures after the ticket is redeemed are sent as
 an error event in a 200 stream, because EventSource cannot read an error body.
 """
 from __future__ import annotations
@@ -13,19 +13,20 @@ from typing import Any
 from flask import Blueprint, Response, current_app, redirect, send_from_directory
 from flask.typing import ResponseReturnValue
 
-from app import metrics, sse
-from app.admission import admit
-from app.auth import require_api_key
-from app.context import call, schemas, upstream
-from app.demo_tickets import TicketStore
+from app.telemetry import metrics
+from app.web import sse
+from app.web.admission import admit
+from app.web.auth import require_api_key
+from app.web.context import call, schemas, upstream
+from app.demo.tickets import TicketStore
 from app.errors import APIError, TicketNotFound
-from app.http_json import json_response, read_json_object
+from app.web.json_io import json_response, read_json_object
 from app.routes.relayed import serves
 from app.serving import chat, relay
-from app.validation import load
+from app.web.validation import load
 
 EXTENSION = "flaskchat.demo_tickets"
-PAGE_DIR = Path(__file__).resolve().parent.parent / "static" / "demo"
+PAGE_DIR = Path(__file__).resolve().parent / "static"
 # Only this origin's files and endpoints; no inline script, no framing.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "

@@ -6,7 +6,7 @@ alone, and no key ever appears in a URL or a log. A ticket is 192 random bits, v
 a few seconds, and redeemed once.
 
 Tickets are files in the directory all of this gateway's worker processes share (see
-``app.state_dir``), so that the GET may land on any worker: gunicorn's workers share one
+``app.runtime.state_dir``), so that the GET may land on any worker: gunicorn's workers share one
 listening socket, and a ticket bound to the worker that issued it would fail whenever the
 kernel hands the next connection to another. A rename is the single-use lock: of two
 redeemers, exactly one wins. (Several gateway hosts behind a load balancer need sticky

@@ -1,7 +1,7 @@
 """Prometheus metrics for the gateway, summed over gunicorn's worker processes.
 
 With PROMETHEUS_MULTIPROC_DIR set before prometheus_client is first imported (the arbiter
-sets it: see ``app.state_dir``), every process writes its values to files there and
+sets it: see ``app.runtime.state_dir``), every process writes its values to files there and
 /metrics adds them up; without it (one process, e.g. tests in-process) they live in memory.
 Labels are bounded: routes come from the URL map, models from the known list, error kinds
 from the exception classes, so no client can grow the series without limit.
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter,
                                Gauge, Histogram, generate_latest)
 
-from app.state_dir import METRICS_ENV
+from app.runtime.state_dir import METRICS_ENV
 
 if TYPE_CHECKING:
     from app.errors import APIError

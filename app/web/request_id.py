@@ -8,9 +8,9 @@ from contextvars import ContextVar
 
 from flask import Flask, Response, g
 
-from app.calls import Call
-from app.client_watch import watcher
-from app.ids import new_id
+from app.serving.call import Call
+from app.web.client_watch import watcher
+from app.serving.ids import new_id
 
 HEADER = "X-Request-ID"
 _SANE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 import orjson
 
-from app.request_id import RequestIdFilter
+from app.web.request_id import RequestIdFilter
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 

@@ -7,7 +7,7 @@ pooled connection (the openai client, nginx's upstream keepalive) held a worker 
 the keep-alive timeout after its last request. This worker closes such idle connections
 at once; requests in progress, streams included, are untouched.
 
-Loaded by gunicorn's arbiter by name (``app.gevent_worker.GeventWorker``); imports gevent
+Loaded by gunicorn's arbiter by name (``app.runtime.gevent_worker.GeventWorker``); imports gevent
 but nothing that must be imported after monkey-patching.
 """
 from __future__ import annotations

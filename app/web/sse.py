@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import orjson
 
-from app import metrics
+from app.telemetry import metrics
 from app.errors import APIError, envelope
 
 if TYPE_CHECKING:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import current_app, g
 
-from app.calls import Call
+from app.serving.call import Call
 from app.upstream import Upstream
 from schemas import RequestSchemas
 

@@ -12,10 +12,10 @@ from time import perf_counter
 
 from flask import Flask, Response, g, request
 
-from app import metrics
-from app.calls import Call
-from app.context import upstream
-from app.request_id import CURRENT_CALL
+from app.telemetry import metrics
+from app.serving.call import Call
+from app.web.context import upstream
+from app.web.request_id import CURRENT_CALL
 from app.upstream import Upstream
 
 ACCESS = logging.getLogger("flaskchat.access")
