@@ -10,45 +10,41 @@ if TYPE_CHECKING:
 
 
 def create_app(settings: "Settings | None" = None) -> Flask:
-    import os
-
-    from app import errors
+    """The gateway's Flask app. Its imports wait until here, so that ``import app`` (in
+    gunicorn's arbiter, before the gevent worker patches) loads neither requests nor the
+    rest of the stack."""
+    from app import demo
     from app.config import Settings
-    from app.demo import routes as demo
-    from app.demo.tickets import TicketStore
     from app.routes import chat, completions, embeddings, health, metrics, models, openapi
-    from app.runtime import state_dir
-    from app.telemetry import access_log as observability
+    from app.telemetry import access_log
     from app.telemetry.logs import configure_logging
-    from app.upstream import Upstream
-    from app.web import admission, auth, cors, request_id
-    from app.web.context import EXTENSION, SCHEMAS
+    from app.telemetry.metrics import UpstreamFailures
+    from app.upstream.clients import Upstream
+    from app.web import admission, auth, calls, cors, handlers, sse
+    from app.web.context import SCHEMAS, UPSTREAM
     from schemas import RequestSchemas
 
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level, settings.log_format)
+    failures = UpstreamFailures()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.extensions[EXTENSION] = Upstream(settings)
+    app.extensions[UPSTREAM] = Upstream(settings, failures)
     app.extensions[SCHEMAS] = RequestSchemas(
         max_n=settings.max_n, max_inputs=settings.max_inputs,
         max_messages=settings.max_messages, max_tokens_limit=settings.max_tokens_limit)
-    request_id.init_app(app)
-    observability.init_app(app, settings.access_log, settings.metrics)
+    calls.init_app(app)
+    access_log.init_app(app, settings.access_log, settings.metrics)
     cors.init_app(app, settings)
     auth.init_app(app, settings.api_keys)
     admission.init_app(app, settings.max_in_flight, settings.max_queued,
                        settings.queue_timeout)
-    errors.init_app(app)
+    handlers.init_app(app, on_server_error=failures.failed)
+    sse.init_app(app, settings.keepalive_interval)
     for module in (chat, completions, embeddings, models, health, openapi):
         app.register_blueprint(module.bp)
     if settings.metrics:
         app.register_blueprint(metrics.bp)
     if settings.demo:
-        shared = (settings.state_dir or os.environ.get(state_dir.STATE_ENV)
-                  or state_dir.private_dir())
-        os.makedirs(state_dir.tickets_dir(shared), mode=0o700, exist_ok=True)
-        app.extensions[demo.EXTENSION] = TicketStore(state_dir.tickets_dir(shared),
-                                                     settings.demo_ticket_ttl)
-        app.register_blueprint(demo.bp)
+        demo.init_app(app, settings)
     return app

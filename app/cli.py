@@ -10,8 +10,6 @@ import argparse
 import sys
 from typing import Any, Callable, Sequence
 
-from gunicorn.app.base import BaseApplication
-
 from app.config import (ControllerSettings, Settings, WorkerSettings, add_arguments,
                         parse_list, read_key_file)
 
@@ -59,10 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from app.runtime import state_dir
+    from app.runtime import gunicorn_runner, state_dir
+    from app.upstream.openai_config import UpstreamConfigError, load_targets
 
     settings = Settings.from_args(args)
-    from app.upstream.openai_config import UpstreamConfigError, load_targets
     try:  # a wrong upstream entry stops here, clearly, not in every worker process
         load_targets(settings.openai_upstreams, settings.upstreams_file,
                      settings.connect_timeout)
@@ -76,34 +74,27 @@ def _serve(args: argparse.Namespace) -> int:
         from app import create_app
         return create_app(settings)
 
-    options = {
-        "workers": settings.workers,
-        "worker_class": "app.runtime.gevent_worker.GeventWorker",
-        "worker_connections": settings.worker_connections,
-        "timeout": 60,  # only catches a blocked hub; streams are bounded by read_timeout
-        "graceful_timeout": settings.graceful_timeout,  # running streams finish on a deploy
-        "child_exit": lambda _arbiter, worker: state_dir.worker_exited(worker.pid),
-    }
     print(f"flaskchat: serving the API on http://{settings.host}:{settings.port}/v1 "
           f"(controller {settings.controller_address})", file=sys.stderr, flush=True)
-    return _run_gunicorn(load, args.fd, settings.host, settings.port, settings.log_level,
-                         options)
+    return gunicorn_runner.run(load, gunicorn_runner.gateway_config(settings), args.fd,
+                               settings.log_level, settings.log_format)
 
 
 def _controller(args: argparse.Namespace) -> int:
+    from app.runtime import gunicorn_runner
+
     settings = ControllerSettings.from_args(args)
 
     def load() -> Any:
         from app.controller import create_controller_app
         return create_controller_app(settings)
 
-    # The registry lives in process memory: exactly one process, threads for concurrency.
-    options = {"workers": 1, "worker_class": "gthread", "threads": 16, "timeout": 60}
-    return _run_gunicorn(load, args.fd, settings.host, settings.port, settings.log_level,
-                         options)
+    return gunicorn_runner.run(load, gunicorn_runner.controller_config(settings), args.fd,
+                               settings.log_level)
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from app.runtime import gunicorn_runner
     from app.worker.loading import LoadError, resolve
 
     settings = WorkerSettings.from_args(args)
@@ -117,12 +108,8 @@ def _worker(args: argparse.Namespace) -> int:
         from app.worker import create_worker_app
         return create_worker_app(settings)
 
-    # Never monkey-patched: generation is CPU/GPU-bound and runs in real threads. One
-    # process holds one copy of the model; the long timeout covers a first GGUF conversion.
-    options = {"workers": 1, "worker_class": "gthread",
-               "threads": settings.limit_worker_concurrency + 16, "timeout": 300}
-    return _run_gunicorn(load, args.fd, settings.host, settings.port, settings.log_level,
-                         options)
+    return gunicorn_runner.run(load, gunicorn_runner.worker_config(settings), args.fd,
+                               settings.log_level)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -148,33 +135,6 @@ def _up(args: argparse.Namespace) -> int:
                 concurrency=args.limit_worker_concurrency,
                 controller_port=args.controller_port)
     return Stack(plan).run()
-
-
-def _run_gunicorn(load: Callable[[], Any], fd: int | None, host: str, port: int,
-                  log_level: str, options: dict[str, Any]) -> int:
-    _Gunicorn(load, {
-        "bind": [f"fd://{fd}"] if fd is not None else [f"{host}:{port}"],
-        "keepalive": 75,  # callers reuse their connections; gunicorn's default is 2 s
-        "control_socket_disable": True,
-        "loglevel": log_level,
-        **options,
-    }).run()
-    return 0
-
-
-class _Gunicorn(BaseApplication):  # type: ignore[misc]
-    def __init__(self, loader: Callable[[], Any], options: dict[str, Any]) -> None:
-        self._loader = loader
-        self._options = options
-        super().__init__()
-
-    def load_config(self) -> None:
-        for key, value in self._options.items():
-            if key in self.cfg.settings:
-                self.cfg.set(key, value)
-
-    def load(self) -> Any:
-        return self._loader()
 
 
 if __name__ == "__main__":

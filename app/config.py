@@ -229,6 +229,11 @@ class ControllerSettings:
         90.0, "--heart-beat-expiration", _positive(float),
         "seconds without a heartbeat before a worker is dropped",
         env=("FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION",))
+    worker_api_timeout: float = _opt(
+        100.0, "--worker-api-timeout", _positive(float),
+        "longest silence, in seconds, of a worker whose stream the controller proxies "
+        "(FastChat's /worker_generate_stream on the controller)",
+        env=("FASTCHAT_WORKER_API_TIMEOUT",))
     worker_secret: str = _opt(
         "", "--worker-secret", str,
         "shared secret workers must send (Authorization: Bearer) to register, heartbeat or "

@@ -1,31 +1,18 @@
-"""The exception tree, its HTTP statuses, the one envelope builder and the Flask handlers.
+"""The exception tree (each class carries its HTTP status and codes) and the envelope.
 
 Every error a client can see is built by :func:`envelope`: the OpenAI shape
 ``{"error": {"message", "type", "param", "code"}}`` plus FastChat's top-level
-``object``/``message``/``code`` so that FastChat-era clients keep working.
+``object``/``message``/``code`` so that FastChat-era clients keep working. Rendering an
+error as a Flask response is ``app.web.handlers``' job.
 """
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from flask import Flask, Response
-
-log = logging.getLogger("flaskchat")
-
-# FastChat's ErrorCode values (fastchat/constants.py), carried at the top level of the body.
-VALIDATION_TYPE_ERROR = 40001
-INVALID_AUTH_KEY = 40101
-INVALID_MODEL = 40301
-PARAM_OUT_OF_RANGE = 40302
-CONTEXT_OVERFLOW = 40303
-RATE_LIMIT = 42901
-ENGINE_OVERLOADED = 42903
-INTERNAL_ERROR = 50001
-CUDA_OUT_OF_MEMORY = 50002
-CONTROLLER_NO_WORKER = 50005
-CONTROLLER_WORKER_TIMEOUT = 50006
+from app.protocol.error_codes import (CONTEXT_OVERFLOW, CONTROLLER_NO_WORKER,
+                                      CONTROLLER_WORKER_TIMEOUT, CUDA_OUT_OF_MEMORY,
+                                      INTERNAL_ERROR, INVALID_AUTH_KEY, INVALID_MODEL,
+                                      PARAM_OUT_OF_RANGE, RATE_LIMIT, VALIDATION_TYPE_ERROR)
 
 
 class APIError(Exception):
@@ -48,6 +35,16 @@ class APIError(Exception):
         if code is not None:
             self.code = code
         self.headers = headers or {}
+
+    def __copy__(self) -> "APIError":
+        """The same error as a new object, not yet counted: a cached failure raised again
+        for another request is that request's failure too."""
+        clone = self.__class__.__new__(self.__class__)
+        clone.args = self.args
+        clone.__dict__.update(self.__dict__)
+        clone.headers = dict(self.headers)
+        clone.counted = False
+        return clone
 
 
 class InvalidRequest(APIError):
@@ -140,52 +137,3 @@ def envelope(error: APIError) -> dict[str, Any]:
         "message": error.message,
         "code": error.fastchat_code,
     }
-
-
-def error_response(error: APIError) -> "Response":
-    from app.web.json_io import json_response
-
-    response = json_response(envelope(error), error.status)
-    response.headers.update(error.headers)
-    return response
-
-
-_HTTP_ERRORS: dict[int, type[APIError]] = {
-    400: InvalidRequest, 404: RouteNotFound, 405: MethodNotAllowed, 413: PayloadTooLarge,
-    415: UnsupportedMediaType,
-}
-
-
-def init_app(app: "Flask") -> None:
-    from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
-
-    @app.errorhandler(APIError)
-    def handle_api_error(error: APIError) -> "Response":
-        if error.status >= 500:
-            log.warning("%s %s: %s", error.status, error.code, error.message)
-            from app.telemetry import metrics
-            metrics.count_upstream_error(error)
-        return error_response(error)
-
-    @app.errorhandler(RequestEntityTooLarge)
-    def handle_too_large(error: RequestEntityTooLarge) -> "Response":
-        limit = app.config.get("MAX_CONTENT_LENGTH")
-        return error_response(PayloadTooLarge(
-            f"Request body is larger than the limit of {limit} bytes."))
-
-    @app.errorhandler(HTTPException)
-    def handle_http_error(error: HTTPException) -> "Response":
-        status = error.code or 500
-        cls = _HTTP_ERRORS.get(status, InvalidRequest if status < 500 else APIError)
-        wrapped = cls(error.description or error.name)
-        wrapped.status = status
-        response = error_response(wrapped)
-        if status == 405 and error.get_response().headers.get("Allow"):
-            response.headers["Allow"] = error.get_response().headers["Allow"]
-        return response
-
-    @app.errorhandler(Exception)
-    def handle_unexpected(error: Exception) -> "Response":
-        log.exception("unhandled error")
-        return error_response(APIError("The server had an error while processing your "
-                                       "request. Retry, or report it with the request id."))

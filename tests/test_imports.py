@@ -1,18 +1,52 @@
-"""The gevent worker patches before our code loads; importing the app or the CLI must not
-pull in requests/urllib3 first (gevent would warn about ssl, and patching would be late)."""
+"""Import boundaries, each checked in a fresh interpreter.
+
+- The gevent worker patches before our code loads: importing the app, the CLI, the config
+  or gunicorn.conf.py must not pull in requests or urllib3 first (gevent would warn about
+  ssl, and patching would be late).
+- The worker and controller processes import only config, errors, app.protocol and
+  app.web's plumbing (and their own package): never the gateway's serving, routes or
+  upstream packages.
+"""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
+ALLOWED_FOR_PROCESSES = ("app", "app.config", "app.errors", "app.protocol", "app.web")
 
-@pytest.mark.parametrize("module", ["app", "app.cli", "app.config"])
-def test_import_leaves_requests_unloaded(module: str) -> None:
-    code = (f"import sys, {module}; "
-            "loaded = [m for m in ('requests', 'urllib3', 'gevent') if m in sys.modules]; "
-            "print(','.join(loaded))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
-    assert result.stdout.strip() == ""
+
+def modules_after(code: str) -> list[str]:
+    """The modules loaded in a fresh interpreter after running ``code``."""
+    probe = f"import sys, json; {code}; print(json.dumps(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True, cwd=ROOT)
+    loaded: list[str] = json.loads(result.stdout.strip().splitlines()[-1])
+    return loaded
+
+
+@pytest.mark.parametrize("code", ["import app", "import app.cli", "import app.config",
+                                  "import app.runtime.gunicorn_runner",
+                                  "exec(open('gunicorn.conf.py').read(), {})"])
+def test_the_arbiter_side_leaves_requests_unloaded(code: str) -> None:
+    loaded = modules_after(code)
+    assert [m for m in ("requests", "urllib3", "gevent") if m in loaded] == []
+
+
+@pytest.mark.parametrize("package,entry", [
+    ("app.worker", "app.worker.routes"), ("app.worker", "app.worker.registration"),
+    ("app.worker", "app.worker"), ("app.controller", "app.controller.routes"),
+    ("app.controller", "app.controller")])
+def test_worker_and_controller_import_no_gateway_code(package: str, entry: str) -> None:
+    if package == "app.worker":
+        pytest.importorskip("torch")  # the worker's routes load the model code
+    loaded = [m for m in modules_after(f"import {entry}")
+              if m == "app" or m.startswith("app.")]
+    outside = [m for m in loaded if not m.startswith(package)
+               and not any(m == a or m.startswith(a + ".") for a in ALLOWED_FOR_PROCESSES)]
+    assert outside == []
+    assert {"app.serving", "app.routes", "app.upstream"}.isdisjoint(loaded)

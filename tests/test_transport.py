@@ -354,15 +354,16 @@ def _client_cpu_seconds(url: str, session: requests.Session) -> float:
 
 def test_6_reading_a_large_body_is_linear_in_its_size(
         serve: Callable[[Script], RawServer], session: requests.Session) -> None:
-    """One chunk much larger than a read: CPU must grow with the size, not its square.
-    (A ratio of two sizes on the same machine, so it holds on a slow or busy one.)"""
+    """One chunk much larger than a read: CPU must grow with the size, not its square:
+    16x the bytes cost about 16x the CPU, never the 256x of a square. (A ratio of two sizes
+    on the same machine, so it holds on a slow or busy one.)"""
     def script_for(size: int) -> Script:
         body = b"%x\r\n" % size + b"z" * size + b"\r\n0\r\n\r\n"
         return lambda conn, n: conn.sendall(HEAD + body)
-    small = serve(script_for(2 * 1024 * 1024))
+    small = serve(script_for(1024 * 1024))
     large = serve(script_for(16 * 1024 * 1024))
     ratio = _client_cpu_seconds(large.url, session) / _client_cpu_seconds(small.url, session)
-    assert ratio < 24, f"8x the bytes cost {ratio:.0f}x the CPU"
+    assert ratio < 64, f"16x the bytes cost {ratio:.0f}x the CPU"
 
 
 @pytest.mark.parametrize("line", [b"1;" + b"e" * 200_000, b"f" * 200_000],

@@ -21,7 +21,7 @@ from tests.conftest import (MakeClient, Server, start_controller, start_gateway,
 pytestmark = pytest.mark.worker
 torch = pytest.importorskip("torch")
 
-from app.protocol.frames import iter_frames  # noqa: E402
+from app.protocol.frames import FrameDecoder  # noqa: E402
 from app.worker.chat_model import ChatModel, PromptTooLong  # noqa: E402
 from app.worker.loading import LoadError, load_causal_lm, resolve  # noqa: E402
 from schemas.worker import GenerationSchema  # noqa: E402
@@ -172,7 +172,7 @@ def test_worker_protocol_endpoints(http_stack: dict[str, Server]) -> None:
     assert final["usage"]["completion_tokens"] == 4
     raw = requests.post(worker + "/worker_generate_stream", json={
         "model": "tiny", "prompt": "Hi", "max_new_tokens": 4, "echo": False}).content
-    frames = list(iter_frames([raw]))
+    frames = FrameDecoder(skip_superseded=False).feed(raw) or []
     assert frames[-1]["finish_reason"] == "length" and frames[-1]["error_code"] == 0
 
 

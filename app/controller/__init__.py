@@ -15,20 +15,17 @@ STATUS_TIMEOUT = (5.0, 5.0)
 
 
 def create_controller_app(settings: ControllerSettings | None = None) -> Flask:
-    import os
-
     import requests
 
-    from app import errors
     from app.controller.registry import Registry
     from app.controller.routes import REGISTRY, SESSION, bp
-    from app.telemetry.logs import configure_logging
-    from app.upstream.session import build_session
+    from app.web import handlers
     from schemas.controller import WorkerStatusSchema
 
     settings = settings or ControllerSettings()
-    configure_logging(settings.log_level)
-    session = build_session(pool_size=64)
+    # A few calls a minute (and FastChat's proxied generations): requests' own pool.
+    session = requests.Session()
+    session.trust_env = False
     status_schema = WorkerStatusSchema()
 
     def fetch_status(name: str) -> dict[str, Any] | None:
@@ -45,11 +42,11 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Flask:
     registry = Registry(settings.dispatch_method, settings.heart_beat_expiration, fetch_status)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
-    app.config["WORKER_TIMEOUT"] = float(os.environ.get("FASTCHAT_WORKER_API_TIMEOUT", 100))
+    app.config["WORKER_TIMEOUT"] = settings.worker_api_timeout
     app.config["WORKER_SECRET"] = settings.worker_secret.encode()
     app.extensions[REGISTRY] = registry
     app.extensions[SESSION] = session
-    errors.init_app(app)
+    handlers.init_app(app)
     app.register_blueprint(bp)
     _start_sweeper(registry, interval=min(10.0, settings.heart_beat_expiration / 3))
     return app

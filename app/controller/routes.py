@@ -9,7 +9,8 @@ from flask import Blueprint, Response, current_app, request, stream_with_context
 from flask.typing import ResponseReturnValue
 
 from app.controller.registry import Registry
-from app.errors import CONTROLLER_NO_WORKER, CONTROLLER_WORKER_TIMEOUT, AuthenticationFailed
+from app.errors import AuthenticationFailed
+from app.protocol.error_codes import CONTROLLER_NO_WORKER, CONTROLLER_WORKER_TIMEOUT
 from app.web.json_io import json_response, read_json_object
 from app.protocol.frames import encode_frame
 from app.web.validation import load

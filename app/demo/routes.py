@@ -13,8 +13,9 @@ from typing import Any
 from flask import Blueprint, Response, current_app, redirect, send_from_directory
 from flask.typing import ResponseReturnValue
 
-from app.telemetry import metrics
+from app.serving.events import DONE, error_event
 from app.web import sse
+from app.web.handlers import report
 from app.web.admission import admit
 from app.web.auth import require_api_key
 from app.web.context import call, schemas, upstream
@@ -104,6 +105,6 @@ def stream(ticket: str) -> ResponseReturnValue:
             events, on_close = chat.open_stream(body, upstream(), current)
     except APIError as exc:
         if exc.status >= 500:
-            metrics.count_upstream_error(exc)
-        return sse.response([sse.error_event(exc), sse.DONE])
+            report(exc)
+        return sse.response([error_event(exc) + DONE])
     return sse.response(events, on_close)

@@ -85,3 +85,11 @@ def _held_suffix(text: str, start: int, stops: Sequence[str], longest: int) -> i
         if any(stop.startswith(tail) for stop in stops):
             return len(text) - i
     return 0
+
+
+def final_text(frame: dict[str, Any], stops: Sequence[str], floor: int = 0) -> tuple[str, str]:
+    """A final frame's text, cut at the first stop string even if the worker ignored it,
+    and its finish reason."""
+    text, stopped = cut_at_stop(str(frame.get("text") or "").rstrip(INCOMPLETE_CHARACTER),
+                                stops, floor)
+    return text, "stop" if stopped else finish_reason(frame) or "stop"

@@ -10,7 +10,8 @@ from flask.typing import ResponseReturnValue
 
 from app.web.admission import admission
 from app.web.context import upstream
-from app.errors import APIError, UpstreamUnavailable, error_response
+from app.errors import APIError, UpstreamUnavailable
+from app.web.handlers import error_response
 from app.web.json_io import json_response
 
 bp = Blueprint("health", __name__)

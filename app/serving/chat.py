@@ -12,13 +12,16 @@ from app.serving.call import Call
 from app.serving.prompt import TemplateError, render, stop_strings
 from app.errors import InvalidRequest, UpstreamError
 from app.serving.ids import new_id
-from app.serving.generation import (Source, UsageTally, final_text, generate_all, on_worker,
-                                    once, open_generations, sampling_params, text_model_details,
-                                    token_budget)
 from app.serving.stream_driver import drive
-from app.protocol.stop_strings import TextTracker
-from app.upstream import Upstream
-from app.upstream.worker import RENDERS_MESSAGES
+from app.serving.token_budget import token_budget
+from app.serving.usage import UsageTally
+from app.serving.worker_calls import (generate_all, on_worker, open_streams, sampling_params,
+                                      text_model_details)
+from app.serving.worker_streams import WorkerStreams
+from app.protocol.capabilities import LOGPROBS, RENDERS_MESSAGES, RESPONSE_FORMAT, TOOLS
+from app.protocol.stop_strings import TextTracker, final_text
+from app.upstream.clients import Upstream
+from app.upstream.failover import releaser
 from schemas import ChatMessage, ChatRequest
 
 
@@ -53,27 +56,26 @@ def complete(body: ChatRequest, upstream: Upstream, call: Call) -> dict[str, Any
 
 
 def open_stream(body: ChatRequest, upstream: Upstream,
-                call: Call) -> tuple[Iterator[bytes], list[Callable[[], object]]]:
+                call: Call) -> tuple[Iterator[bytes | None], list[Callable[[], object]]]:
     """Everything that can fail with a status happens here, before the first byte; the
     returned events and close callbacks go to ``sse.response``."""
     call.model = body["model"]
     n = body["n"]
     address, (plan, source) = on_worker(upstream, body["model"],
                                         partial(_start, body, upstream, call))
-    release = once(partial(upstream.controller.release, address))
+    release = releaser(upstream.controller, address)
     fmt = ChatChunks(new_id("chatcmpl-"), int(time.time()), body["model"],
                      body["include_usage"])
     usage = UsageTally(n, [plan.prompt_tokens]) if body["include_usage"] else None
     trackers = [TextTracker(plan.stops) for _ in range(n)]
-    events = drive(source, fmt, trackers, usage, call,
-                   upstream.settings.keepalive_interval)
+    events = drive(source, fmt, trackers, usage, call)
     return events, [source.close, release]
 
 
 def _start(body: ChatRequest, upstream: Upstream, call: Call,
-           address: str) -> tuple[ChatPlan, Source]:
+           address: str) -> tuple[ChatPlan, WorkerStreams]:
     plan = _plan(body, upstream, call, address)
-    return plan, open_generations(upstream, call, address, [plan.params], body["n"])
+    return plan, open_streams(upstream, call, address, [plan.params], body["n"])
 
 
 def _plan(body: ChatRequest, upstream: Upstream, call: Call, address: str) -> ChatPlan:
@@ -109,8 +111,8 @@ def _plan(body: ChatRequest, upstream: Upstream, call: Call, address: str) -> Ch
 
 # OpenAI chat features a FastChat worker may list among its capabilities: request field ->
 # capability. Without it, asking for the feature is a 400 naming the field.
-FEATURES = {"tools": "tools", "functions": "tools", "response_format": "response_format",
-            "logprobs": "logprobs"}
+FEATURES = {"tools": TOOLS, "functions": TOOLS, "response_format": RESPONSE_FORMAT,
+            "logprobs": LOGPROBS}
 
 
 def _features(body: ChatRequest, capabilities: frozenset[str],

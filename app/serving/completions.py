@@ -16,13 +16,16 @@ import orjson
 from app.serving.call import Call
 from app.serving.prompt import stop_strings
 from app.serving.ids import new_id
-from app.serving.generation import (Source, UsageTally, final_text, generate_all, on_worker,
-                                    once, open_generations, sampling_params, text_model_details,
-                                    token_budget)
 from app.serving.stream_driver import drive
-from app.protocol.stop_strings import TextTracker
-from app.upstream import Upstream
-from app.upstream.worker import RENDERS_MESSAGES
+from app.serving.token_budget import token_budget
+from app.serving.usage import UsageTally
+from app.serving.worker_calls import (generate_all, on_worker, open_streams, sampling_params,
+                                      text_model_details)
+from app.serving.worker_streams import WorkerStreams
+from app.protocol.capabilities import RENDERS_MESSAGES
+from app.protocol.stop_strings import TextTracker, final_text
+from app.upstream.clients import Upstream
+from app.upstream.failover import releaser
 from schemas import CompletionRequest
 
 
@@ -59,25 +62,24 @@ def complete(body: CompletionRequest, upstream: Upstream, call: Call) -> dict[st
 
 
 def open_stream(body: CompletionRequest, upstream: Upstream,
-                call: Call) -> tuple[Iterator[bytes], list[Callable[[], object]]]:
+                call: Call) -> tuple[Iterator[bytes | None], list[Callable[[], object]]]:
     call.model = body["model"]
     n = body["n"]
     address, (plans, source) = on_worker(upstream, body["model"],
                                          partial(_start, body, upstream, call))
-    release = once(partial(upstream.controller.release, address))
+    release = releaser(upstream.controller, address)
     fmt = CompletionChunks(new_id("cmpl-"), int(time.time()), body["model"],
                            body["include_usage"], body["logprobs"] is not None)
     usage = UsageTally(n, [p.prompt_tokens for p in plans]) if body["include_usage"] else None
-    events = drive(source, fmt, _trackers(body, plans), usage, call,
-                   upstream.settings.keepalive_interval)
+    events = drive(source, fmt, _trackers(body, plans), usage, call)
     return events, [source.close, release]
 
 
 def _start(body: CompletionRequest, upstream: Upstream, call: Call,
-           address: str) -> tuple[list[PromptPlan], Source]:
+           address: str) -> tuple[list[PromptPlan], WorkerStreams]:
     plans = _plans(body, upstream, call, address)
-    source = open_generations(upstream, call, address, [plan.params for plan in plans],
-                              body["n"])
+    source = open_streams(upstream, call, address, [plan.params for plan in plans],
+                          body["n"])
     return plans, source
 
 

@@ -9,8 +9,8 @@ from typing import Any
 from app.serving.call import Call
 from app.errors import InvalidRequest, UpstreamError
 from app.serving.concurrency import run_all
-from app.serving.generation import on_worker
-from app.upstream import Upstream
+from app.serving.worker_calls import on_worker
+from app.upstream.clients import Upstream
 from schemas import EmbeddingRequest
 
 

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from app.errors import APIError, ModelNotFound
-from app.upstream import Upstream
+from app.upstream.clients import Upstream
 
 OPENAI_OWNER = "flaskchat-upstream"  # served by an OpenAI-compatible upstream
 

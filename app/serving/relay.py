@@ -10,24 +10,20 @@ request, which makes the upstream stop generating.
 """
 from __future__ import annotations
 
-import time
-from functools import partial
-from itertools import chain
 from typing import Any, Callable, Iterator
 
 import orjson
-import requests
 
-from app.web import sse
-from app.serving.call import Call
 from app.errors import APIError, UpstreamError
-from app.serving.sources import until_first_batch
-from app.serving.generation import completion_tokens, once, with_failover
+from app.serving.call import Call
+from app.serving.events import DONE
 from app.serving.stream_driver import drain
-from app.upstream import Upstream
+from app.serving.usage import completion_tokens
+from app.upstream.clients import Upstream
+from app.upstream.failover import releaser, with_failover
 from app.upstream.openai_client import OpenAIClient
 from app.upstream.openai_config import OpenAITarget
-from app.upstream.worker import Timing
+from app.upstream.stream import Timing, UpstreamStream, follow
 
 CHAT = "/chat/completions"
 COMPLETIONS = "/completions"
@@ -46,7 +42,7 @@ def complete(path: str, payload: dict[str, Any], model: str, upstream: Upstream,
             response = client.post(target, path, _outgoing(payload, target), call.request_id)
             return client.read_json(response, target, call.client_gone, upstream.timing.tick)
 
-    target, answer = with_failover(upstream.openai, model, attempt)
+    target, answer = with_failover(upstream.openai, model, attempt, upstream.failures)
     upstream.openai.release(target)
     if "model" in answer:
         answer["model"] = model
@@ -55,18 +51,17 @@ def complete(path: str, payload: dict[str, Any], model: str, upstream: Upstream,
 
 
 def open_stream(path: str, payload: dict[str, Any], model: str, upstream: Upstream,
-                call: Call) -> tuple[Iterator[bytes], list[Callable[[], object]]]:
+                call: Call) -> tuple[Iterator[bytes | None], list[Callable[[], object]]]:
     """The relayed events and the close callbacks, for ``sse.response``."""
     call.model = model
     client = upstream.openai.client
     target, response = with_failover(upstream.openai, model, lambda target: client.post(
-        target, path, _outgoing(payload, target), call.request_id))
-    release = once(partial(upstream.openai.release, target))
+        target, path, _outgoing(payload, target), call.request_id), upstream.failures)
+    stream = OpenAIClient.events(response, target)
     timing = Timing(tick=upstream.timing.tick, first_token=target.read_timeout,
                     between_tokens=target.read_timeout)
-    events = _relay(response, target, _Events(model, target, call), call, timing,
-                    upstream.settings.keepalive_interval)
-    return events, [response.close, release]
+    events = _relay(stream, target, _Events(model, target, call), call, timing)
+    return events, [stream.close, releaser(upstream.openai, target)]
 
 
 def _outgoing(payload: dict[str, Any], target: OpenAITarget) -> dict[str, Any]:
@@ -75,25 +70,15 @@ def _outgoing(payload: dict[str, Any], target: OpenAITarget) -> dict[str, Any]:
     return {**payload, "model": target.model}
 
 
-def _relay(response: requests.Response, target: OpenAITarget, events: "_Events", call: Call,
-           timing: Timing, keepalive: float) -> Iterator[bytes]:
-    batches = OpenAIClient.event_batches(response, target)
-    items = chain(until_first_batch(response, batches, timing, 0,
-                                    what=f"The upstream {target.base_url}"),
-                  ((0, batch) for batch in batches))
-    written = time.monotonic()
+def _relay(stream: UpstreamStream[bytes], target: OpenAITarget, events: "_Events",
+           call: Call, timing: Timing) -> Iterator[bytes | None]:
+    items = follow(stream, timing, call.client_gone)
     done = False
     try:
-        for index, batch in items:
-            if index < 0:  # nothing yet: the upstream queues or reads the prompt
-                if call.client_gone():
-                    return  # the close callbacks close the upstream request
-                if time.monotonic() - written >= keepalive:
-                    written = time.monotonic()
-                    yield sse.KEEPALIVE
-                continue
+        for batch in items:
             if batch is None:
-                break
+                yield None  # nothing yet: the upstream queues or reads the prompt
+                continue
             out = []
             for data in batch:
                 if data == b"[DONE]":
@@ -106,18 +91,17 @@ def _relay(response: requests.Response, target: OpenAITarget, events: "_Events",
                         yield b"".join(out)
                     raise
             if out:
-                written = time.monotonic()
                 yield b"".join(out)
             if done:
                 break
         if not done and not events.finished:
             raise UpstreamError(f"The upstream {target.base_url} ended the stream before "
                                 "it was complete.")
-        yield sse.DONE
+        yield DONE
         if done:
             drain(items)
     finally:
-        response.close()
+        stream.close()
 
 
 class _Events:
@@ -132,11 +116,13 @@ class _Events:
         self.finished = False  # a choice has had its finish_reason
 
     def relayed(self, data: bytes) -> bytes:
+        # find, not "in": on bytes, "in" raises and clears an error before it searches.
         call = self._call
-        if (call.first_token_at is None or b"\n" in data or self._as_sent not in data
-                or b'"completion_tokens"' in data or b'"error"' in data):
+        if (call.first_token_at is None or data.find(b"\n") >= 0
+                or data.find(self._as_sent) < 0 or data.find(b'"completion_tokens"') >= 0
+                or data.find(b'"error"') >= 0):
             data = self._checked(data)
-        if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
+        if data.find(b'"finish_reason":"') >= 0 or data.find(b'"finish_reason": "') >= 0:
             self.finished = True
         return b"data: " + data + b"\n\n"
 
@@ -160,7 +146,7 @@ class _Events:
         tokens = completion_tokens(event)
         if tokens:
             self._call.completion_tokens = tokens
-        if event.get("model", self._model) != self._model or b"\n" in data:
+        if event.get("model", self._model) != self._model or data.find(b"\n") >= 0:
             event["model"] = self._model
             return orjson.dumps(event)
         return data

@@ -3,85 +3,82 @@
 The endpoint decides what a chunk looks like (a ChunkFormat); this module decides when
 chunks go out: deltas as text becomes releasable, one finish chunk per choice as soon as
 that choice ends, the usage chunk, then ``[DONE]``. Everything that one upstream read
-produced goes out as one write. Errors raised by the source end a stream through
-``app.web.sse``'s guard (error event, then ``[DONE]``); a client that goes away ends it at once,
-which closes the worker streams and so cancels their generations.
+produced goes out as one write, and a tick of the workers' silence passes on as None (the
+SSE response's cue for a keep-alive). Errors end the stream through ``app.web.sse``'s
+guard (error event, then ``[DONE]``); a client that goes away ends it at once, which
+closes the worker streams and so cancels their generations.
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Iterator, Protocol, Sequence, Union
+from typing import Any, Iterator, Protocol, Sequence
 
-from app.web import sse
-from app.serving.call import Call
 from app.errors import APIError
-from app.serving.sources import MergedSource, SingleSource
-from app.serving.generation import UsageTally, completion_tokens
+from app.protocol.frames import Frame
 from app.protocol.stop_strings import TextTracker, finish_reason
-
-Source = Union[SingleSource, MergedSource]
+from app.serving.call import Call
+from app.serving.events import DONE
+from app.serving.usage import UsageTally, completion_tokens
+from app.serving.worker_streams import WorkerStreams
 
 
 class ChunkFormat(Protocol):
     def opening(self, index: int) -> bytes: ...
-    def delta(self, index: int, text: str, frame: dict[str, Any]) -> bytes: ...
+    def delta(self, index: int, text: str, frame: Frame) -> bytes: ...
     def finish(self, index: int, reason: str) -> bytes: ...
     def usage(self, usage: dict[str, int]) -> bytes: ...
 
 
-def drive(source: Source, fmt: ChunkFormat, trackers: Sequence[TextTracker],
-          usage: UsageTally | None, call: Call, keepalive: float) -> Iterator[bytes]:
+def drive(source: WorkerStreams, fmt: ChunkFormat, trackers: Sequence[TextTracker],
+          usage: UsageTally | None, call: Call) -> Iterator[bytes | None]:
     """The whole event stream. ``usage`` is None unless the client asked for it; ``call``
     learns when the first text went out and how many tokens were generated."""
     done = [False] * len(trackers)
     remaining = len(trackers)
-    items = iter(source)
-    written = time.monotonic()
+    items = source.items()
     try:
         opening = b"".join(fmt.opening(i) for i in range(len(trackers)))
         if opening:
             yield opening
-        for index, batch in items:
-            if index < 0:  # TICK: nothing arrived for a while
-                if call.client_gone():
-                    return  # the finally below cancels the generations
-                if time.monotonic() - written >= keepalive:
-                    written = time.monotonic()
-                    yield sse.KEEPALIVE
+        for batch in items:
+            if batch is None:
+                yield None  # nothing arrived for a tick
                 continue
-            if done[index]:
-                continue  # read on to the end, so the connection can be reused
-            text, reason, frame = _advance(trackers[index], batch, usage, index)
-            out = fmt.delta(index, text, frame) if text else b""
-            if text and call.first_token_at is None:
-                call.first_token()
-            if reason is not None:
-                call.completion_tokens += completion_tokens(frame)
-                out += fmt.finish(index, reason)
-                done[index] = True
-                remaining -= 1
-                if trackers[index].stopped:
-                    source.finish(index)  # cut by a stop string: cancel the generation
+            out = []
+            for index, frames in batch:
+                if done[index]:
+                    continue  # read on to the end, so the connection can be reused
+                text, reason, frame = _advance(trackers[index], frames, usage, index)
+                if text:
+                    out.append(fmt.delta(index, text, frame))
+                    if call.first_token_at is None:
+                        call.first_token()
+                if reason is not None:
+                    call.completion_tokens += completion_tokens(frame)
+                    out.append(fmt.finish(index, reason))
+                    done[index] = True
+                    remaining -= 1
+                    if trackers[index].stopped:
+                        source.finish(index)  # cut by a stop string: cancel the generation
             if out:
-                written = time.monotonic()
-                yield out
+                yield out[0] if len(out) == 1 else b"".join(out)
             if not remaining:
-                yield (fmt.usage(usage.total()) if usage is not None else b"") + sse.DONE
+                yield (fmt.usage(usage.total()) if usage is not None else b"") + DONE
                 drain(items)
                 return
-        yield sse.DONE  # unreachable: every choice ends before its source does
+        yield DONE  # unreachable: every choice ends before its source does
     finally:
-        _close(items, source)
+        items.close()
+        source.close()
 
 
-def _advance(tracker: TextTracker, batch: list[dict[str, Any]] | None,
-             usage: UsageTally | None, index: int) -> tuple[str, str | None, dict[str, Any]]:
+def _advance(tracker: TextTracker, frames: list[Frame] | None, usage: UsageTally | None,
+             index: int) -> tuple[str, str | None, Frame]:
     """The text one read releases, the finish reason if the choice ended, and its frame."""
-    if batch is None:  # the stream ended without a finish_reason
+    if frames is None:  # the stream ended without a finish_reason
         return tracker.flush(), "stop", {}
     # Text is cumulative: only the last frame of a read matters, unless one before it
     # already finished the choice.
-    frame = next((f for f in batch if f.get("finish_reason")), batch[-1])
+    frame = next((f for f in frames if f.get("finish_reason")), frames[-1])
     if usage is not None:
         usage.record(index, frame)
     reason = finish_reason(frame)
@@ -98,10 +95,3 @@ def drain(items: Iterator[Any]) -> None:
             pass
     except APIError:
         pass
-
-
-def _close(items: Iterator[Any], source: Source) -> None:
-    close = getattr(items, "close", None)
-    if close is not None:
-        close()
-    source.close()

@@ -7,8 +7,8 @@ from typing import Any
 from app.serving.call import Call
 from app.errors import InvalidRequest
 from app.serving.concurrency import run_all
-from app.serving.generation import on_worker
-from app.upstream import Upstream
+from app.serving.worker_calls import on_worker
+from app.upstream.clients import Upstream
 from schemas import TokenCheckRequest
 from schemas.token_check import TokenCheckItem
 

@@ -15,8 +15,8 @@ from flask import Flask, Response, g, request
 from app.telemetry import metrics
 from app.serving.call import Call
 from app.web.context import upstream
-from app.web.request_id import CURRENT_CALL
-from app.upstream import Upstream
+from app.web.request_id import CURRENT
+from app.upstream.clients import Upstream
 
 ACCESS = logging.getLogger("flaskchat.access")
 QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})  # probes: DEBUG, not INFO
@@ -69,5 +69,5 @@ def _finished(call: Call, upstream: Upstream, method: str, route: str, status: i
                        f"{ttft * 1000:.2f}" if ttft is not None else "-",
                        call.completion_tokens,
                        extra={"request_id": call.request_id, "fields": fields})
-    if CURRENT_CALL.get(None) is call:
-        CURRENT_CALL.set(None)
+    if CURRENT.get(None) is call:
+        CURRENT.set(None)

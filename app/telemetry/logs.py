@@ -7,9 +7,18 @@ from datetime import datetime, timezone
 
 import orjson
 
-from app.web.request_id import RequestIdFilter
+from app.web.request_id import current_request_id
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` to every record that has none ("-" outside a request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = current_request_id()
+        return True
 
 
 class JsonFormatter(logging.Formatter):

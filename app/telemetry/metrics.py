@@ -43,13 +43,18 @@ UPSTREAM_ERRORS = Counter(
 RETRIES = Counter("flaskchat_upstream_retries",
                   "Requests sent to another worker after the first one failed.", ["model"])
 
-UNKNOWN_MODEL = "-"
 
+class UpstreamFailures:
+    """What the gateway's upstream (``app.upstream.failover``), error handler and SSE
+    guard report failures to: each failure is counted once, however many of them see it."""
 
-def count_upstream_error(error: "APIError") -> None:
-    if not error.counted:
-        error.counted = True
-        UPSTREAM_ERRORS.labels(type(error).__name__).inc()
+    def failed(self, error: "APIError") -> None:
+        if not error.counted:
+            error.counted = True
+            UPSTREAM_ERRORS.labels(type(error).__name__).inc()
+
+    def retried(self, model: str) -> None:
+        RETRIES.labels(model).inc()
 
 
 def exposition() -> tuple[bytes, str]:

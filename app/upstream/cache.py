@@ -8,6 +8,7 @@ greenlet.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -35,7 +36,7 @@ class RefreshingCache(Generic[K, V]):
         if entry is None:
             failure = self._failures.get(key)
             if failure is not None and self._clock() - failure[0] < self._ttl:
-                raise failure[1].with_traceback(None)
+                raise copy.copy(failure[1]).with_traceback(None)  # each caller's own
             return self.load(key)
         loaded_at, value = entry
         if self._clock() - loaded_at > self._ttl:

@@ -19,7 +19,7 @@ import requests
 from app.errors import (APIError, ModelNotFound, Overloaded, UpstreamError, UpstreamTimeout,
                         UpstreamUnavailable, WorkerUnreachable)
 from app.upstream.cache import RefreshingCache
-from app.upstream.health import WorkerHealth
+from app.upstream.server_health import ServerHealth
 from app.upstream.session import mapped_errors, post_json
 
 log = logging.getLogger("flaskchat.controller_client")
@@ -50,7 +50,7 @@ class Directory:
 
 class ControllerClient:
     def __init__(self, session: requests.Session, address: str, timeouts: tuple[float, float],
-                 ttl: float, health: WorkerHealth, max_worker_in_flight: int = 0,
+                 ttl: float, health: ServerHealth, max_worker_in_flight: int = 0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._session = session
         self.address = address
@@ -133,7 +133,7 @@ class ControllerClient:
             self._in_flight.pop(address, None)
 
     def mark_failed(self, address: str, unreachable: bool = False) -> None:
-        """Skip ``address`` until it shows life again (see WorkerHealth)."""
+        """Skip ``address`` until it shows life again (see ServerHealth)."""
         heartbeat = None
         cached = self._directory.peek("")
         for info in (cached.workers.values() if cached else ()):

@@ -1,6 +1,6 @@
 """HTTP to OpenAI-compatible servers (vLLM, llama.cpp's server, Ollama, TGI, another
 gateway): requests on the shared Session, their errors as ours, and their SSE streams as
-lists of ``data:`` payloads per read.
+upstream streams of ``data:`` payloads.
 
 An upstream's 4xx about the request reaches the client as our 400 with the upstream's
 message and ``param``; a refused key, an unknown model name or a 5xx is the gateway's
@@ -8,15 +8,15 @@ problem (502/503, and a 5xx or 429 may go to another upstream of the model).
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import orjson
 import requests
 
 from app import errors
-from app.upstream.session import mapped_errors, post_json
 from app.upstream.openai_config import OpenAITarget
+from app.upstream.session import mapped_errors, post_json
+from app.upstream.stream import RawChunks, Timing, UpstreamStream, collect
 
 MAX_BODY = 64 * 1024 * 1024  # a non-stream answer, or one SSE event
 ERROR_BODY = 8192  # of an error answer, at most this much is read
@@ -33,7 +33,7 @@ class OpenAIClient:
         headers = {"X-Request-ID": request_id}
         if target.api_key:
             headers["Authorization"] = f"Bearer {target.api_key}"
-        with mapped_errors(f"the upstream {target.base_url}"):
+        with mapped_errors(_what(target)):
             response = post_json(self._session, target.base_url + path, payload,
                                  (target.connect_timeout, target.read_timeout), stream=True,
                                  headers=headers)
@@ -44,67 +44,31 @@ class OpenAIClient:
                 response.close()
         return response
 
-    def read_json(self, response: requests.Response, target: OpenAITarget,
+    @staticmethod
+    def events(response: requests.Response, target: OpenAITarget) -> UpstreamStream[bytes]:
+        """A streamed answer as batches of SSE ``data:`` payloads."""
+        return UpstreamStream(response, SseData(_what(target)), _what(target))
+
+    @staticmethod
+    def read_json(response: requests.Response, target: OpenAITarget,
                   client_gone: Callable[[], bool], tick: float) -> dict[str, Any]:
         """A non-stream answer. While the upstream generates (silent until it is done), the
         client is looked at every ``tick``: one that left closes the request, which makes
         the upstream stop."""
-        what = f"the upstream {target.base_url}"
-        wait = getattr(response.raw, "wait_readable", None)
-        body: list[bytes] = []
-        size = 0
-        with mapped_errors(what):
-            try:
-                # Until the first byte: a peek with a timeout per tick (our transport).
-                # Then the answer arrives at once; each read may wait read_timeout.
-                began = time.monotonic()
-                while wait is not None and not wait(tick):
-                    if client_gone():
-                        raise errors.ClientClosedRequest("The client closed the connection.")
-                    if time.monotonic() - began > target.read_timeout:
-                        raise errors.UpstreamTimeout(f"{what} did not answer within "
-                                                     f"{target.read_timeout:g} s.")
-                for chunk in response.iter_content(chunk_size=None):
-                    body.append(chunk)
-                    size += len(chunk)
-                    if size > MAX_BODY:
-                        raise errors.UpstreamError(f"{what} sent an answer over "
-                                                   f"{MAX_BODY} bytes.")
-            finally:
-                response.close()
+        what = _what(target)
+        timing = Timing(tick, first_token=target.read_timeout,
+                        between_tokens=target.read_timeout)
+        body = collect(UpstreamStream(response, RawChunks(), what), timing, client_gone,
+                       MAX_BODY)
         try:
-            answer = orjson.loads(b"".join(body))
+            answer = orjson.loads(body)
         except orjson.JSONDecodeError:
-            raise errors.UpstreamError(f"{what} answered with invalid JSON.") from None
+            raise errors.UpstreamError(f"The upstream {target.base_url} answered with "
+                                       "invalid JSON.") from None
         if not isinstance(answer, dict):
-            raise errors.UpstreamError(f"{what} answered with JSON that is not an object.")
+            raise errors.UpstreamError(f"The upstream {target.base_url} answered with JSON "
+                                       "that is not an object.")
         return answer
-
-    @staticmethod
-    def event_batches(response: requests.Response,
-                      target: OpenAITarget) -> Iterator[list[bytes]]:
-        """The ``data:`` payloads of an SSE stream, a list per read (comments and other
-        fields dropped, so a read of keep-alive comments gives an empty list)."""
-        what = f"the upstream {target.base_url}"
-        buffer = b""
-        with mapped_errors(what):
-            for chunk in response.iter_content(chunk_size=None):
-                buffer += chunk
-                if b"\r" in buffer:
-                    buffer = buffer.replace(b"\r\n", b"\n")
-                end = buffer.rfind(b"\n\n")
-                if end < 0:
-                    if len(buffer) > MAX_BODY:
-                        raise errors.UpstreamError(f"{what} sent an SSE event over "
-                                                   f"{MAX_BODY} bytes.")
-                    continue
-                complete, buffer = buffer[:end], buffer[end + 2:]
-                yield [data for block in complete.split(b"\n\n")
-                       if (data := _event_data(block)) is not None]
-        if buffer.strip():
-            last = _event_data(buffer)
-            if last is not None:
-                yield [last]
 
     def answers(self, target: OpenAITarget) -> bool:
         """For health probes: GET /models answers 200."""
@@ -115,6 +79,54 @@ class OpenAIClient:
         return response.status_code == 200
 
 
+class SseData:
+    """The Decoder of an SSE stream: the ``data:`` payloads each read completed (comments
+    and other fields dropped, so a read of keep-alive comments gives an empty list). The
+    pieces of an unfinished event are joined once, when it ends; lines may end in CRLF."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._parts: list[bytes] = []  # an unfinished event's pieces
+        self._size = 0
+        self.failure: errors.APIError | None = None
+
+    def feed(self, data: bytes) -> list[bytes] | None:
+        # An event ends at a blank line, which may straddle two reads ("\r\n" + "\r\n").
+        probe = (self._parts[-1][-3:] if self._parts else b"") + data
+        if probe.replace(b"\r\n", b"\n").find(b"\n\n") < 0:
+            self._parts.append(data)
+            self._size += len(data)
+            if self._size > MAX_BODY:
+                raise errors.UpstreamError(f"The upstream {self._what} sent an SSE event "
+                                           f"over {MAX_BODY} bytes.")
+            return None
+        if self._parts:
+            self._parts.append(data)
+            data = b"".join(self._parts)
+            self._parts.clear()
+        held = b""
+        if data.endswith(b"\r"):  # perhaps half of a CRLF: its LF is in the next read
+            data, held = data[:-1], b"\r"
+        data = data.replace(b"\r\n", b"\n")
+        end = data.rfind(b"\n\n")
+        rest = (data if end < 0 else data[end + 2:]) + held
+        if rest:
+            self._parts.append(rest)
+        self._size = len(rest)
+        return _payloads(data[:end]) if end >= 0 else None
+
+    def end(self) -> list[bytes] | None:
+        """A last event without its blank line counts (some servers end their stream so)."""
+        last = b"".join(self._parts).replace(b"\r\n", b"\n").strip(b"\n")
+        self._parts.clear()
+        return _payloads(last) or None if last else None
+
+
+def _payloads(events: bytes) -> list[bytes]:
+    return [payload for block in events.split(b"\n\n")
+            if (payload := _event_data(block)) is not None]
+
+
 def _event_data(block: bytes) -> bytes | None:
     """The data of one SSE event (its ``data:`` lines joined), or None if it has none."""
     lines = [line[5:].removeprefix(b" ") for line in block.split(b"\n")
@@ -122,6 +134,10 @@ def _event_data(block: bytes) -> bytes | None:
     if not lines:
         return None
     return b"\n".join(lines)
+
+
+def _what(target: OpenAITarget) -> str:
+    return f"the upstream {target.base_url}"
 
 
 def status_error(response: requests.Response, target: OpenAITarget) -> errors.APIError:

@@ -1,7 +1,7 @@
 """Which OpenAI-compatible upstream serves a request: the least busy healthy one for the
 model (in-flight requests per unit of weight), ties shared by smooth weighted round robin,
 so that idle traffic also spreads by weight. A failed upstream is skipped until a probe of
-its /models answers (``WorkerHealth``), as a failed FastChat worker is."""
+its /models answers (``ServerHealth``), as a failed FastChat worker is."""
 from __future__ import annotations
 
 import threading
@@ -9,13 +9,13 @@ from functools import partial
 from typing import Iterable
 
 from app.errors import ModelNotFound, UpstreamUnavailable
-from app.upstream.health import WorkerHealth
+from app.upstream.server_health import ServerHealth
 from app.upstream.openai_client import OpenAIClient
 from app.upstream.openai_config import OpenAITarget, Targets
 
 
 class OpenAIUpstreams:
-    def __init__(self, targets: Targets, client: OpenAIClient, health: WorkerHealth) -> None:
+    def __init__(self, targets: Targets, client: OpenAIClient, health: ServerHealth) -> None:
         self.client = client
         self._targets = targets
         self._health = health

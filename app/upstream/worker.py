@@ -9,34 +9,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import requests
 
 from app import errors
+from app.protocol import error_codes
+from app.protocol.frames import Frame, FrameDecoder, FrameError, decode_frame
 from app.upstream.cache import RefreshingCache
-from app.protocol.frames import FrameError, decode_frame, iter_frame_batches
 from app.upstream.session import mapped_errors, post_json
+from app.upstream.stream import RawChunks, Timing, UpstreamStream, collect
 
-# Capabilities a worker may list in its /model_details answer under "capabilities".
-# "length_check": the worker enforces the context length itself and answers 40303.
-# "messages": the worker renders the prompt from the "messages" field (own chat template).
-LENGTH_CHECK = "length_check"
-RENDERS_MESSAGES = "messages"
-VISION = "vision"
-# "embedding_only": an embedding model; chat and completions get a 400 instead of a try.
-EMBEDDING_ONLY = "embedding_only"
-
+WORKER = "the model worker"
 Key = tuple[str, str]  # (worker address, model)
-
-
-@dataclass(frozen=True)
-class Timing:
-    """How long a stream may keep a request waiting."""
-
-    tick: float  # how often a silent stream reports in to its reader
-    first_token: float  # the longest wait for a stream's first frame
-    between_tokens: float  # the longest wait for any later read
 
 
 @dataclass(frozen=True)
@@ -46,18 +31,20 @@ class WorkerDetails:
 
 
 class WorkerClient:
+    """``timing`` bounds a generation's waits: its first token (queueing included) and
+    each later read; a stock FastChat worker answers /worker_generate only when the whole
+    generation is done, so that call's head may take ``generation_timeout``."""
+
     def __init__(self, session: requests.Session, timeouts: tuple[float, float],
-                 info_ttl: float, first_token_timeout: float | None = None,
-                 generation_timeout: float | None = None,
+                 info_ttl: float, timing: Timing, generation_timeout: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._session = session
         self._timeouts = timeouts
+        self.timing = timing
         # A stream's head may come only once the worker has a free slot (FastChat's worker
         # queues before answering), so it may take as long as the first token.
-        self._stream_timeouts = (timeouts[0], first_token_timeout or timeouts[1])
-        # A stock FastChat worker answers /worker_generate only when the whole generation
-        # is done; flaskchat's sends its headers at once.
-        self._generate_timeouts = (timeouts[0], generation_timeout or timeouts[1])
+        self._stream_timeouts = (timeouts[0], timing.first_token)
+        self._generate_timeouts = (timeouts[0], generation_timeout)
         self._templates: RefreshingCache[Key, dict[str, Any]] = RefreshingCache(
             self._fetch_template, info_ttl, clock)
         self._details: RefreshingCache[Key, WorkerDetails] = RefreshingCache(
@@ -107,33 +94,22 @@ class WorkerClient:
                 from None
 
     def generate(self, address: str, params: dict[str, Any], request_id: str,
-                 client_gone: Callable[[], bool], check_every: float) -> dict[str, Any]:
+                 client_gone: Callable[[], bool]) -> Frame:
         """/worker_generate's final frame. Read as a stream: flaskchat's worker sends a space
-        every second while it generates, so a client that left is noticed (and the
+        every quarter second while it generates, so a client that left is noticed (and the
         request closed, which cancels the generation) and a silent worker times out."""
-        with mapped_errors("the model worker"):
+        with mapped_errors(WORKER):
             response = post_json(self._session, address + "/worker_generate", params,
                                  self._generate_timeouts, stream=True,
                                  headers={"X-Request-Id": request_id})
-            try:
-                if response.status_code != 200:
-                    raise _status_error(response)
-                set_timeout = getattr(response.raw, "set_timeout", None)
-                if set_timeout is not None:
-                    set_timeout(self._timeouts[1])
-                body = []
-                checked = time.monotonic()
-                for chunk in response.iter_content(chunk_size=None):
-                    body.append(chunk)
-                    if time.monotonic() - checked >= check_every:
-                        checked = time.monotonic()
-                        if client_gone():
-                            raise errors.ClientClosedRequest("The client closed the "
-                                                             "connection.")
-            finally:
-                response.close()
+        if response.status_code != 200:
+            error = _status_error(response)
+            response.close()
+            raise error
+        body = collect(UpstreamStream(response, RawChunks(), WORKER), self.timing,
+                       client_gone)
         try:
-            frame = decode_frame(b"".join(body))
+            frame = decode_frame(body)
         except FrameError:
             raise errors.UpstreamError("The model worker answered /worker_generate with "
                                        "invalid JSON.") from None
@@ -147,9 +123,10 @@ class WorkerClient:
         return body
 
     def open_stream(self, address: str, params: dict[str, Any],
-                    request_id: str) -> requests.Response:
-        """The open /worker_generate_stream response, its status checked; close it when done."""
-        with mapped_errors("the model worker"):
+                    request_id: str) -> UpstreamStream[Frame]:
+        """The open /worker_generate_stream answer, its status checked; close it when
+        done."""
+        with mapped_errors(WORKER):
             response = post_json(self._session, address + "/worker_generate_stream", params,
                                  self._stream_timeouts, stream=True,
                                  headers={"X-Request-Id": request_id})
@@ -157,29 +134,12 @@ class WorkerClient:
             error = _status_error(response)
             response.close()
             raise error
-        return response
-
-    @staticmethod
-    def frame_batches(response: requests.Response) -> Iterator[list[dict[str, Any]]]:
-        """The stream's frames, a list per read; errors (including ``error_code`` frames)
-        as our exceptions."""
-        with mapped_errors("the model worker"):
-            try:
-                for batch in iter_frame_batches(response.iter_content(chunk_size=None)):
-                    for position, frame in enumerate(batch):
-                        if frame.get("error_code"):
-                            if position:  # what came before the error still counts
-                                yield batch[:position]
-                            raise_for_frame(frame)
-                    yield batch
-            except FrameError as exc:
-                raise errors.UpstreamError(f"The model worker sent a malformed stream: {exc}.") \
-                    from None
+        return UpstreamStream(response, WorkerFrames(), WORKER)
 
     def _post_json(self, address: str, path: str, payload: dict[str, Any],
                    request_id: str | None) -> dict[str, Any]:
         headers = {"X-Request-Id": request_id} if request_id else None
-        with mapped_errors("the model worker"):
+        with mapped_errors(WORKER):
             response = post_json(self._session, address + path, payload, self._timeouts,
                                  headers=headers)
             if response.status_code != 200:
@@ -191,34 +151,67 @@ class WorkerClient:
                                            "JSON.") from None
 
 
-def raise_for_frame(frame: dict[str, Any]) -> None:
+class WorkerFrames:
+    """The Decoder of a worker stream: frames per read, an ``error_code`` frame raised as
+    ours (once the frames before it have been taken), a malformed stream as a 502."""
+
+    def __init__(self) -> None:
+        self._frames = FrameDecoder()
+        self.failure: errors.APIError | None = None
+
+    def feed(self, data: bytes) -> list[Frame] | None:
+        try:
+            batch = self._frames.feed(data)
+        except FrameError as exc:
+            return self._fail(exc.frames, errors.UpstreamError(
+                f"The model worker sent a malformed stream: {exc}."))
+        if batch is not None:
+            for position, frame in enumerate(batch):
+                if frame.get("error_code"):
+                    return self._fail(batch[:position], frame_error(frame))
+        return batch
+
+    def end(self) -> None:
+        try:
+            self._frames.end()  # frames end with their delimiter: nothing to hand over
+        except FrameError as exc:
+            raise errors.UpstreamError(f"The model worker sent a malformed stream: {exc}.") \
+                from None
+
+    def _fail(self, before: list[Frame], error: errors.APIError) -> list[Frame]:
+        if not before:
+            raise error
+        self.failure = error
+        return before
+
+
+def raise_for_frame(frame: Frame) -> None:
     """Raises the exception for a frame whose ``error_code`` is not 0."""
-    code = frame.get("error_code", 0)
-    if not code:
-        return
+    if frame.get("error_code", 0):
+        raise frame_error(frame)
+
+
+def frame_error(frame: Frame) -> errors.APIError:
+    """Our exception for a frame with an ``error_code``."""
     text = str(frame.get("text") or "The model worker reported an error.")
     try:
-        numeric = int(code)
+        code = int(frame["error_code"])
     except (TypeError, ValueError):
-        numeric = errors.INTERNAL_ERROR
-    raise _code_error(numeric, text)
-
-
-def _code_error(code: int, text: str) -> errors.APIError:
+        code = error_codes.INTERNAL_ERROR
     error: errors.APIError
-    if code == errors.CONTEXT_OVERFLOW:
+    if code == error_codes.CONTEXT_OVERFLOW:
         error = errors.ContextLengthExceeded(text, "messages")
-    elif code == errors.INVALID_MODEL:
+    elif code == error_codes.INVALID_MODEL:
         error = errors.ModelNotFound(text, "model")
-    elif 40000 <= code < 41000 and code != 40101:
+    elif 40000 <= code < 41000 and code != error_codes.INVALID_AUTH_KEY:
         error = errors.InvalidRequest(text)
-    elif code in (errors.RATE_LIMIT, 42902):
+    elif code in (error_codes.RATE_LIMIT, 42902):
         error = errors.Overloaded(text)
-    elif code == errors.CUDA_OUT_OF_MEMORY:
+    elif code == error_codes.CUDA_OUT_OF_MEMORY:
         error = errors.WorkerOutOfMemory(text)
-    elif code in (errors.ENGINE_OVERLOADED, errors.CONTROLLER_NO_WORKER):
+    elif code in (error_codes.ENGINE_OVERLOADED, error_codes.CONTROLLER_NO_WORKER):
         error = errors.UpstreamUnavailable(text)
-    elif code == errors.CONTROLLER_WORKER_TIMEOUT:
+    elif code == error_codes.CONTROLLER_WORKER_TIMEOUT:
         error = errors.UpstreamTimeout(text)
     else:
         error = errors.UpstreamError(text)

@@ -1,62 +1,68 @@
-"""Server-sent events: framing, the error event, and the streaming Response."""
+"""The text/event-stream Response: keep-alive comments while the events pause, and an
+error event plus ``[DONE]`` instead of a cut connection when a stream fails.
+
+Serving hands over an iterator of event bytes in which None means "nothing yet" (a tick
+of an upstream's silence); a comment line goes out when nothing has for the keep-alive
+interval, so that proxies and clients do not give up on a model that queues or reads a
+long prompt.
+"""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+import time
+from typing import Callable, Iterable, Iterator
 
-import orjson
+from flask import Flask, Response, current_app
 
-from app.telemetry import metrics
-from app.errors import APIError, envelope
-
-if TYPE_CHECKING:
-    from flask import Response
+from app.errors import APIError, ClientClosedRequest
+from app.serving.events import DONE, error_event
+from app.web.handlers import HOOK, ServerErrorHook, report
 
 log = logging.getLogger("flaskchat")
 
-DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keepalive\n\n"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+INTERVAL = "flaskchat.keepalive_interval"
 
 
-def event(payload: object) -> bytes:
-    """One ``data:`` event. JSON never holds a raw newline, so one line always suffices."""
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
+def init_app(app: Flask, keepalive_interval: float) -> None:
+    app.extensions[INTERVAL] = keepalive_interval
 
 
-def error_event(error: APIError) -> bytes:
-    """The mid-stream error: the OpenAI envelope, which openai-python raises as APIError."""
-    return event(envelope(error))
-
-
-def response(events: Iterable[bytes], on_close: Iterable[Callable[[], object]] = (),
-             headers: dict[str, str] | None = None) -> "Response":
+def response(events: Iterable[bytes | None],
+             on_close: Iterable[Callable[[], object]] = ()) -> Response:
     """A text/event-stream Response; ``on_close`` runs when the client goes or the body ends,
     even if the body was never iterated."""
-    from flask import Response  # here: the serving layer uses this module's framing only
-
+    interval: float = current_app.extensions.get(INTERVAL, 10.0)
+    hook: ServerErrorHook = current_app.extensions.get(HOOK, report)
     # Not direct_passthrough: werkzeug would then hand the bare generator to the server,
     # and the call_on_close callbacks (which release the worker and the admission place)
     # would never run.
-    resp = Response(_guarded(events), mimetype="text/event-stream")
+    resp = Response(_guarded(events, interval, hook), mimetype="text/event-stream")
     resp.headers.update(HEADERS)
-    if headers:
-        resp.headers.update(headers)
     for callback in on_close:
         resp.call_on_close(callback)
     return resp
 
 
-def _guarded(events: Iterable[bytes]) -> Iterator[bytes]:
-    """Ends any stream with an error event and [DONE] instead of a cut connection."""
+def _guarded(events: Iterable[bytes | None], interval: float,
+             hook: ServerErrorHook) -> Iterator[bytes]:
+    written = time.monotonic()
     try:
-        yield from events
+        for chunk in events:
+            if chunk is None:
+                if time.monotonic() - written < interval:
+                    continue
+                chunk = KEEPALIVE
+            written = time.monotonic()
+            yield chunk
+    except ClientClosedRequest:
+        return  # nobody is reading; closing the events closed the upstream
     except APIError as exc:
         log.warning("stream ended by %s: %s", type(exc).__name__, exc.message)
-        metrics.count_upstream_error(exc)
-        yield error_event(exc)
-        yield DONE
+        hook(exc)
+        yield error_event(exc) + DONE
     except Exception:
         log.exception("stream failed")
-        yield error_event(APIError("The server had an error while streaming the response."))
-        yield DONE
+        yield error_event(APIError("The server had an error while streaming the "
+                                   "response.")) + DONE

@@ -13,13 +13,11 @@ log = logging.getLogger("flaskchat.worker")
 
 
 def create_worker_app(settings: WorkerSettings, register: bool = True) -> Flask:
-    from app import errors
-    from app.telemetry.logs import configure_logging
+    from app.web import handlers
     from app.worker import loading, registration
     from app.worker.routes import STATE, WorkerState, bp
     from app.worker.slots import Slots
 
-    configure_logging(settings.log_level)
     source = loading.resolve(settings.model_path)
     names = list(settings.model_names) or [source.name]
     state = WorkerState(settings, names, Slots(settings.limit_worker_concurrency))
@@ -47,7 +45,7 @@ def create_worker_app(settings: WorkerSettings, register: bool = True) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024
     app.extensions[STATE] = state
-    errors.init_app(app)
+    handlers.init_app(app)
     app.register_blueprint(bp)
     if register and not settings.no_register:
         registration.start(settings, state.status)

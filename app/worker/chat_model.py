@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from app.errors import CONTEXT_OVERFLOW
+from app.protocol.error_codes import CONTEXT_OVERFLOW
 from app.protocol.stop_strings import TextTracker
 from app.worker.sampling import Sampling, next_token
 from app.worker.templates import template_for

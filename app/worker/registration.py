@@ -13,7 +13,6 @@ from typing import Any, Callable
 import requests
 
 from app.config import WorkerSettings
-from app.upstream.session import build_session
 
 log = logging.getLogger("flaskchat.worker")
 RETRY_DELAY = 2.0
@@ -28,7 +27,8 @@ def start(settings: WorkerSettings, status: Callable[[], dict[str, Any]]) -> thr
 
 
 def _keep_registered(settings: WorkerSettings, status: Callable[[], dict[str, Any]]) -> None:
-    session = build_session(pool_size=2)
+    session = requests.Session()
+    session.trust_env = False
     if settings.controller_secret:
         session.headers["Authorization"] = f"Bearer {settings.controller_secret}"
     controller = settings.controller_address.rstrip("/")

@@ -19,7 +19,9 @@ from flask import Blueprint, Response, current_app, request
 from flask.typing import ResponseReturnValue
 
 from app.config import WorkerSettings
-from app.errors import CUDA_OUT_OF_MEMORY, INTERNAL_ERROR, InvalidRequest
+from app.errors import InvalidRequest
+from app.protocol.capabilities import EMBEDDING_ONLY, LENGTH_CHECK, RENDERS_MESSAGES
+from app.protocol.error_codes import CUDA_OUT_OF_MEMORY, INTERNAL_ERROR
 from app.web.json_io import json_response, read_json_object
 from app.web.request_id import HEADER as REQUEST_ID_HEADER
 from app.web.request_id import is_sane_request_id
@@ -123,12 +125,12 @@ def model_details() -> ResponseReturnValue:
     model = worker.chat or worker.embedder
     assert model is not None
     # The worker checks the context length itself; with a chat template it also renders
-    # the prompt from "messages" (see app.upstream.worker for what gateways make of it).
-    capabilities = ["length_check"]
+    # the prompt from "messages" (see app.protocol.capabilities).
+    capabilities = [LENGTH_CHECK]
     if worker.chat is None:
-        capabilities.append("embedding_only")
+        capabilities.append(EMBEDDING_ONLY)
     elif worker.chat.has_chat_template:
-        capabilities.append("messages")
+        capabilities.append(RENDERS_MESSAGES)
     return json_response({"context_length": model.context_length,
                           "capabilities": capabilities})
 

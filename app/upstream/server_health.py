@@ -1,7 +1,8 @@
-"""Workers that failed a call are skipped until they show life again: a newer heartbeat at
-the controller, or an answer to a probe of their /worker_get_status (every few seconds, in
-the background). FastChat keeps routing to a dead worker until the controller expires it,
-90 to 180 s later."""
+"""Servers that failed a call are skipped until they show life again: for a FastChat
+worker, a newer heartbeat at the controller or an answer to a probe of its
+/worker_get_status; for an OpenAI-compatible upstream, an answer to a probe of its
+/models (every few seconds, in the background). FastChat keeps routing to a dead worker
+until the controller expires it, 90 to 180 s later."""
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,7 @@ PROBE_TIMEOUT = (2.0, 2.0)
 GIVE_UP_AFTER = 600.0  # then real traffic decides again
 
 
-class WorkerHealth:
+class ServerHealth:
     def __init__(self, session: requests.Session, probe_interval: float = PROBE_INTERVAL,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._session = session

@@ -1,0 +1,15 @@
+"""What a worker may list under "capabilities" in its /model_details answer (a flaskchat
+extension of FastChat's protocol; stock workers list none and get FastChat's behaviour)."""
+
+# The worker enforces the context length itself and refuses with error code 40303, so
+# the gateway need not count the prompt's tokens first.
+LENGTH_CHECK = "length_check"
+# The worker renders the prompt from the request's "messages" with its own chat template.
+RENDERS_MESSAGES = "messages"
+# An embedding model: chat and completions get a 400 at once instead of a failed try.
+EMBEDDING_ONLY = "embedding_only"
+# OpenAI chat features a worker may support; without the capability, asking for one is a
+# 400 naming the field.
+TOOLS = "tools"
+RESPONSE_FORMAT = "response_format"
+LOGPROBS = "logprobs"

@@ -1,0 +1,80 @@
+"""What chat and text completions ask of a model's FastChat workers, with failover: the
+worker's details, the parameters every generation carries, the generations themselves."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Sequence, TypeVar
+
+from app.errors import InvalidRequest
+from app.protocol.capabilities import EMBEDDING_ONLY
+from app.serving.call import Call
+from app.serving.concurrency import run_all
+from app.serving.worker_streams import WorkerStreams
+from app.upstream.clients import Upstream
+from app.upstream.failover import with_failover
+from app.upstream.worker import WorkerDetails
+from schemas import SamplingRequest
+
+T = TypeVar("T")
+
+
+def on_worker(upstream: Upstream, model: str, attempt: Callable[[str], T]) -> tuple[str, T]:
+    """``with_failover`` over the model's FastChat workers."""
+    return with_failover(upstream.controller, model, attempt, upstream.failures,
+                         forget=lambda address: upstream.workers.forget(address, model))
+
+
+def text_model_details(upstream: Upstream, call: Call, address: str,
+                       model: str) -> WorkerDetails:
+    """The worker's details, for chat and completions: an embedding model is a 400."""
+    with call.waiting_upstream():
+        details = upstream.workers.details(address, model)
+    if EMBEDDING_ONLY in details.capabilities:
+        raise InvalidRequest(f"The model '{model}' is an embedding model; it cannot generate "
+                             "text. Use it with /v1/embeddings.", "model")
+    return details
+
+
+def sampling_params(body: SamplingRequest, stop: Sequence[str],
+                    stop_token_ids: Any = None) -> dict[str, Any]:
+    """The worker params every generation carries (FastChat's get_gen_params)."""
+    params: dict[str, Any] = {
+        "model": body["model"],
+        "temperature": body["temperature"],
+        "logprobs": None,
+        "top_p": body["top_p"],
+        "top_k": body["top_k"],
+        "presence_penalty": body["presence_penalty"],
+        "frequency_penalty": body["frequency_penalty"],
+        "echo": False,
+        "stop_token_ids": stop_token_ids,
+        "stop": list(dict.fromkeys(stop)),
+    }
+    if body["repetition_penalty"] is not None:
+        params["repetition_penalty"] = body["repetition_penalty"]
+    if body["seed"] is not None:
+        params["seed"] = body["seed"]
+    return params
+
+
+def generate_all(upstream: Upstream, call: Call, address: str,
+                 params: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The final frame of every prompt's ``n`` choices (non-stream), generated at once.
+    Nothing has reached the client yet, so any worker failure here may still fail over."""
+    generate = upstream.workers.generate
+    calls = [partial(generate, address, p, call.request_id, call.client_gone)
+             for p in params for _ in range(n)]
+    with call.waiting_upstream():
+        return run_all(calls)
+
+
+def open_streams(upstream: Upstream, call: Call, address: str,
+                 params: Sequence[dict[str, Any]], n: int) -> WorkerStreams:
+    """The worker streams for every prompt's ``n`` choices. The first is opened here, so
+    that its failures (refused, HTTP 5xx, no answer in time) reach the caller, inside
+    ``on_worker``'s failover; the rest are opened concurrently as they are read."""
+    with call.waiting_upstream():
+        first = upstream.workers.open_stream(address, params[0], call.request_id)
+    openers = [partial(upstream.workers.open_stream, address, p, call.request_id)
+               for p in params for _ in range(n)][1:]
+    return WorkerStreams(first, openers, upstream.timing, call.client_gone)

@@ -1,0 +1,50 @@
+"""Upstream: the pooled Session and every client built on it, for one app (kept in
+``app.extensions``; nothing here is global)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from app.upstream.controller import ControllerClient
+from app.upstream.failover import FailureLog, NoLog
+from app.upstream.openai_client import OpenAIClient
+from app.upstream.openai_config import load_targets
+from app.upstream.openai_pool import OpenAIUpstreams
+from app.upstream.server_health import ServerHealth
+from app.upstream.session import build_session
+from app.upstream.stream import Timing
+from app.upstream.worker import WorkerClient
+
+if TYPE_CHECKING:
+    from app.config import Settings
+
+CONTROLLER_READ_TIMEOUT = 10.0
+# How often a waiting request looks at its client; a client that left is noticed in time
+# to cancel its generation within a second.
+TICK_SECONDS = 0.5
+
+
+class Upstream:
+    def __init__(self, settings: "Settings", failures: FailureLog | None = None) -> None:
+        self.settings = settings
+        self.failures = failures or NoLog()
+        self.session = build_session(pool_size=settings.worker_connections)
+        timeouts = (settings.connect_timeout, settings.read_timeout)
+        # The controller answers from memory: a long wait means it is in trouble.
+        controller_timeouts = (settings.connect_timeout, CONTROLLER_READ_TIMEOUT)
+        self.health = ServerHealth(self.session)
+        self.controller = ControllerClient(
+            self.session, settings.controller_address, controller_timeouts,
+            ttl=settings.models_ttl, health=self.health,
+            max_worker_in_flight=settings.max_worker_in_flight)
+        self.timing = Timing(tick=TICK_SECONDS, first_token=settings.first_token_timeout,
+                             between_tokens=settings.read_timeout)
+        self.workers = WorkerClient(self.session, timeouts, info_ttl=settings.worker_info_ttl,
+                                    timing=self.timing,
+                                    generation_timeout=settings.generation_timeout)
+        self.openai = OpenAIUpstreams(
+            load_targets(settings.openai_upstreams, settings.upstreams_file,
+                         settings.connect_timeout),
+            OpenAIClient(self.session), self.health)
+
+    def close(self) -> None:
+        self.session.close()

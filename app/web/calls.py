@@ -1,0 +1,31 @@
+"""The gateway's per-request record (``app.serving.call.Call``): made when a request
+starts, with its request id and a watch on the client's socket, and turned into the
+X-Request-ID and Server-Timing headers of the response."""
+from __future__ import annotations
+
+from flask import Flask, Response, g, request
+
+from app.serving.call import Call
+from app.serving.ids import new_id
+from app.web.client_watch import watcher
+from app.web.request_id import CURRENT, HEADER, is_sane_request_id
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(_start)
+    app.after_request(_finish)
+
+
+def _start() -> None:
+    incoming = request.headers.get(HEADER, "")
+    g.call = Call(incoming if is_sane_request_id(incoming) else new_id("req-"),
+                  client_gone=watcher(request.environ))
+    CURRENT.set(g.call)
+
+
+def _finish(response: Response) -> Response:
+    call: Call | None = g.get("call")
+    if call is not None:
+        response.headers[HEADER] = call.request_id
+        response.headers["Server-Timing"] = call.server_timing()
+    return response
