@@ -50,3 +50,14 @@ def test_worker_and_controller_import_no_gateway_code(package: str, entry: str) 
                and not any(m == a or m.startswith(a + ".") for a in ALLOWED_FOR_PROCESSES)]
     assert outside == []
     assert {"app.serving", "app.routes", "app.upstream"}.isdisjoint(loaded)
+
+
+def test_every_package_is_installed() -> None:
+    """A folder of modules without __init__.py is a namespace package, which setup.cfg's
+    ``find:`` leaves out of a (non-editable) install such as the Dockerfile's."""
+    from setuptools import find_packages
+
+    found = set(find_packages(str(ROOT), include=["app", "app.*", "schemas", "schemas.*"]))
+    folders = {str(path.parent.relative_to(ROOT)).replace("/", ".")
+               for top in ("app", "schemas") for path in (ROOT / top).rglob("*.py")}
+    assert folders - found == set()
