@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validates_schema
+from marshmallow import (EXCLUDE, Schema, ValidationError, fields, post_load,
+                         validates_schema)
 
 from schemas.fields import Bool, Int, Number, Stop, Str, at_least, between, top_k_rule
 

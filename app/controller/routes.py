@@ -11,8 +11,8 @@ from flask.typing import ResponseReturnValue
 from app.controller.registry import Registry
 from app.errors import AuthenticationFailed
 from app.protocol.error_codes import CONTROLLER_NO_WORKER, CONTROLLER_WORKER_TIMEOUT
-from app.web.json_io import json_response, read_json_object
 from app.protocol.frames import encode_frame
+from app.web.json_io import json_response, read_json_object
 from app.web.validation import load
 from schemas.controller import HeartbeatSchema, ModelQuerySchema, RegisterWorkerSchema
 

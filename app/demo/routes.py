@@ -8,22 +8,23 @@ an error event in a 200 stream, because EventSource cannot read an error body.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from flask import Blueprint, Response, current_app, redirect, send_from_directory
 from flask.typing import ResponseReturnValue
 
+from app.demo.tickets import Ticket, TicketStore
+from app.errors import APIError, TicketNotFound
+from app.routes.relayed import serves
+from app.serving import chat, relay
+from app.serving.call import Call
 from app.serving.events import DONE, error_event
 from app.web import sse
-from app.web.handlers import report
 from app.web.admission import admit
 from app.web.auth import require_api_key
 from app.web.context import call, schemas, upstream
-from app.demo.tickets import TicketStore
-from app.errors import APIError, TicketNotFound
+from app.web.handlers import report
 from app.web.json_io import json_response, read_json_object
-from app.routes.relayed import serves
-from app.serving import chat, relay
 from app.web.validation import load
 
 EXTENSION = "flaskchat.demo_tickets"
@@ -92,19 +93,21 @@ def stream(ticket: str) -> ResponseReturnValue:
         raise TicketNotFound("This demo stream does not exist, has expired or was already "
                              "used; send the message again.")
     admit()
-    current = call()
-    current.request_id = found.request_id  # one id for the POST and its stream
-    request: dict[str, Any] = {**found.request, "stream": True,
-                               "stream_options": {"include_usage": True}}
     try:
-        body = load(schemas().chat, request)
-        if serves(body["model"]):
-            events, on_close = relay.open_stream(relay.CHAT, request, body["model"],
-                                                 upstream(), current)
-        else:
-            events, on_close = chat.open_stream(body, upstream(), current)
-    except APIError as exc:
+        events, on_close = _open_stream(found, call())
+    except APIError as exc:  # EventSource cannot read an error body: an error event
         if exc.status >= 500:
             report(exc)
         return sse.response([error_event(exc) + DONE])
     return sse.response(events, on_close)
+
+
+def _open_stream(found: Ticket, current: Call
+                 ) -> tuple[Iterator[bytes | None], list[Callable[[], object]]]:
+    current.request_id = found.request_id  # one id for the POST and its stream
+    request: dict[str, Any] = {**found.request, "stream": True,
+                               "stream_options": {"include_usage": True}}
+    body = load(schemas().chat, request)
+    if serves(body["model"]):
+        return relay.open_stream(relay.CHAT, request, body["model"], upstream(), current)
+    return chat.open_stream(body, upstream(), current)

@@ -8,9 +8,9 @@ from collections import Counter
 from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
 
+from app.errors import APIError, UpstreamUnavailable
 from app.web.admission import admission
 from app.web.context import upstream
-from app.errors import APIError, UpstreamUnavailable
 from app.web.handlers import error_response
 from app.web.json_io import json_response
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 from flask import Blueprint
 from flask.typing import ResponseReturnValue
 
+from app.serving.models import list_models, retrieve_model
+from app.serving.token_check import check_tokens
 from app.web.admission import admit
 from app.web.auth import require_api_key
 from app.web.context import call, schemas, upstream
 from app.web.json_io import json_response, read_json_object
-from app.serving.models import list_models, retrieve_model
-from app.serving.token_check import check_tokens
 from app.web.validation import load
 
 bp = Blueprint("models", __name__)

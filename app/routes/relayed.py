@@ -5,10 +5,10 @@ from typing import Any
 
 from flask import Response
 
+from app.serving import relay
 from app.web import sse
 from app.web.context import call, upstream
 from app.web.json_io import json_response
-from app.serving import relay
 
 
 def serves(model: str) -> bool:

@@ -11,14 +11,15 @@ from time import perf_counter
 from typing import Callable, Iterator
 
 
-def _connected() -> bool:
+def _never_gone() -> bool:
+    """For calls made outside a client's request (tests, background work)."""
     return False
 
 
 @dataclass
 class Call:
     request_id: str
-    client_gone: Callable[[], bool] = _connected  # whether the client has disconnected
+    client_gone: Callable[[], bool] = _never_gone  # whether the client has disconnected
     started: float = field(default_factory=perf_counter)
     upstream_seconds: float = 0.0  # time spent waiting on the controller and workers
     model: str = ""  # as the client named it, once the request is read

@@ -8,18 +8,18 @@ from typing import Any, Callable, Iterator
 
 import orjson
 
-from app.serving.call import Call
-from app.serving.prompt import TemplateError, render, stop_strings
 from app.errors import InvalidRequest, UpstreamError
+from app.protocol.capabilities import LOGPROBS, RENDERS_MESSAGES, RESPONSE_FORMAT, TOOLS
+from app.protocol.stop_strings import TextTracker, final_text
+from app.serving.call import Call
 from app.serving.ids import new_id
+from app.serving.prompt import TemplateError, render, stop_strings
 from app.serving.stream_driver import drive
 from app.serving.token_budget import token_budget
 from app.serving.usage import UsageTally
-from app.serving.worker_calls import (generate_all, on_worker, open_streams, sampling_params,
-                                      text_model_details)
+from app.serving.worker_calls import (generate_all, on_worker, open_streams,
+                                      sampling_params, text_model_details)
 from app.serving.worker_streams import WorkerStreams
-from app.protocol.capabilities import LOGPROBS, RENDERS_MESSAGES, RESPONSE_FORMAT, TOOLS
-from app.protocol.stop_strings import TextTracker, final_text
 from app.upstream.clients import Upstream
 from app.upstream.failover import releaser
 from schemas import ChatMessage, ChatRequest

@@ -6,8 +6,8 @@ import struct
 from functools import partial
 from typing import Any
 
-from app.serving.call import Call
 from app.errors import InvalidRequest, UpstreamError
+from app.serving.call import Call
 from app.serving.concurrency import run_all
 from app.serving.worker_calls import on_worker
 from app.upstream.clients import Upstream

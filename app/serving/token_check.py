@@ -4,8 +4,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from app.serving.call import Call
 from app.errors import InvalidRequest
+from app.serving.call import Call
 from app.serving.concurrency import run_all
 from app.serving.worker_calls import on_worker
 from app.upstream.clients import Upstream

@@ -12,11 +12,11 @@ from time import perf_counter
 
 from flask import Flask, Response, g, request
 
-from app.telemetry import metrics
 from app.serving.call import Call
+from app.telemetry import metrics
+from app.upstream.clients import Upstream
 from app.web.context import upstream
 from app.web.request_id import CURRENT
-from app.upstream.clients import Upstream
 
 ACCESS = logging.getLogger("flaskchat.access")
 QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})  # probes: DEBUG, not INFO

@@ -33,7 +33,6 @@ class WorkerInfo:
     address: str
     model_names: tuple[str, ...]
     speed: float = 1.0
-    queue_length: int = 0
     multimodal: bool = False
     last_heart_beat: float | None = None
 
@@ -261,7 +260,6 @@ def _directory_from_workers(body: dict[str, Any]) -> Directory:
             info = WorkerInfo(address=str(item["name"]).rstrip("/"),
                               model_names=tuple(str(m) for m in item["model_names"]),
                               speed=float(item.get("speed") or 1.0),
-                              queue_length=int(item.get("queue_length") or 0),
                               multimodal=bool(item.get("multimodal")),
                               last_heart_beat=_number(item.get("last_heart_beat")))
         except (KeyError, TypeError, ValueError):

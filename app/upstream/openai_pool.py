@@ -9,9 +9,9 @@ from functools import partial
 from typing import Iterable
 
 from app.errors import ModelNotFound, UpstreamUnavailable
-from app.upstream.server_health import ServerHealth
 from app.upstream.openai_client import OpenAIClient
 from app.upstream.openai_config import OpenAITarget, Targets
+from app.upstream.server_health import ServerHealth
 
 
 class OpenAIUpstreams:

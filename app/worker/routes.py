@@ -22,10 +22,10 @@ from app.config import WorkerSettings
 from app.errors import InvalidRequest
 from app.protocol.capabilities import EMBEDDING_ONLY, LENGTH_CHECK, RENDERS_MESSAGES
 from app.protocol.error_codes import CUDA_OUT_OF_MEMORY, INTERNAL_ERROR
+from app.protocol.frames import DELIMITER, encode_frame
 from app.web.json_io import json_response, read_json_object
 from app.web.request_id import HEADER as REQUEST_ID_HEADER
 from app.web.request_id import is_sane_request_id
-from app.protocol.frames import DELIMITER, encode_frame
 from app.web.validation import load
 from app.worker.chat_model import ChatModel, Job, PromptTooLong
 from app.worker.embedding_model import EmbeddingModel
