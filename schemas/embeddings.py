@@ -26,7 +26,7 @@ class EmbeddingSchema(Schema):
         unknown = EXCLUDE
 
     model = Str(allow_none=True, load_default=None)
-    input = TextInputs("input", required=True)
+    input = TextInputs("input", allow_empty=False, required=True)
     encoding_format = Str(allow_none=True, load_default=None, validate=_encoding_format)
     user = Str(allow_none=True, load_default=None)
 

@@ -97,22 +97,27 @@ class TextInputs(fields.Field[list[str]]):
     """A string or a non-empty list of strings (prompts, embedding inputs).
 
     Token-id arrays are refused: FastChat decodes them with an OpenAI tokenizer, which
-    means nothing to a local model.
+    means nothing to a local model. With ``allow_empty=False`` (embedding inputs, as
+    OpenAI has it) no string may be empty.
     """
 
-    def __init__(self, what: str, **kwargs: Any) -> None:
+    def __init__(self, what: str, allow_empty: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.what = what
+        self.allow_empty = allow_empty
 
     def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None,
                      **kwargs: Any) -> list[str]:
         if isinstance(value, str):
-            return [value]
-        if not isinstance(value, list):
+            value = [value]
+        elif not isinstance(value, list):
             raise ValidationError(f"{self.what} must be a string or a list of strings")
         if not value:
             raise ValidationError(f"{self.what} must not be an empty list")
         if all(isinstance(item, str) for item in value):
+            if not self.allow_empty and not all(value):
+                where = "" if len(value) == 1 else f" (item {value.index('')})"
+                raise ValidationError(f"{self.what} must not be an empty string{where}")
             return list(value)
         if all(isinstance(item, int) or isinstance(item, list) for item in value):
             raise ValidationError(

@@ -150,6 +150,15 @@ def test_completions(client: openai.OpenAI) -> None:
     assert echoed.choices[0].text == "Say hiHello! "
 
 
+def test_an_empty_prompt_is_a_completion_but_an_empty_input_is_no_embedding(
+        client: openai.OpenAI) -> None:
+    """As OpenAI: a completion may start from nothing; an embedding of nothing is a 400."""
+    assert client.completions.create(model="fake-model", prompt="", max_tokens=2).choices
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model="fake-model", input="")
+    assert info.value.body["param"] == "input"  # type: ignore[index]
+
+
 def test_completions_many_prompts_and_n(client: openai.OpenAI) -> None:
     reply = client.completions.create(model="fake-model", prompt=["a", "b c"], n=2,
                                       max_tokens=2)
