@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import openai
 import pytest
@@ -22,6 +22,23 @@ settings.load_profile("ci")
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-123"
+
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 15.0, what: str = "") -> T:
+    """Polls ``condition`` until it returns something true, and returns that; fails after
+    ``timeout`` seconds. Tests wait on conditions, never on a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout:g} s waiting for "
+                                 f"{what or getattr(condition, '__name__', 'a condition')}")
+        time.sleep(0.05)
 
 
 @dataclass

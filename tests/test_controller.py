@@ -1,14 +1,13 @@
 """The controller's FastChat protocol: registration, heartbeats, expiry, dispatch."""
 from __future__ import annotations
 
-import time
 from typing import Any, Iterator
 
 import pytest
 import requests
 
 from app.controller.registry import Registry
-from tests.conftest import Server, start_controller, start_fake_worker
+from tests.conftest import Server, start_controller, start_fake_worker, wait_for
 
 
 def post(server: Server, path: str, body: Any = None) -> Any:
@@ -60,10 +59,10 @@ def test_heartbeat_and_expiry(controller: Server) -> None:
     assert post(controller, "/receive_heart_beat",
                 {"worker_name": name, "queue_length": 2}) == {"exist": True}
     assert "expiring" in post(controller, "/list_models")["models"]
-    time.sleep(3.5)  # expiration is 3 s: gone from dispatch at once, swept soon after
-    assert "expiring" not in post(controller, "/list_models")["models"]
+    # Expiration is 3 s: then it is gone from dispatch, and a late heartbeat is told to
+    # register again.
+    wait_for(lambda: "expiring" not in post(controller, "/list_models")["models"], 10)
     assert post(controller, "/get_worker_address", {"model": "expiring"}) == {"address": ""}
-    time.sleep(1.5)
     assert post(controller, "/receive_heart_beat",
                 {"worker_name": name, "queue_length": 0}) == {"exist": False}
 
@@ -127,3 +126,18 @@ def test_dispatch_rules_in_process() -> None:
     assert shortest.pick("m") == "http://fast"
     clock[0] += 91
     assert shortest.pick("m") == ""  # overdue heartbeats are never dispatched to
+
+
+def test_expiry_in_process() -> None:
+    """The sweep forgets overdue workers; a late heartbeat is told to register again."""
+    clock = [100.0]
+    registry = Registry("shortest_queue", 90, lambda name: None, clock=lambda: clock[0])
+    for name in ("http://late", "http://gone", "http://fine"):
+        registry.register(name, True, status(["m"]), False)
+    clock[0] += 60
+    assert registry.heartbeat("http://fine", 0)
+    clock[0] += 31  # the others are 91 s old now
+    assert registry.heartbeat("http://late", 0) is False
+    assert registry.remove_stale() == ["http://gone"]
+    assert [r.name for r in registry.live_workers()] == ["http://fine"]
+    assert registry.heartbeat("http://gone", 0) is False

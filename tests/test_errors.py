@@ -8,7 +8,7 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import API_KEY, MakeClient, Stack
+from tests.conftest import API_KEY, MakeClient, Stack, wait_for
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = "/v1/chat/completions"
@@ -224,8 +224,9 @@ def test_unreachable_worker_is_503(stack: Stack) -> None:
     from tests.conftest import start_fake_worker
     doomed = start_fake_worker(stack.controller.url, "--models", "doomed-model")
     try:
-        requests.get(stack.base_url + "/models", headers=AUTH)  # it is listed
-        time.sleep(4)  # let the gateway's cache pick it up
+        # Listed by both gateway processes (each request may land on either).
+        wait_for(lambda: all("doomed-model" in requests.get(
+            stack.base_url + "/models", headers=AUTH).text for _ in range(6)))
         doomed.stop()
         for stream in (False, True):
             response = requests.post(stack.gateway.url + CHAT, headers=AUTH, timeout=30,

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from tests.conftest import (ROOT, MakeClient, Server, start_controller, start_fake_worker,
-                            start_gateway, start_on_socket)
+                            start_gateway, start_on_socket, wait_for)
 from tests.fake_data import DEFAULT_REPLY
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -78,8 +78,8 @@ def test_two_workers_one_killed_every_request_still_served(
         controller: Server, gateway: Server) -> None:
     workers = [start_fake_worker(controller.url, "--models", "pair") for _ in range(2)]
     try:
-        wait_for_model(gateway, "pair")
-        time.sleep(1.5)  # both workers in the gateway's list
+        wait_for(lambda: requests.get(gateway.url + "/ready").json()["workers"].get("pair")
+                 == 2, what="both workers in the gateway's list")
         workers[0].process.kill()
         started = time.monotonic()
         for i in range(12):
@@ -167,7 +167,8 @@ def test_client_leaving_a_non_stream_request_cancels_the_generation(
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
                          b"application/json\r\nContent-Length: " + str(len(body)).encode()
                          + b"\r\n\r\n" + body)
-            time.sleep(0.8)
+            wait_for(lambda: requests.get(worker.url + "/fake/stats").json()["active"] == 1,
+                     what="the generation to start")
         left = time.monotonic()
         while time.monotonic() - left < 5:
             stats = requests.get(worker.url + "/fake/stats").json()
@@ -187,9 +188,9 @@ def test_controller_down_the_gateway_serves_from_its_cache(gateway: Server,
     try:
         wait_for_model(own_gateway, "cached")
         own_controller.stop()
-        time.sleep(2.5)  # a background refresh has failed by now
-        ready = requests.get(own_gateway.url + "/ready").json()
-        assert ready["status"] == "degraded" and ready["models"] == ["cached"]
+        ready = wait_for(lambda: (answer := requests.get(own_gateway.url + "/ready").json())
+                         ["status"] == "degraded" and answer, what="a failed refresh")
+        assert ready["models"] == ["cached"]
         assert chat(own_gateway, "cached").status_code == 200
         assert chat(own_gateway, "cached", stream=True).status_code == 200
         unknown = chat(own_gateway, "never-heard-of-it")
@@ -234,9 +235,8 @@ def test_busy_worker_is_skipped_then_429(controller: Server) -> None:
             "messages": [{"role": "user", "content": "[[slow:0.2]][[reply:a b c d e]]"}]})
         busy = chat(capped, "single-file")
         assert busy.status_code == 429 and "busy" in busy.json()["error"]["message"]
-        holder.close()
-        time.sleep(0.5)
-        assert chat(capped, "single-file").status_code == 200
+        holder.close()  # its place with the worker is given back
+        wait_for(lambda: chat(capped, "single-file").status_code == 200)
     finally:
         capped.stop()
         worker.stop()

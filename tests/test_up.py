@@ -15,7 +15,7 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import ROOT, MakeClient
+from tests.conftest import ROOT, MakeClient, wait_for
 
 pytestmark = pytest.mark.worker
 pytest.importorskip("torch")
@@ -104,9 +104,12 @@ def test_sigterm_stops_the_whole_tree(up: tuple[str, subprocess.Popen[bytes]]) -
     assert len(children) == 4  # controller, two workers, gateway
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0
-    time.sleep(0.5)
-    for pid in children:
-        assert not os.path.exists(f"/proc/{pid}") or \
-            open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+    def gone(pid: str) -> bool:
+        try:
+            return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+    wait_for(lambda: all(gone(pid) for pid in children), 10, "the children to exit")
     with pytest.raises(requests.ConnectionError):
         requests.get(url + "/health", timeout=2)

@@ -16,7 +16,7 @@ import requests
 
 from app.protocol.stop_strings import cut_at_stop
 from tests.conftest import (MakeClient, Server, start_controller, start_gateway,
-                            start_on_socket)
+                            start_on_socket, wait_for)
 
 pytestmark = pytest.mark.worker
 torch = pytest.importorskip("torch")
@@ -228,8 +228,7 @@ def test_concurrency_limit_queues_and_disconnect_frees_the_slot(
     first.recv(65536)
     second = socket.create_connection((host, int(port)))
     second.sendall(request)  # limit 1: this one waits for the slot
-    time.sleep(0.2)
-    assert queue_length(worker) == 2
+    wait_for(lambda: queue_length(worker) == 2)
     first.close()
     second.close()
     closed = time.monotonic()
@@ -256,8 +255,7 @@ def test_client_leaving_a_non_stream_request_frees_the_worker_slot(
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: g\r\nContent-Type: "
                      b"application/json\r\nContent-Length: " + str(len(body)).encode() +
                      b"\r\n\r\n" + body)
-        time.sleep(0.3)
-        assert queue_length(worker) == 1
+        wait_for(lambda: queue_length(worker) == 1)
     left = time.monotonic()
     while queue_length(worker) and time.monotonic() - left < 10:
         time.sleep(0.05)

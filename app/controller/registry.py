@@ -68,12 +68,18 @@ class Registry:
         return True
 
     def heartbeat(self, name: str, queue_length: int) -> bool:
+        """False for a worker not registered, or overdue (it is dead to dispatch already,
+        and forgotten now): it registers again, with its status read afresh."""
+        now = self.clock()
         with self._lock:
             record = self._workers.get(name.rstrip("/"))
             if record is None:
                 return False
+            if record.check_heart_beat and record.last_heart_beat < now - self.expiration:
+                del self._workers[record.name]
+                return False
             record.queue_length = queue_length
-            record.last_heart_beat = self.clock()
+            record.last_heart_beat = now
             return True
 
     def remove_stale(self) -> list[str]:

@@ -55,7 +55,9 @@ def _where(greenlet: object) -> str:
 def ready() -> ResponseReturnValue:
     """200 while some model is known, "degraded" if that list is stale because the
     controller cannot be reached; 503 when no model can be served. Models of
-    OpenAI-compatible upstreams count while one of their servers is not marked failed."""
+    OpenAI-compatible upstreams count while one of their servers is not marked failed.
+    ``workers`` counts the workers this process knows for each model (flaskchat's
+    controller; a stock one does not tell)."""
     relayed = upstream().openai.healthy_models()
     try:
         status = upstream().controller.status()
@@ -63,9 +65,10 @@ def ready() -> ResponseReturnValue:
         if not relayed:
             # Returned, not raised: probes poll this, and the handler would log each one.
             return error_response(UpstreamUnavailable(f"Not ready: {exc.message}"))
-        status = {"models": [], "error": exc.message}
+        status = {"models": [], "workers": {}, "error": exc.message}
     models = list(dict.fromkeys([*status["models"], *relayed]))
     if not models:
         return error_response(UpstreamUnavailable("Not ready: no model worker is registered."))
     return json_response({"status": "degraded" if status["error"] else "ready",
-                          "models": models, "controller_error": status["error"]})
+                          "models": models, "workers": status["workers"],
+                          "controller_error": status["error"]})

@@ -71,8 +71,9 @@ class ControllerClient:
         return self._directory.get("")
 
     def status(self) -> dict[str, Any]:
-        """For /ready: the models known, and the error if the controller cannot be reached
-        now (then the models are those last seen). A stale view is refreshed first."""
+        """For /ready: the models known, the workers known for each (flaskchat's controller
+        only), and the error if the controller cannot be reached now (then the models are
+        those last seen). A stale view is refreshed first."""
         age = self._directory.age("")
         if age is None or age > self._ttl:
             try:
@@ -82,7 +83,8 @@ class ControllerClient:
                     raise
         cached = self._directory.peek("")
         return {"models": cached.models if cached else [],
-                "age": self._directory.age(""),
+                "workers": {model: len(infos) for model, infos in cached.workers.items()}
+                if cached else {},
                 "error": self._directory.errors.get("")}
 
     def require_model(self, model: str) -> Directory:
