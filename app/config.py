@@ -75,10 +75,15 @@ def _opt(default: Any, flag: str, parse: Callable[[str], Any], help: str,
 LOG_FORMATS = ("text", "json")
 
 
-def _log_format(text: str) -> str:
-    if text not in LOG_FORMATS:
-        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}")
-    return text
+def _one_of(what: str, choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{what} must be one of {', '.join(choices)}")
+        return text
+    return parse
+
+
+_log_format = _one_of("log format", LOG_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -205,16 +210,8 @@ DISPATCH_METHODS = ("shortest_queue", "lottery")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
-def _dtype(text: str) -> str:
-    if text not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
-    return text
-
-
-def _dispatch(text: str) -> str:
-    if text not in DISPATCH_METHODS:
-        raise ValueError(f"dispatch method must be one of {', '.join(DISPATCH_METHODS)}")
-    return text
+_dtype = _one_of("dtype", DTYPES)
+_dispatch = _one_of("dispatch method", DISPATCH_METHODS)
 
 
 @dataclass(frozen=True)

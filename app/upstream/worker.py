@@ -98,14 +98,8 @@ class WorkerClient:
         """/worker_generate's final frame. Read as a stream: flaskchat's worker sends a space
         every quarter second while it generates, so a client that left is noticed (and the
         request closed, which cancels the generation) and a silent worker times out."""
-        with mapped_errors(WORKER):
-            response = post_json(self._session, address + "/worker_generate", params,
-                                 self._generate_timeouts, stream=True,
-                                 headers={"X-Request-Id": request_id})
-        if response.status_code != 200:
-            error = _status_error(response)
-            response.close()
-            raise error
+        response = self._open(address + "/worker_generate", params, self._generate_timeouts,
+                              request_id)
         body = collect(UpstreamStream(response, RawChunks(), WORKER), self.timing,
                        client_gone)
         try:
@@ -126,15 +120,21 @@ class WorkerClient:
                     request_id: str) -> UpstreamStream[Frame]:
         """The open /worker_generate_stream answer, its status checked; close it when
         done."""
+        response = self._open(address + "/worker_generate_stream", params,
+                              self._stream_timeouts, request_id)
+        return UpstreamStream(response, WorkerFrames(), WORKER)
+
+    def _open(self, url: str, params: dict[str, Any], timeouts: tuple[float, float],
+              request_id: str) -> requests.Response:
+        """A generation's answer with its body unread, after a 200 (else our error)."""
         with mapped_errors(WORKER):
-            response = post_json(self._session, address + "/worker_generate_stream", params,
-                                 self._stream_timeouts, stream=True,
+            response = post_json(self._session, url, params, timeouts, stream=True,
                                  headers={"X-Request-Id": request_id})
         if response.status_code != 200:
             error = _status_error(response)
             response.close()
             raise error
-        return UpstreamStream(response, WorkerFrames(), WORKER)
+        return response
 
     def _post_json(self, address: str, path: str, payload: dict[str, Any],
                    request_id: str | None) -> dict[str, Any]:
