@@ -2,10 +2,10 @@
 32-frame /worker_generate_stream against the fast fake worker, sequentially, so that the
 figure is the client's own cost (the worker runs in another process).
 
-    python bench/transport_speed.py [--calls 3000] [--streams 1000]
+    python bench/transport_speed.py [--calls 3000] [--streams 1000] [--urllib3]
 
-Run it on two commits to compare transports (the numbers in the commit that chose the
-parser came from here). Not part of the tests.
+``--urllib3`` mounts requests' own HTTPAdapter instead of flaskchat's transport, for the
+comparison. Run it on two commits to compare transports. Not part of the tests.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--urllib3", action="store_true",
+                        help="requests' HTTPAdapter (urllib3) instead of our transport")
     args = parser.parse_args()
     worker = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fast_worker.py")],
                               stdout=subprocess.PIPE)
@@ -39,6 +41,9 @@ def main() -> None:
         assert worker.stdout is not None
         url = f"http://127.0.0.1:{int(worker.stdout.readline().split()[1])}"
         session = build_session(pool_size=8)
+        if args.urllib3:
+            from requests.adapters import HTTPAdapter
+            session.mount("http://", HTTPAdapter(pool_maxsize=8, max_retries=0))
         for _ in range(200):  # warm-up: connection, caches, branch predictors
             post_json(session, url + "/worker_generate", PARAMS, (5, 5)).content
         started = time.process_time()
