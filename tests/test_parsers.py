@@ -197,7 +197,7 @@ def test_sse_last_event_without_blank_line_counts() -> None:
 
 def _cpu(run: Callable[[], None]) -> float:
     best = float("inf")
-    for _ in range(3):
+    for _ in range(5):
         started = time.thread_time()
         run()
         best = min(best, time.thread_time() - started)
@@ -211,7 +211,9 @@ def _cpu(run: Callable[[], None]) -> float:
 def test_one_item_over_many_reads_costs_linear_time(make: Callable[[], Any],
                                                     wire: Callable[[int], bytes]) -> None:
     """A frame or event that arrives in many reads is joined once (issue 12's quadratic
-    buffer += data): 16x the bytes cost about 16x the CPU, never the 256x of a square."""
+    buffer += data): 64x the bytes cost about 64x the CPU, never the 4096x of a square.
+    (A ratio of two sizes on the same machine, so it holds on a slow or busy one; the wide
+    spread leaves room for cache effects.)"""
     def run(size: int) -> Callable[[], None]:
         data = wire(size)
         pieces = [data[i:i + 65536] for i in range(0, len(data), 65536)]
@@ -220,8 +222,8 @@ def test_one_item_over_many_reads_costs_linear_time(make: Callable[[], Any],
             decoder = make()
             assert sum(len(item) for piece in pieces for item in decoder.feed(piece) or ())
         return feed
-    ratio = _cpu(run(16 * 1024 * 1024)) / _cpu(run(1024 * 1024))
-    assert ratio < 64, f"16x the bytes cost {ratio:.0f}x the CPU"
+    ratio = _cpu(run(16 * 1024 * 1024)) / _cpu(run(256 * 1024))
+    assert ratio < 512, f"64x the bytes cost {ratio:.0f}x the CPU"
 
 
 # ---- follow: the one loop that waits on upstreams ---------------------------------------

@@ -84,19 +84,23 @@ class UpstreamStream(Generic[T]):
         return self._ready is not None
 
     def batches(self) -> Iterator[list[T]]:
-        """Every batch, as reads complete them; each read may wait the read timeout."""
+        """Every batch, as reads complete them; each read may wait the read timeout. A
+        batch that ``wait`` found meanwhile is the next one, whenever it was found."""
         decoder = self._decoder
-        if self._ready is not None:
-            batch, self._ready = self._ready, None
-            yield batch
-            self._raise_failure()
-        with mapped_errors(self.what):
-            chunks = iter(()) if self._ended else self._chunks
-            for chunk in chunks:
-                items = decoder.feed(chunk)
-                if items is not None:
-                    yield items
-                    self._raise_failure()
+        while True:
+            if self._ready is not None:
+                batch, self._ready = self._ready, None
+                yield batch
+                self._raise_failure()
+                continue
+            if self._ended:
+                break
+            with mapped_errors(self.what):
+                chunk = next(self._chunks, None)
+            if chunk is None:
+                self._ended = True
+            else:
+                self._ready = decoder.feed(chunk)
         last = decoder.end()
         if last is not None:
             yield last

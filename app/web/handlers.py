@@ -25,11 +25,15 @@ _HTTP_ERRORS: dict[int, type[APIError]] = {
 }
 
 
-def report(error: APIError) -> None:
-    """Tells the app's hook of a failure that is answered other than by raising (a stream
-    that ends in an error event)."""
+def failure_hook() -> ServerErrorHook:
+    """The app's hook, for a stream to call after the request context is gone."""
     hook: ServerErrorHook = current_app.extensions.get(HOOK, _ignore)
-    hook(error)
+    return hook
+
+
+def report(error: APIError) -> None:
+    """Tells the app's hook of a failure answered other than by raising (an error event)."""
+    failure_hook()(error)
 
 
 def _ignore(error: APIError) -> None:

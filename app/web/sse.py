@@ -16,7 +16,7 @@ from flask import Flask, Response, current_app
 
 from app.errors import APIError, ClientClosedRequest
 from app.serving.events import DONE, error_event
-from app.web.handlers import HOOK, ServerErrorHook, report
+from app.web.handlers import ServerErrorHook, failure_hook
 
 log = logging.getLogger("flaskchat")
 
@@ -34,7 +34,7 @@ def response(events: Iterable[bytes | None],
     """A text/event-stream Response; ``on_close`` runs when the client goes or the body ends,
     even if the body was never iterated."""
     interval: float = current_app.extensions.get(INTERVAL, 10.0)
-    hook: ServerErrorHook = current_app.extensions.get(HOOK, report)
+    hook = failure_hook()
     # Not direct_passthrough: werkzeug would then hand the bare generator to the server,
     # and the call_on_close callbacks (which release the worker and the admission place)
     # would never run.
