@@ -6,8 +6,8 @@ else that went wrong on the wire).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from types import TracebackType
+from typing import Any, Mapping
 
 import orjson
 import requests
@@ -62,19 +62,32 @@ def _reason(exc: Exception) -> str:
     return text.rsplit(": ", 1)[-1].strip(" ')\"")[:120] or type(exc).__name__
 
 
-@contextmanager
-def mapped_errors(what: str) -> Iterator[None]:
-    """Re-raises requests' exceptions as ours, naming ``what`` we were talking to."""
-    try:
-        yield
-    except requests.exceptions.ConnectTimeout:
-        raise ConnectTimedOut(f"Timed out connecting to {what}.") from None
-    except requests.exceptions.Timeout:
-        raise UpstreamTimeout(f"{what} did not answer in time.") from None
-    except (requests.exceptions.ChunkedEncodingError, InvalidResponse) as exc:
-        raise UpstreamError(f"{what} broke off or garbled its answer ({_reason(exc)}).") \
-            from None
-    except requests.exceptions.ConnectionError as exc:
-        raise WorkerUnreachable(f"Could not connect to {what} ({_reason(exc)}).") from None
-    except requests.exceptions.RequestException as exc:
+class mapped_errors:
+    """Re-raises requests' exceptions as ours, naming ``what`` we were talking to. (A class,
+    not a generator-based context manager: entered several times a request, and a
+    generator costs four times as much to set up.)"""
+
+    __slots__ = ("_what",)
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if exc is None or not isinstance(exc, requests.exceptions.RequestException):
+            return  # nothing of requests': it goes on as it is
+        what = self._what
+        if isinstance(exc, requests.exceptions.ConnectTimeout):
+            raise ConnectTimedOut(f"Timed out connecting to {what}.") from None
+        if isinstance(exc, requests.exceptions.Timeout):
+            raise UpstreamTimeout(f"{what} did not answer in time.") from None
+        if isinstance(exc, (requests.exceptions.ChunkedEncodingError, InvalidResponse)):
+            raise UpstreamError(f"{what} broke off or garbled its answer ({_reason(exc)}).") \
+                from None
+        if isinstance(exc, requests.exceptions.ConnectionError):
+            raise WorkerUnreachable(f"Could not connect to {what} ({_reason(exc)}).") \
+                from None
         raise UpstreamError(f"Error talking to {what}: {type(exc).__name__}.") from None

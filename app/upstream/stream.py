@@ -87,20 +87,20 @@ class UpstreamStream(Generic[T]):
         """Every batch, as reads complete them; each read may wait the read timeout. A
         batch that ``wait`` found meanwhile is the next one, whenever it was found."""
         decoder = self._decoder
-        while True:
-            if self._ready is not None:
-                batch, self._ready = self._ready, None
-                yield batch
-                self._raise_failure()
-                continue
-            if self._ended:
-                break
-            with mapped_errors(self.what):
+        with mapped_errors(self.what):  # once, not per read: it costs a generator each time
+            while True:
+                if self._ready is not None:
+                    batch, self._ready = self._ready, None
+                    yield batch
+                    self._raise_failure()
+                    continue
+                if self._ended:
+                    break
                 chunk = next(self._chunks, None)
-            if chunk is None:
-                self._ended = True
-            else:
-                self._ready = decoder.feed(chunk)
+                if chunk is None:
+                    self._ended = True
+                else:
+                    self._ready = decoder.feed(chunk)
         last = decoder.end()
         if last is not None:
             yield last
