@@ -1,5 +1,4 @@
-"""The browser demo page: its blueprint, the single-use stream tickets EventSource needs,
-and the page's static files."""
+"""The browser demo page: its blueprint, stream tickets and static files."""
 from __future__ import annotations
 
 import os

@@ -1,2 +1,3 @@
-"""The FastChat wire protocol shared by gateway, controller and worker: NUL frames, error
-codes, capability names, stop strings; imports nothing of ours."""
+"""The FastChat wire protocol: frames, error codes, capabilities, stop strings.
+
+Shared by the gateway, the controller and the worker; imports nothing of ours."""

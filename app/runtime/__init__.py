@@ -1,2 +1,1 @@
-"""Running the processes: gunicorn and its gevent worker class, the state directory the
-workers share, and flaskchat up's launcher."""
+"""Running the processes: gunicorn, its gevent worker, the shared state, flaskchat up."""

@@ -1,2 +1,1 @@
-"""Request to result, without Flask: one module per endpoint, and the shared pieces by name
-(prompt rendering, token budget, usage, ids, the stream driver)."""
+"""Request to result, without Flask: a module per endpoint and per shared piece."""

@@ -1,2 +1,1 @@
-"""What the gateway tells its operators: Prometheus metrics, the access log, log
-formatting."""
+"""What the gateway tells its operators: metrics, the access log, log formatting."""
