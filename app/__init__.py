@@ -20,7 +20,7 @@ def create_app(settings: "Settings | None" = None) -> Flask:
     from app.telemetry.logs import configure_logging
     from app.telemetry.metrics import UpstreamFailures
     from app.upstream.clients import Upstream
-    from app.web import admission, auth, calls, cors, handlers, sse
+    from app.web import admission, auth, calls, cors, handlers, lifecycle, sse
     from app.web.context import SCHEMAS, UPSTREAM
     from schemas import RequestSchemas
 
@@ -33,6 +33,7 @@ def create_app(settings: "Settings | None" = None) -> Flask:
     app.extensions[SCHEMAS] = RequestSchemas(
         max_n=settings.max_n, max_inputs=settings.max_inputs,
         max_messages=settings.max_messages, max_tokens_limit=settings.max_tokens_limit)
+    lifecycle.init_app(app, settings.drain_seconds)
     calls.init_app(app)
     access_log.init_app(app, settings.access_log, settings.metrics)
     cors.init_app(app, settings)

@@ -55,29 +55,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import dataclasses
+    from app.runtime import gunicorn_runner
+    from app.upstream.openai_config import UpstreamConfigError
 
-    from app.runtime import gunicorn_runner, state_dir
-    from app.upstream.openai_config import UpstreamConfigError, load_targets
+    def settings() -> Settings:
+        return gunicorn_runner.gateway_settings(lambda: Settings.from_args(args))
 
-    settings = Settings.from_args(args)
-    try:  # a wrong upstream entry stops here, clearly, not in every worker process
-        load_targets(settings.openai_upstreams, settings.upstreams_file,
-                     settings.connect_timeout)
-    except UpstreamConfigError as exc:
+    try:  # a wrong setting stops here, clearly, not in every worker process
+        started = settings()
+    except (UpstreamConfigError, OSError) as exc:
         print(f"flaskchat serve: {exc}", file=sys.stderr)
         return 2
-    # Before the fork: the workers share metric files and demo tickets through it.
-    settings = dataclasses.replace(settings, state_dir=state_dir.prepare(settings.state_dir))
 
     def load() -> Any:
         from app import create_app
-        return create_app(settings)
+        return create_app(gunicorn_runner.accepted_gateway_settings())
 
-    print(f"flaskchat: serving the API on http://{settings.host}:{settings.port}/v1 "
-          f"(controller {settings.controller_address})", file=sys.stderr, flush=True)
-    return gunicorn_runner.run(load, gunicorn_runner.gateway_config(settings), args.fd,
-                               settings.log_level, settings.log_format)
+    print(f"flaskchat: serving the API on http://{started.host}:{started.port}/v1 "
+          f"(controller {started.controller_address})", file=sys.stderr, flush=True)
+    return gunicorn_runner.run(load, lambda: gunicorn_runner.gateway_config(settings()),
+                               args.fd)
 
 
 def _controller(args: argparse.Namespace) -> int:
@@ -89,8 +86,8 @@ def _controller(args: argparse.Namespace) -> int:
         from app.controller import create_controller_app
         return create_controller_app(settings)
 
-    return gunicorn_runner.run(load, gunicorn_runner.controller_config(settings), args.fd,
-                               settings.log_level)
+    return gunicorn_runner.run(load, lambda: gunicorn_runner.controller_config(settings),
+                               args.fd, settings.log_level)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -108,8 +105,8 @@ def _worker(args: argparse.Namespace) -> int:
         from app.worker import create_worker_app
         return create_worker_app(settings)
 
-    return gunicorn_runner.run(load, gunicorn_runner.worker_config(settings), args.fd,
-                               settings.log_level)
+    return gunicorn_runner.run(load, lambda: gunicorn_runner.worker_config(settings),
+                               args.fd, settings.log_level)
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -113,7 +113,13 @@ class Settings:
     workers: int = _opt(1, "--workers", _positive(int), "gunicorn worker processes")
     graceful_timeout: int = _opt(
         120, "--graceful-timeout", _positive(int),
-        "seconds a stop (SIGTERM) or reload (SIGHUP) lets running streams finish")
+        "seconds a stop (SIGTERM) or reload (SIGHUP) lets running streams finish; those "
+        "still running then end with an error event")
+    drain_seconds: float = _opt(
+        2.0, "--drain-seconds", _positive(float),
+        "on a stop or reload: how long the old processes keep accepting (the new ones of a "
+        "reload boot meanwhile), and how long an idle keep-alive connection may still "
+        "bring a request (answered with Connection: close) before it is closed")
     worker_connections: int = _opt(
         10000, "--worker-connections", _positive(int),
         "open connections per worker process (each stream holds one)")
@@ -188,6 +194,11 @@ class Settings:
         "", "--state-dir", str,
         "directory the worker processes share (metrics files, demo tickets); empty: a "
         "private temporary directory made at start")
+    env_file: str = _opt(
+        "", "--env-file", str,
+        "file of FLASKCHAT_* variables (KEY=VALUE lines) that beat the environment and are "
+        "read again by every reload (SIGHUP): new keys, log level, limits without a "
+        "restart")
 
     def __post_init__(self) -> None:
         if self.api_keys_file and not self.api_keys:
@@ -294,10 +305,36 @@ class WorkerSettings:
 S = TypeVar("S")
 
 
+def read_env_file(path: str) -> dict[str, str]:
+    """``KEY=VALUE`` lines (as systemd's EnvironmentFile): blank lines and #-comments are
+    skipped, an ``export`` prefix and quotes around the value are allowed."""
+    values: dict[str, str] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, sep, value = line.removeprefix("export ").partition("=")
+            if not sep or not name.strip():
+                raise SystemExit(f"{path}:{number}: expected NAME=value")
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            values[name.strip()] = value
+    return values
+
+
 def _build(cls: type[S], args: argparse.Namespace | None, environ: Mapping[str, str],
            prefix: str = "FLASKCHAT_") -> S:
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    env_file = getattr(args, "env_file", None) or environ.get(prefix + "ENV_FILE", "")
+    if env_file and any(f.name == "env_file" for f in fields):
+        try:
+            environ = {**environ, **read_env_file(env_file)}  # the file beats the environment
+        except OSError as exc:
+            raise SystemExit(f"cannot read the env file {env_file}: {exc.strerror}") from None
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in fields:
         option: Option = f.metadata["option"]
         given = getattr(args, f.name, None) if args is not None else None
         if given is not None:

@@ -116,6 +116,12 @@ class WorkerUnreachable(UpstreamUnavailable):
     failover = True
 
 
+class ServerStopping(UpstreamUnavailable):
+    """The process is stopping and its graceful timeout ran out for this request."""
+
+    code = "server_stopping"
+
+
 class WorkerOutOfMemory(UpstreamUnavailable):
     code, fastchat_code = "worker_out_of_memory", CUDA_OUT_OF_MEMORY
 

@@ -58,10 +58,10 @@ class Server:
             self.process.stdout.close()
 
 
-def bound_socket() -> socket.socket:
+def bound_socket(port: int = 0) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     sock.listen(128)
     return sock
 
@@ -82,13 +82,13 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], path: str,
 
 
 def start_on_socket(argv: list[str], path: str, env: dict[str, str] | None = None,
-                    stderr: Any = None) -> Server:
+                    stderr: Any = None, port: int = 0) -> Server:
     """Starts ``argv`` (``{fd}`` and ``{port}`` replaced) on a socket bound here, so there
-    is no race for a free port."""
-    sock = bound_socket()
-    port = str(sock.getsockname()[1])
-    url = f"http://127.0.0.1:{port}"
-    args = [a.replace("{fd}", str(sock.fileno())).replace("{port}", port) for a in argv]
+    is no race for a free port (``port``: that one, for a server restarted in place)."""
+    sock = bound_socket(port)
+    bound = str(sock.getsockname()[1])
+    url = f"http://127.0.0.1:{bound}"
+    args = [a.replace("{fd}", str(sock.fileno())).replace("{port}", bound) for a in argv]
     process = subprocess.Popen(args, cwd=ROOT, pass_fds=(sock.fileno(),),
                                env={**os.environ, **(env or {})}, stderr=stderr)
     sock.close()
@@ -101,10 +101,11 @@ def start_controller(*extra: str) -> Server:
                             "--log-level", "warning", *extra], "/test_connection")
 
 
-def start_gateway(controller_url: str, *extra: str, env: dict[str, str] | None = None) -> Server:
+def start_gateway(controller_url: str, *extra: str, env: dict[str, str] | None = None,
+                  stderr: Any = None, port: int = 0) -> Server:
     return start_on_socket([sys.executable, "-m", "app.cli", "serve", "--fd", "{fd}",
                             "--controller-address", controller_url, "--log-level", "warning",
-                            *extra], "/health", env)
+                            *extra], "/health", env, stderr, port)
 
 
 def start_fake(script: str, *args: str) -> Server:

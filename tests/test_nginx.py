@@ -1,105 +1,32 @@
-"""The gateway behind a real nginx (Debian's package), configured with the very site file
-docs/deploy.md tells operators to use: streams arrive chunk by chunk, non-stream requests,
-errors and request ids pass through.
-
-Skipped with the reason when nginx is not installed, unless FLASKCHAT_REQUIRE_NGINX=1 (set
-by .ci/run), which makes that a failure.
-"""
+"""The gateway behind a real nginx configured with the site file docs/deploy.md gives
+operators (see tests/nginx.py): streams arrive chunk by chunk, non-stream requests, errors
+and request ids pass through."""
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import requests
 
-from tests.conftest import (ROOT, Server, MakeClient, start_controller, start_fake_worker,
-                            start_gateway)
-
-SITE = ROOT / "docs" / "nginx-flaskchat.conf"
-
-
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
-                                      else None)
-    if found is None:
-        reason = "nginx is not installed (Debian: apt-get install nginx-light)"
-        if os.environ.get("FLASKCHAT_REQUIRE_NGINX") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def nginx_config(workdir: Path, gateway_port: int, port: int) -> str:
-    site = SITE.read_text()
-    assert "server 127.0.0.1:8000;" in site and "listen 80;" in site
-    site = site.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{gateway_port};")
-    site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
-    temp = "\n".join(f"    {kind}_temp_path {workdir / kind};"
-                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    user = "user root root;" if os.geteuid() == 0 else ""
-    return f"""{user}
-worker_processes 1;
-pid {workdir / 'nginx.pid'};
-error_log {workdir / 'error.log'} warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log {workdir / 'access.log'};
-{temp}
-{site}
-}}
-"""
+from tests.conftest import MakeClient, Server, start_controller, start_fake_worker, start_gateway
+from tests.nginx import running_nginx
 
 
 @pytest.fixture(scope="module")
 def behind_nginx() -> Iterator[tuple[str, Server]]:
-    binary = nginx_binary()
     started: list[Server] = []
-    workdir = Path(tempfile.mkdtemp(prefix="flaskchat-nginx-"))
-    nginx = None
     try:
         controller = start_controller()
         started.append(controller)
         started.append(start_fake_worker(controller.url, "--models", "proxied"))
         gateway = start_gateway(controller.url, "--workers", "2")
         started.append(gateway)
-        port = free_port()
-        (workdir / "nginx.conf").write_text(
-            nginx_config(workdir, int(gateway.url.rsplit(":", 1)[1]), port))
-        nginx = subprocess.Popen([binary, "-p", str(workdir), "-c", str(workdir / "nginx.conf"),
-                                  "-e", str(workdir / "error.log"), "-g", "daemon off;"])
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if requests.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if nginx.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("nginx did not start: "
-                                   + (workdir / "error.log").read_text()[-2000:])
-            time.sleep(0.1)
-        yield url, gateway
+        with running_nginx([int(gateway.url.rsplit(":", 1)[1])]) as url:
+            yield url, gateway
     finally:
-        if nginx is not None:
-            nginx.terminate()
-            nginx.wait(10)
         for server in reversed(started):
             server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_stream_arrives_incrementally(behind_nginx: tuple[str, Server]) -> None:

@@ -8,10 +8,11 @@ from collections import Counter
 from flask import Blueprint, request
 from flask.typing import ResponseReturnValue
 
-from app.errors import APIError, UpstreamUnavailable
+from app.errors import APIError, ServerStopping, UpstreamUnavailable
 from app.web.admission import admission
 from app.web.context import upstream
 from app.web.handlers import error_response
+from app.web.lifecycle import lifecycle
 from app.web.json_io import json_response
 
 bp = Blueprint("health", __name__)
@@ -54,10 +55,14 @@ def _where(greenlet: object) -> str:
 @bp.get("/ready")
 def ready() -> ResponseReturnValue:
     """200 while some model is known, "degraded" if that list is stale because the
-    controller cannot be reached; 503 when no model can be served. Models of
-    OpenAI-compatible upstreams count while one of their servers is not marked failed.
-    ``workers`` counts the workers this process knows for each model (flaskchat's
-    controller; a stock one does not tell)."""
+    controller cannot be reached; 503 when no model can be served, and 503 "draining" from
+    the moment this process begins to stop. Models of OpenAI-compatible upstreams count
+    while one of their servers is not marked failed. ``workers`` counts the workers this
+    process knows for each model (flaskchat's controller; a stock one does not tell)."""
+    if lifecycle().draining:
+        # Returned, not raised: probes poll this, and the handler would log each one.
+        return error_response(ServerStopping("Not ready: this process is draining (a stop "
+                                             "or a reload has begun).", code="draining"))
     relayed = upstream().openai.healthy_models()
     try:
         status = upstream().controller.status()

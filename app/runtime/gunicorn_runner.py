@@ -1,11 +1,15 @@
 """gunicorn for each of flaskchat's processes: its settings (defined here once: both
 ``flaskchat serve`` and ``gunicorn -c gunicorn.conf.py wsgi:app`` take the gateway's from
-``gateway_config``) and a runner that starts the arbiter in this process.
+``gateway_config``), the gateway's settings as a reload finds them, and a runner that
+starts the arbiter in this process.
 
 Imports nothing that must come after gevent's patching: the arbiter loads this module.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
+import sys
 from typing import Any, Callable
 
 from gunicorn.app.base import BaseApplication
@@ -14,6 +18,46 @@ from app.config import ControllerSettings, Settings, WorkerSettings
 from app.runtime import state_dir
 
 KEEPALIVE = 75  # callers reuse their connections; gunicorn's default is 2 s
+log = logging.getLogger("flaskchat.runtime")
+
+# The gateway settings the arbiter last loaded and checked. Held here, in the arbiter's
+# memory, because its workers are forked from it: each new worker starts from exactly the
+# settings its reload accepted. (State of the arbiter process, not of any app.)
+_accepted: Settings | None = None
+
+
+def gateway_settings(build: Callable[[], Settings]) -> Settings:
+    """The gateway's settings as the flags, the environment and the env file give them now
+    (the API keys and upstreams files read afresh), checked, with the shared state
+    directory made. Called at start and on every reload (SIGHUP); a reload whose settings
+    do not load keeps the last good ones, and says why on stderr. At start, the error
+    goes to the caller."""
+    global _accepted
+    from app.upstream.openai_config import UpstreamConfigError, load_targets
+
+    try:
+        settings = build()
+        load_targets(settings.openai_upstreams, settings.upstreams_file,
+                     settings.connect_timeout)
+    except (SystemExit, UpstreamConfigError, OSError) as exc:
+        if _accepted is None:
+            raise
+        print(f"flaskchat: reload kept the settings in use; the new ones do not load: "
+              f"{exc}", file=sys.stderr, flush=True)
+        return _accepted
+    if _accepted is None:  # before the first fork: the workers share it
+        settings = dataclasses.replace(settings, state_dir=state_dir.prepare(
+            settings.state_dir))
+    else:
+        settings = dataclasses.replace(settings, state_dir=_accepted.state_dir)
+    _accepted = settings
+    return settings
+
+
+def accepted_gateway_settings() -> Settings:
+    """In a gateway worker: the settings its arbiter accepted (or, outside gunicorn, the
+    environment's)."""
+    return _accepted or Settings.from_env()
 
 
 def gateway_config(settings: Settings) -> dict[str, Any]:
@@ -54,17 +98,23 @@ def worker_config(settings: WorkerSettings) -> dict[str, Any]:
             "loglevel": settings.log_level}
 
 
-def run(load: Callable[[], Any], config: dict[str, Any], fd: int | None = None,
-        log_level: str = "info", log_format: str = "text") -> int:
-    """Runs gunicorn with ``config`` on ``fd`` (a socket a test bound) or its bind, and
-    ``load`` building the app in each worker process, after logging is set up there."""
+def run(load: Callable[[], Any], configure: Callable[[], dict[str, Any]],
+        fd: int | None = None, log_level: str | None = None) -> int:
+    """Runs gunicorn in this process: ``configure()`` gives its settings, at start and
+    again on every reload (SIGHUP); ``load()`` builds the app in each worker process. With
+    ``log_level``, logging is set up before that (the gateway's app does its own); with
+    ``fd``, gunicorn serves that already bound socket (tests)."""
     def configured_load() -> Any:
-        from app.telemetry.logs import configure_logging
+        if log_level is not None:
+            from app.telemetry.logs import configure_logging
 
-        configure_logging(log_level, log_format)
+            configure_logging(log_level)
         return load()
 
-    options = {**config, "bind": [f"fd://{fd}"]} if fd is not None else config
+    def options() -> dict[str, Any]:
+        config = configure()
+        return {**config, "bind": [f"fd://{fd}"]} if fd is not None else config
+
     _Gunicorn(configured_load, options).run()
     return 0
 
@@ -74,13 +124,15 @@ def _child_exit(server: Any, worker: Any) -> None:
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
-    def __init__(self, loader: Callable[[], Any], options: dict[str, Any]) -> None:
+    def __init__(self, loader: Callable[[], Any],
+                 options: Callable[[], dict[str, Any]]) -> None:
         self._loader = loader
         self._options = options
         super().__init__()
 
     def load_config(self) -> None:
-        for key, value in self._options.items():
+        """At start and on every reload."""
+        for key, value in self._options().items():
             if key in self.cfg.settings:
                 self.cfg.set(key, value)
 

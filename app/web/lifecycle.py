@@ -1,0 +1,43 @@
+"""Whether this process is stopping: the gunicorn worker says so the moment a stop or a
+reload begins, and /ready answers 503 ("draining") from then on, so that a load balancer
+sends new traffic elsewhere while the process finishes what it has."""
+from __future__ import annotations
+
+import time
+
+from flask import Flask, current_app
+
+EXTENSION = "flaskchat.lifecycle"
+
+
+class Lifecycle:
+    """``drain_seconds``: how long a stopping process keeps accepting and lets idle
+    keep-alive connections bring one more request (the gunicorn worker reads it)."""
+
+    def __init__(self, drain_seconds: float) -> None:
+        self.drain_seconds = drain_seconds
+        self.draining_since: float | None = None  # time.monotonic() when the stop began
+
+    @property
+    def draining(self) -> bool:
+        return self.draining_since is not None
+
+    def begin_drain(self) -> None:
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+
+
+def init_app(app: Flask, drain_seconds: float) -> None:
+    app.extensions[EXTENSION] = Lifecycle(drain_seconds)
+
+
+def lifecycle() -> Lifecycle:
+    found: Lifecycle = current_app.extensions[EXTENSION]
+    return found
+
+
+def of(wsgi_app: object) -> Lifecycle | None:
+    """The lifecycle of a WSGI app, if it is one of ours (for the gunicorn worker)."""
+    extensions = getattr(wsgi_app, "extensions", None)
+    found = extensions.get(EXTENSION) if isinstance(extensions, dict) else None
+    return found if isinstance(found, Lifecycle) else None
