@@ -3,4 +3,4 @@ as the arbiter accepted them at start or at the last reload)."""
 from app import create_app
 from app.runtime.gunicorn_runner import accepted_gateway_settings
 
-app = create_app(accepted_gateway_settings())
+app = create_app(*accepted_gateway_settings())

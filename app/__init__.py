@@ -7,12 +7,15 @@ from flask import Flask
 
 if TYPE_CHECKING:
     from app.config import Settings
+    from app.upstream.openai_config import Targets
 
 
-def create_app(settings: "Settings | None" = None) -> Flask:
+def create_app(settings: "Settings | None" = None,
+               upstream_targets: "Targets | None" = None) -> Flask:
     """The gateway's Flask app. Its imports wait until here, so that ``import app`` (in
     gunicorn's arbiter, before the gevent worker patches) loads neither requests nor the
-    rest of the stack."""
+    rest of the stack. ``upstream_targets``: the OpenAI-compatible upstreams as the
+    arbiter read and checked them (else they are read from the settings)."""
     from app import demo
     from app.config import Settings
     from app.routes import chat, completions, embeddings, health, metrics, models, openapi
@@ -29,7 +32,7 @@ def create_app(settings: "Settings | None" = None) -> Flask:
     failures = UpstreamFailures()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.extensions[UPSTREAM] = Upstream(settings, failures)
+    app.extensions[UPSTREAM] = Upstream(settings, failures, upstream_targets)
     app.extensions[SCHEMAS] = RequestSchemas(
         max_n=settings.max_n, max_inputs=settings.max_inputs,
         max_messages=settings.max_messages, max_tokens_limit=settings.max_tokens_limit)

@@ -69,7 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     def load() -> Any:
         from app import create_app
-        return create_app(gunicorn_runner.accepted_gateway_settings())
+        return create_app(*gunicorn_runner.accepted_gateway_settings())
 
     print(f"flaskchat: serving the API on http://{started.host}:{started.port}/v1 "
           f"(controller {started.controller_address})", file=sys.stderr, flush=True)

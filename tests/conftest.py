@@ -103,9 +103,11 @@ def start_controller(*extra: str) -> Server:
 
 def start_gateway(controller_url: str, *extra: str, env: dict[str, str] | None = None,
                   stderr: Any = None, port: int = 0) -> Server:
+    # The quiet log level through the environment, not a flag: a flag would beat an env
+    # file a test gives.
     return start_on_socket([sys.executable, "-m", "app.cli", "serve", "--fd", "{fd}",
-                            "--controller-address", controller_url, "--log-level", "warning",
-                            *extra], "/health", env, stderr, port)
+                            "--controller-address", controller_url, *extra], "/health",
+                           {"FLASKCHAT_LOG_LEVEL": "warning", **(env or {})}, stderr, port)
 
 
 def start_fake(script: str, *args: str) -> Server:

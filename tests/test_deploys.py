@@ -281,3 +281,46 @@ def test_rolling_restart_behind_nginx_drops_no_request(
     finally:
         for gateway in gateways:
             gateway.stop()
+
+
+def test_a_reload_rereads_keys_upstreams_and_the_env_file(backend: Server,
+                                                          tmp_path: Path) -> None:
+    """What a reload is for: new API keys, a new upstreams file, a new log level, without a
+    restart; and settings that do not load leave the old ones serving."""
+    keys, env, upstreams = tmp_path / "keys", tmp_path / "env", tmp_path / "upstreams.toml"
+    keys.write_text("old-key\n")
+    env.write_text("FLASKCHAT_LOG_LEVEL=warning\n")
+    upstreams.write_text('[[upstream]]\nbase_url = "http://127.0.0.1:9/v1"\n'
+                         'models = ["first-upstream"]\n')
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as stderr:
+        gateway = start_gateway(backend.url, "--api-keys-file", str(keys), "--env-file",
+                                str(env), "--upstreams", str(upstreams), stderr=stderr)
+
+    def models(key: str) -> requests.Response:
+        return requests.get(gateway.url + "/v1/models", timeout=10,
+                            headers={"Authorization": f"Bearer {key}"})
+
+    def reload() -> None:
+        old = worker_pids(gateway)
+        gateway.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: worker_pids(gateway) and not old & worker_pids(gateway), 30)
+
+    try:
+        assert models("old-key").status_code == 200
+        assert "flaskchat.access" not in log.read_text()  # INFO lines are off at warning
+        keys.write_text("new-key\n")
+        env.write_text("FLASKCHAT_LOG_LEVEL=info\n")
+        upstreams.write_text(upstreams.read_text().replace("first-upstream", "next-upstream"))
+        reload()
+        assert models("old-key").status_code == 401
+        listed = [card["id"] for card in models("new-key").json()["data"]]
+        assert "next-upstream" in listed and "first-upstream" not in listed
+        wait_for(lambda: "flaskchat.access" in log.read_text(), 10, "INFO access lines")
+        upstreams.write_text("[[upstream]]\nbase_url = 'not a url'\nmodels = ['x']\n")
+        reload()  # a broken file: the reload keeps the settings in use, and says so
+        assert models("new-key").status_code == 200
+        assert "next-upstream" in models("new-key").text
+        assert "reload kept the settings in use" in log.read_text()
+    finally:
+        gateway.stop()

@@ -35,9 +35,6 @@ from gevent.server import StreamServer
 from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import GeventWorker as _GunicornGeventWorker
 
-from app.errors import ServerStopping
-from app.web import lifecycle
-
 DEFAULT_DRAIN_SECONDS = 2.0
 END_MARGIN = 2.0  # seconds before graceful_timeout: ending streams with an event takes time
 SWEEP_SECONDS = 0.25  # how often a stopping worker looks for idle connections to close
@@ -90,13 +87,15 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
         super().handle_exit(sig, frame)  # alive = False: responses get Connection: close
         if self._stop_began is None:
             self._stop_began = time.monotonic()
-            draining = lifecycle.of(getattr(self, "wsgi", None))  # None while booting
+            draining = _lifecycle(self)
             if draining is not None:
                 draining.begin_drain()
 
     def _stop(self, servers: list[StreamServer]) -> None:
+        from app.errors import ServerStopping
+
         began = self._stop_began or time.monotonic()
-        ours = lifecycle.of(getattr(self, "wsgi", None))
+        ours = _lifecycle(self)
         drain = ours.drain_seconds if ours is not None else DEFAULT_DRAIN_SECONDS
         deadline = began + max(self.cfg.graceful_timeout - END_MARGIN, drain)
         self._sleep_until(began + drain, servers, sweep=None)
@@ -139,6 +138,14 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
             waited = now - max(idle_since, stop_began)
             if waited >= drain and not client.request_begun(now - idle_since):
                 client.close()
+
+
+def _lifecycle(worker: GeventWorker) -> Any:
+    """The app's Lifecycle (None while the worker boots). Imported here, in the worker:
+    what gunicorn's arbiter imports (it loads this module) a reload cannot renew."""
+    from app.web import lifecycle
+
+    return lifecycle.of(getattr(worker, "wsgi", None))
 
 
 class _Client:

@@ -16,14 +16,17 @@ from gunicorn.app.base import BaseApplication
 
 from app.config import ControllerSettings, Settings, WorkerSettings
 from app.runtime import state_dir
+from app.upstream.openai_config import Targets
 
 KEEPALIVE = 75  # callers reuse their connections; gunicorn's default is 2 s
 log = logging.getLogger("flaskchat.runtime")
 
-# The gateway settings the arbiter last loaded and checked. Held here, in the arbiter's
-# memory, because its workers are forked from it: each new worker starts from exactly the
-# settings its reload accepted. (State of the arbiter process, not of any app.)
+# The gateway settings the arbiter last loaded and checked, and the upstreams it read for
+# them. Held here, in the arbiter's memory, because its workers are forked from it: each
+# new worker starts from exactly what its reload accepted, not from files that may have
+# changed since. (State of the arbiter process, not of any app.)
 _accepted: Settings | None = None
+_accepted_targets: Targets | None = None
 
 
 def gateway_settings(build: Callable[[], Settings]) -> Settings:
@@ -32,13 +35,13 @@ def gateway_settings(build: Callable[[], Settings]) -> Settings:
     directory made. Called at start and on every reload (SIGHUP); a reload whose settings
     do not load keeps the last good ones, and says why on stderr. At start, the error
     goes to the caller."""
-    global _accepted
+    global _accepted, _accepted_targets
     from app.upstream.openai_config import UpstreamConfigError, load_targets
 
     try:
         settings = build()
-        load_targets(settings.openai_upstreams, settings.upstreams_file,
-                     settings.connect_timeout)
+        targets = load_targets(settings.openai_upstreams, settings.upstreams_file,
+                               settings.connect_timeout)
     except (SystemExit, UpstreamConfigError, OSError) as exc:
         if _accepted is None:
             raise
@@ -50,14 +53,16 @@ def gateway_settings(build: Callable[[], Settings]) -> Settings:
             settings.state_dir))
     else:
         settings = dataclasses.replace(settings, state_dir=_accepted.state_dir)
-    _accepted = settings
+    _accepted, _accepted_targets = settings, targets
     return settings
 
 
-def accepted_gateway_settings() -> Settings:
-    """In a gateway worker: the settings its arbiter accepted (or, outside gunicorn, the
-    environment's)."""
-    return _accepted or Settings.from_env()
+def accepted_gateway_settings() -> tuple[Settings, Targets | None]:
+    """In a gateway worker: the settings and upstreams its arbiter accepted (or, outside
+    gunicorn, the environment's settings, with the upstreams left to be read)."""
+    if _accepted is None:
+        return Settings.from_env(), None
+    return _accepted, _accepted_targets
 
 
 def gateway_config(settings: Settings) -> dict[str, Any]:

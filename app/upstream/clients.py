@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from app.upstream.controller import ControllerClient
 from app.upstream.failover import FailureLog, NoLog
 from app.upstream.openai_client import OpenAIClient
-from app.upstream.openai_config import load_targets
+from app.upstream.openai_config import Targets, load_targets
 from app.upstream.openai_pool import OpenAIUpstreams
 from app.upstream.server_health import ServerHealth
 from app.upstream.session import build_session
@@ -24,7 +24,10 @@ TICK_SECONDS = 0.5
 
 
 class Upstream:
-    def __init__(self, settings: "Settings", failures: FailureLog | None = None) -> None:
+    def __init__(self, settings: "Settings", failures: FailureLog | None = None,
+                 targets: Targets | None = None) -> None:
+        """``targets``: the OpenAI-compatible upstreams, if already read (by the arbiter,
+        which checked them); else they are read from the settings' flag and file."""
         self.settings = settings
         self.failures = failures or NoLog()
         self.session = build_session(pool_size=settings.worker_connections)
@@ -41,10 +44,10 @@ class Upstream:
         self.workers = WorkerClient(self.session, timeouts, info_ttl=settings.worker_info_ttl,
                                     timing=self.timing,
                                     generation_timeout=settings.generation_timeout)
-        self.openai = OpenAIUpstreams(
-            load_targets(settings.openai_upstreams, settings.upstreams_file,
-                         settings.connect_timeout),
-            OpenAIClient(self.session), self.health)
+        if targets is None:
+            targets = load_targets(settings.openai_upstreams, settings.upstreams_file,
+                                   settings.connect_timeout)
+        self.openai = OpenAIUpstreams(targets, OpenAIClient(self.session), self.health)
 
     def close(self) -> None:
         self.session.close()
