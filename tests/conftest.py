@@ -103,11 +103,13 @@ def start_controller(*extra: str) -> Server:
 
 def start_gateway(controller_url: str, *extra: str, env: dict[str, str] | None = None,
                   stderr: Any = None, port: int = 0) -> Server:
-    # The quiet log level through the environment, not a flag: a flag would beat an env
-    # file a test gives.
+    # Through the environment, not flags (a flag would beat an env file a test gives): a
+    # quiet log, and a short drain, since every stop (each test's teardown) waits it out;
+    # the deploy tests ask for the real one.
     return start_on_socket([sys.executable, "-m", "app.cli", "serve", "--fd", "{fd}",
                             "--controller-address", controller_url, *extra], "/health",
-                           {"FLASKCHAT_LOG_LEVEL": "warning", **(env or {})}, stderr, port)
+                           {"FLASKCHAT_LOG_LEVEL": "warning", "FLASKCHAT_DRAIN_SECONDS": "0.2",
+                            **(env or {})}, stderr, port)
 
 
 def start_fake(script: str, *args: str) -> Server:

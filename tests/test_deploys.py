@@ -132,7 +132,8 @@ def test_three_reloads_under_load_drop_no_request(backend: Server, clients: Make
                                                   tmp_path: Path) -> None:
     log = tmp_path / "gateway.log"
     with log.open("wb") as stderr:
-        gateway = start_gateway(backend.url, "--log-level", "info", stderr=stderr)
+        gateway = start_gateway(backend.url, "--log-level", "info", "--drain-seconds", "2",
+                                stderr=stderr)
     try:
         wait_for(lambda: "deployed" in requests.get(gateway.url + "/ready").text)
         with Load(gateway.url + "/v1", clients) as load:
@@ -165,7 +166,7 @@ def test_a_request_arriving_as_the_stop_begins_is_answered(backend: Server) -> N
                + b"\r\n\r\n" + body)
     host, port = gateway.url.removeprefix("http://").split(":")
     try:
-        for attempt in range(12):
+        for attempt in range(10):
             pid = wait_for(lambda: worker_pids(gateway), 30, "a worker")
             with socket.create_connection((host, int(port)), timeout=30) as sock:
                 sock.sendall(request)
@@ -199,7 +200,7 @@ def read_answer(sock: socket.socket) -> bytes:
 
 
 def test_sigterm_lets_open_streams_finish_and_ready_says_draining(backend: Server) -> None:
-    gateway = start_gateway(backend.url, "--graceful-timeout", "30")
+    gateway = start_gateway(backend.url, "--graceful-timeout", "30", "--drain-seconds", "2")
     slow = [{"role": "user", "content": "[[slow:0.25]][[reply:a b c d e f g h i j k l]]"}]
     bodies: list[bytes] = []
     try:
@@ -260,7 +261,7 @@ def test_graceful_timeout_ends_a_stream_with_an_error_event(backend: Server,
 
 def test_rolling_restart_behind_nginx_drops_no_request(
         backend: Server, clients: MakeClient) -> None:
-    gateways = [start_gateway(backend.url) for _ in range(2)]
+    gateways = [start_gateway(backend.url, "--drain-seconds", "2") for _ in range(2)]
     ports = [int(g.url.rsplit(":", 1)[1]) for g in gateways]
     try:
         for gateway in gateways:
@@ -270,7 +271,8 @@ def test_rolling_restart_behind_nginx_drops_no_request(
             for index, port in enumerate(ports):  # one after the other, as a deploy would
                 gateways[index].process.send_signal(signal.SIGTERM)
                 assert gateways[index].process.wait(30) == 0
-                gateways[index] = start_gateway(backend.url, port=port)
+                gateways[index] = start_gateway(backend.url, "--drain-seconds", "2",
+                                                port=port)
                 # The next one may stop once nginx sends this one traffic again.
                 wait_for(lambda: chat_requests_served(gateways[index]) >= 20, 60,
                          "nginx to send the restarted gateway traffic")
