@@ -166,7 +166,7 @@ def test_a_request_arriving_as_the_stop_begins_is_answered(backend: Server) -> N
                + b"\r\n\r\n" + body)
     host, port = gateway.url.removeprefix("http://").split(":")
     try:
-        for attempt in range(10):
+        for attempt in range(6):
             pid = wait_for(lambda: worker_pids(gateway), 30, "a worker")
             with socket.create_connection((host, int(port)), timeout=30) as sock:
                 sock.sendall(request)

@@ -4,7 +4,7 @@
 - FastChat's openai_api_server in front of our controller;
 - our prompt rendering against FastChat's Conversation.get_prompt for every template it
   ships.
-FastChat is installed once into .venvs/fastchat (pydantic 1: its streaming breaks on 2).
+FastChat is installed once into .venvs/fastchat (tests/fastchat_venv.py).
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,27 +20,17 @@ import pytest
 import requests
 
 from app.serving.prompt import render
-from tests.conftest import (ROOT, MakeClient, Server, start_controller, start_fake_worker,
+from tests import fastchat_venv
+from tests.conftest import (MakeClient, Server, start_controller, start_fake_worker,
                             start_gateway, wait_until_up)
 from tests.fake_data import DEFAULT_REPLY
 
 pytestmark = pytest.mark.fastchat
 
-FASTCHAT_VENV = ROOT / ".venvs" / "fastchat"
-FASTCHAT_REQUIREMENTS = ["fschat==0.2.36", "pydantic<2", "fastapi==0.115.12"]
-
 
 @pytest.fixture(scope="session")
 def fastchat_python() -> str:
-    python = FASTCHAT_VENV / "bin" / "python"
-    marker = FASTCHAT_VENV / ".installed"
-    if not marker.exists() or marker.read_text() != " ".join(FASTCHAT_REQUIREMENTS):
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(FASTCHAT_VENV)],
-                       check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q",
-                        "--disable-pip-version-check", *FASTCHAT_REQUIREMENTS], check=True)
-        marker.write_text(" ".join(FASTCHAT_REQUIREMENTS))
-    return str(python)
+    return fastchat_venv.ensure()
 
 
 def free_port() -> int:
