@@ -16,14 +16,16 @@ def create_app(settings: "Settings | None" = None,
     gunicorn's arbiter, before the gevent worker patches) loads neither requests nor the
     rest of the stack. ``upstream_targets``: the OpenAI-compatible upstreams as the
     arbiter read and checked them (else they are read from the settings)."""
-    from app import demo
+    from app import admin, demo
+    from app.access.service import open_access
     from app.config import Settings
-    from app.routes import chat, completions, embeddings, health, metrics, models, openapi
+    from app.routes import (admin_api, chat, completions, embeddings, health, metrics, models,
+                            openapi)
     from app.telemetry import access_log
     from app.telemetry.logs import configure_logging
-    from app.telemetry.metrics import UpstreamFailures
+    from app.telemetry.metrics import AccessMetrics, UpstreamFailures
     from app.upstream.clients import Upstream
-    from app.web import admission, auth, calls, cors, handlers, lifecycle, sse
+    from app.web import access, admission, calls, cors, handlers, lifecycle, sse
     from app.web.context import SCHEMAS, UPSTREAM
     from schemas import RequestSchemas
 
@@ -40,15 +42,21 @@ def create_app(settings: "Settings | None" = None,
     calls.init_app(app)
     access_log.init_app(app, settings.access_log, settings.metrics)
     cors.init_app(app, settings)
-    auth.init_app(app, settings.api_keys)
+    access_metrics = AccessMetrics(settings.metrics_key_labels) if settings.metrics else None
+    keys_and_usage = open_access(settings, access_metrics)
+    access.init_app(app, keys_and_usage, access_metrics)
+    keys_and_usage.start()
+    lifecycle.lifecycle_of(app).on_stop(keys_and_usage.stop)
     admission.init_app(app, settings.max_in_flight, settings.max_queued,
-                       settings.queue_timeout)
+                       settings.queue_timeout,
+                       on_refused=access_metrics.refused if access_metrics else None)
     handlers.init_app(app, on_server_error=failures.failed)
     sse.init_app(app, settings.keepalive_interval)
-    for module in (chat, completions, embeddings, models, health, openapi):
+    for module in (chat, completions, embeddings, models, health, openapi, admin_api):
         app.register_blueprint(module.bp)
     if settings.metrics:
         app.register_blueprint(metrics.bp)
+    admin.init_app(app)
     if settings.demo:
         demo.init_app(app, settings)
     return app

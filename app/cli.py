@@ -1,4 +1,4 @@
-"""The ``flaskchat`` console script: up | serve | controller | worker.
+"""The ``flaskchat`` console script: up | serve | controller | worker | keys | usage | db.
 
 Flags become Settings here and nowhere else. The gateway and the controller run under
 gunicorn; this process is gunicorn's arbiter and never imports requests, so the gevent
@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--controller-port", type=int, default=0, help="0: any free port")
     up.set_defaults(run=_up)
 
+    _add_access_commands(commands)
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     return run(args)
@@ -64,6 +65,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:  # a wrong setting stops here, clearly, not in every worker process
         started = settings()
     except (UpstreamConfigError, OSError) as exc:
+        print(f"flaskchat serve: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:
         print(f"flaskchat serve: {exc}", file=sys.stderr)
         return 2
 
@@ -132,6 +136,187 @@ def _up(args: argparse.Namespace) -> int:
                 concurrency=args.limit_worker_concurrency,
                 controller_port=args.controller_port)
     return Stack(plan).run()
+
+
+# ---- keys, usage, db ----------------------------------------------------------------------
+
+def _add_access_commands(commands: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--database-url", default=None,
+                        help="as for serve (default: FLASKCHAT_DATABASE_URL, else the SQLite "
+                        "file in the data directory)")
+    common.add_argument("--env-file", default=None, help="as for serve")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON")
+
+    keys = commands.add_parser("keys", help="API keys: create, list, show, update, revoke")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", parents=[common, as_json],
+                                help="make a key and print its secret (once)")
+    create.add_argument("--name", required=True, type=_name)
+    _add_limit_flags(create, clearable=False)
+    create.set_defaults(run=_keys_create)
+    listing = actions.add_parser("list", parents=[common, as_json], help="every key")
+    listing.set_defaults(run=_keys_list)
+    show = actions.add_parser("show", parents=[common, as_json], help="one key")
+    show.add_argument("key", help="its id or name")
+    show.set_defaults(run=_keys_show)
+    update = actions.add_parser("update", parents=[common, as_json],
+                                help="change a key's team, models or limits ('none' clears)")
+    update.add_argument("key", help="its id or name")
+    _add_limit_flags(update, clearable=True)
+    update.set_defaults(run=_keys_update)
+    revoke = actions.add_parser("revoke", parents=[common, as_json],
+                                help="refuse a key from now on (everywhere within seconds)")
+    revoke.add_argument("key", help="its id or name")
+    revoke.set_defaults(run=_keys_revoke)
+
+    usage = commands.add_parser("usage", parents=[common, as_json],
+                                help="tokens and requests, grouped by key, team, model or day")
+    usage.add_argument("--by", default="key", choices=("key", "team", "model", "day"))
+    usage.add_argument("--since", default="7d", help="7d, 24h, 30m, 2w or an ISO date")
+    usage.set_defaults(run=_usage)
+
+    db = commands.add_parser("db", help="the key and usage database's schema")
+    db_actions = db.add_subparsers(dest="action", required=True)
+    upgrade = db_actions.add_parser("upgrade", parents=[common],
+                                    help="create or migrate the schema (Alembic)")
+    upgrade.set_defaults(run=_db_upgrade)
+    check = db_actions.add_parser("check", parents=[common],
+                                  help="exit 0 if the database is reachable and current")
+    check.set_defaults(run=_db_check)
+
+
+def _add_limit_flags(parser: argparse.ArgumentParser, clearable: bool) -> None:
+    number = _clearable_positive if clearable else _positive_int
+    parser.add_argument("--team", type=(lambda text: None if text == "none" else _name(text))
+                        if clearable else _name, default=_UNSET)
+    parser.add_argument("--models", type=_models, default=_UNSET,
+                        help="comma-separated models the key may use (default: all; "
+                        "'all' lets it use every model)")
+    parser.add_argument("--rpm", type=number, default=_UNSET, help="requests per minute")
+    parser.add_argument("--tpm", type=number, default=_UNSET, help="tokens per minute")
+    parser.add_argument("--max-parallel", type=number, default=_UNSET,
+                        help="requests at once")
+    parser.add_argument("--budget", dest="budget_tokens", type=number, default=_UNSET,
+                        help="tokens per --budget-period")
+    parser.add_argument("--budget-period", choices=("day", "month", "none") if clearable
+                        else ("day", "month"), default=_UNSET)
+    parser.add_argument("--expires", type=_duration, default=None,
+                        help="lifetime from now: 30d, 12h, 2w")
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "unset"
+
+
+_UNSET: Any = _Unset()
+_LIMIT_FIELDS = ("team", "models", "rpm", "tpm", "max_parallel", "budget_tokens",
+                 "budget_period")
+
+
+def _limit_values(args: argparse.Namespace) -> dict[str, Any]:
+    values = {name: getattr(args, name) for name in _LIMIT_FIELDS
+              if getattr(args, name) is not _UNSET}
+    if values.get("budget_period") == "none":
+        values["budget_period"] = None
+    return values
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text!r}")
+    return value
+
+
+def _clearable_positive(text: str) -> int | None:
+    return None if text == "none" else _positive_int(text)
+
+
+def _models(text: str) -> list[str] | None:
+    if text == "all":
+        return None
+    models = list(parse_list(text))
+    if not models:
+        raise argparse.ArgumentTypeError("name at least one model, or 'all'")
+    return models
+
+
+def _name(text: str) -> str:
+    from schemas.admin import check_name
+
+    try:
+        return check_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(text: str) -> Any:
+    from schemas.admin import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    return Settings.from_args(argparse.Namespace(database_url=args.database_url,
+                                                 env_file=args.env_file)).database_url
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from app.access import commands
+
+    return commands.run(lambda: commands.create_key(
+        _database_url(args), args.name, args.expires, args.json, **_limit_values(args)))
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    from app.access import commands
+
+    return commands.run(lambda: commands.list_keys(_database_url(args), args.json))
+
+
+def _keys_show(args: argparse.Namespace) -> int:
+    from app.access import commands
+
+    return commands.run(lambda: commands.show_key(_database_url(args), args.key, args.json))
+
+
+def _keys_update(args: argparse.Namespace) -> int:
+    from app.access import commands
+
+    return commands.run(lambda: commands.update_key(
+        _database_url(args), args.key, args.expires, args.json, **_limit_values(args)))
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from app.access import commands
+
+    return commands.run(lambda: commands.revoke_key(_database_url(args), args.key,
+                                                    args.json))
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from app.access import commands
+
+    return commands.run(lambda: commands.show_usage(_database_url(args), args.by, args.since,
+                                                    args.json))
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from app.access import commands
+
+    return commands.run(lambda: commands.upgrade_db(_database_url(args)))
+
+
+def _db_check(args: argparse.Namespace) -> int:
+    from app.access import commands
+
+    return commands.run(lambda: commands.check_db(_database_url(args)))
 
 
 if __name__ == "__main__":

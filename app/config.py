@@ -194,6 +194,36 @@ class Settings:
         "", "--state-dir", str,
         "directory the worker processes share (metrics files, demo tickets); empty: a "
         "private temporary directory made at start")
+    database_url: str = _opt(
+        "", "--database-url", str,
+        "database of API keys and usage: sqlite:///PATH or postgresql://USER@HOST/NAME "
+        "(several hosts); empty: an SQLite file in $XDG_DATA_HOME/flaskchat, else "
+        "~/.local/share/flaskchat")
+    redis_url: str = _opt(
+        "", "--redis-url", str,
+        "Redis for rate-limit counters shared by several processes or hosts, e.g. "
+        "redis://HOST:6379/0; without it each process enforces its share of a limit")
+    admin_keys: tuple[str, ...] = _opt(
+        (), "--admin-keys", parse_list,
+        "keys for the admin API and page (/admin); prefer --admin-keys-file or "
+        "FLASKCHAT_ADMIN_KEYS (flags show in ps); none: /admin is closed")
+    admin_keys_file: str = _opt("", "--admin-keys-file", str,
+                                "file with one admin key per line")
+    keys_refresh: float = _opt(
+        2.0, "--keys-refresh", _positive(float),
+        "seconds between reads of the API keys that changed (a revoked or changed key "
+        "takes effect on every host within this)")
+    usage_flush_interval: float = _opt(
+        1.0, "--usage-flush-interval", _positive(float),
+        "seconds between writes of the usage records (what a SIGKILL can lose at most)")
+    usage_buffer: int = _opt(
+        100_000, "--usage-buffer", _positive(int),
+        "usage records kept per process while the database cannot be written; beyond it "
+        "the oldest are dropped (logged and counted)")
+    metrics_key_labels: int = _opt(
+        100, "--metrics-key-labels", int,
+        "key names each process uses as metric labels; further keys count as '_other' "
+        "(0: no per-key metrics)")
     env_file: str = _opt(
         "", "--env-file", str,
         "file of FLASKCHAT_* variables (KEY=VALUE lines) that beat the environment and are "
@@ -203,6 +233,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.api_keys_file and not self.api_keys:
             object.__setattr__(self, "api_keys", read_key_file(self.api_keys_file))
+        if self.admin_keys_file and not self.admin_keys:
+            object.__setattr__(self, "admin_keys", read_key_file(self.admin_keys_file))
         object.__setattr__(self, "controller_address", self.controller_address.rstrip("/"))
         if self.first_token_timeout <= 0:
             object.__setattr__(self, "first_token_timeout", self.read_timeout)

@@ -64,6 +64,12 @@ class AuthenticationFailed(APIError):
         INVALID_AUTH_KEY
 
 
+class PermissionDenied(InvalidRequest):
+    """A valid key that may not do this (an ordinary key on the admin API)."""
+
+    status, code = 403, "insufficient_permissions"
+
+
 class ModelNotFound(InvalidRequest):
     status, code, fastchat_code = 404, "model_not_found", INVALID_MODEL
 
@@ -74,6 +80,16 @@ class RouteNotFound(InvalidRequest):
 
 class MethodNotAllowed(InvalidRequest):
     status, code = 405, "method_not_allowed"
+
+
+class ObjectNotFound(InvalidRequest):
+    """An API key, a stored response... that does not exist (or is not the caller's)."""
+
+    status, code = 404, "not_found"
+
+
+class Conflict(InvalidRequest):
+    status, code = 409, "conflict"
 
 
 class TicketNotFound(InvalidRequest):
@@ -96,6 +112,25 @@ class ClientClosedRequest(InvalidRequest):
 
 class Overloaded(APIError):
     status, type, code, fastchat_code = 429, "rate_limit_error", "overloaded", RATE_LIMIT
+
+
+class RateLimitExceeded(APIError):
+    """A key's requests, tokens or parallel requests per its limits; ``kind`` is OpenAI's
+    error type for it: "requests" or "tokens"."""
+
+    status, code, fastchat_code = 429, "rate_limit_exceeded", RATE_LIMIT
+
+    def __init__(self, message: str, kind: str, *, headers: dict[str, str]) -> None:
+        super().__init__(message, headers=headers)
+        self.type = kind
+
+
+class QuotaExceeded(APIError):
+    """A key's token budget for its day or month is spent; retrying will not help (the
+    ``x-should-retry: false`` header tells the official clients so)."""
+
+    status, type, code, fastchat_code = 429, "insufficient_quota", "insufficient_quota", \
+        RATE_LIMIT
 
 
 class UpstreamError(APIError):

@@ -2,10 +2,12 @@
 with gevent workers. Each starts once per test session on a socket bound to port 0."""
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,16 @@ settings.load_profile("ci")
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-123"
+# Nothing a test runs may read or write the user's own key database (~/.local/share).
+DATA_HOME = tempfile.mkdtemp(prefix="flaskchat-tests-")
+os.environ["XDG_DATA_HOME"] = DATA_HOME
+_databases = itertools.count()
+
+
+def new_database_url() -> str:
+    """A fresh SQLite file: each gateway gets its own keys and usage unless a test shares
+    one on purpose."""
+    return f"sqlite:///{DATA_HOME}/gateway-{next(_databases)}.db"
 
 
 T = TypeVar("T")
@@ -109,7 +121,8 @@ def start_gateway(controller_url: str, *extra: str, env: dict[str, str] | None =
     return start_on_socket([sys.executable, "-m", "app.cli", "serve", "--fd", "{fd}",
                             "--controller-address", controller_url, *extra], "/health",
                            {"FLASKCHAT_LOG_LEVEL": "warning", "FLASKCHAT_DRAIN_SECONDS": "0.2",
-                            **(env or {})}, stderr, port)
+                            "FLASKCHAT_DATABASE_URL": new_database_url(), **(env or {})},
+                           stderr, port)
 
 
 def start_fake(script: str, *args: str) -> Server:

@@ -10,18 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import orjson
 from flask import Blueprint, Response, current_app, redirect, send_from_directory
 from flask.typing import ResponseReturnValue
 
 from app.demo.tickets import Ticket, TicketStore
-from app.errors import APIError, TicketNotFound
+from app.errors import APIError, AuthenticationFailed, TicketNotFound
 from app.routes.relayed import serves
 from app.serving import chat, relay
 from app.serving.call import Call
 from app.serving.events import DONE, error_event
 from app.web import sse
 from app.web.admission import admit
-from app.web.auth import require_api_key
+from app.web.access import access, admit_key, authenticate
 from app.web.context import call, schemas, upstream
 from app.web.handlers import report
 from app.web.json_io import json_response, read_json_object
@@ -72,16 +73,17 @@ def _file(name: str) -> Response:
 @bp.post("/demo/streams")
 def create_stream() -> ResponseReturnValue:
     """Everything that can be refused is refused here, where the page can read why."""
-    require_api_key()
+    principal = authenticate()
     payload = read_json_object()
     payload.pop("stream", None)
     payload.pop("stream_options", None)
     body = load(schemas().chat, payload)
-    call().model = body["model"]
+    call().use_model(body["model"])
     if not serves(body["model"]):
         upstream().controller.require_model(body["model"])
     store = tickets()
-    ticket = store.issue(payload, call().request_id)
+    ticket = store.issue(payload, call().request_id,
+                         principal.key_id if principal is not None else None)
     return json_response({"id": ticket, "url": f"demo/stream/{ticket}",
                           "expires_in": store.ttl}, 201)
 
@@ -92,8 +94,14 @@ def stream(ticket: str) -> ResponseReturnValue:
     if found is None:
         raise TicketNotFound("This demo stream does not exist, has expired or was already "
                              "used; send the message again.")
-    admit()
     try:
+        principal = access().gate.directory.principal(found.key_id)
+        if principal is None:
+            raise AuthenticationFailed("The API key that asked for this reply has been "
+                                       "revoked or has expired.")
+        call().allowed_models = principal.models
+        admit_key(principal, len(orjson.dumps(found.request)))
+        admit()
         events, on_close = _open_stream(found, call())
     except APIError as exc:  # EventSource cannot read an error body: an error event
         if exc.status >= 500:

@@ -30,6 +30,7 @@ _TICKET = re.compile(r"^[A-Za-z0-9_-]{32}$")  # token_urlsafe(24); claimed/parti
 class Ticket:
     request: dict[str, Any]  # the chat request as the client sent it (already validated)
     request_id: str
+    key_id: str | None  # the database key that asked (None: a --api-keys key, or no key)
 
 
 class TicketStore:
@@ -40,7 +41,7 @@ class TicketStore:
         self._clock = clock
         self._next_sweep = 0.0
 
-    def issue(self, request: dict[str, Any], request_id: str) -> str:
+    def issue(self, request: dict[str, Any], request_id: str, key_id: str | None) -> str:
         now = self._clock()
         self._sweep(now)
         ticket = secrets.token_urlsafe(24)
@@ -49,7 +50,7 @@ class TicketStore:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(orjson.dumps({"expires": now + self.ttl, "request": request,
-                                       "request_id": request_id}))
+                                       "request_id": request_id, "key_id": key_id}))
         os.rename(partial, path)  # complete before it can be found
         return ticket
 
@@ -70,7 +71,7 @@ class TicketStore:
             os.remove(claimed)
         if data["expires"] < self._clock():
             return None
-        return Ticket(data["request"], data["request_id"])
+        return Ticket(data["request"], data["request_id"], data.get("key_id"))
 
     def _sweep(self, now: float) -> None:
         """Removes tickets nobody redeemed; at most twice per ttl, when one is issued."""

@@ -9,7 +9,7 @@ from app.routes.relayed import relayed, serves
 from app.serving import chat, relay
 from app.web import sse
 from app.web.admission import admit
-from app.web.auth import require_api_key
+from app.web.access import require_api_key
 from app.web.context import call, schemas, upstream
 from app.web.json_io import json_response, read_json_object
 from app.web.validation import load

@@ -55,7 +55,12 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
         while self.alive:
             self.notify()
             gevent.sleep(1.0)
-        self._stop(servers)
+        try:
+            self._stop(servers)
+        finally:
+            ours = _lifecycle(self)
+            if ours is not None:
+                ours.stopped()
 
     def _serve(self, listener: Any) -> StreamServer:
         """As gunicorn's worker does (its run() also stops them, which _stop does here)."""

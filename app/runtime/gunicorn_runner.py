@@ -42,12 +42,19 @@ def gateway_settings(build: Callable[[], Settings]) -> Settings:
         settings = build()
         targets = load_targets(settings.openai_upstreams, settings.upstreams_file,
                                settings.connect_timeout)
+        if _accepted is None or (settings.database_url, settings.redis_url) != \
+                (_accepted.database_url, _accepted.redis_url):
+            _check_storage(settings)
     except (SystemExit, UpstreamConfigError, OSError) as exc:
         if _accepted is None:
             raise
         print(f"flaskchat: reload kept the settings in use; the new ones do not load: "
               f"{exc}", file=sys.stderr, flush=True)
         return _accepted
+    if _accepted is None and settings.workers > 1 and not settings.redis_url:
+        print(f"flaskchat: warning: {settings.workers} processes and no --redis-url: each "
+              f"process enforces 1/{settings.workers} of every key's rpm, tpm and parallel "
+              "limit (set --redis-url to share exact counters)", file=sys.stderr, flush=True)
     if _accepted is None:  # before the first fork: the workers share it
         settings = dataclasses.replace(settings, state_dir=state_dir.prepare(
             settings.state_dir))
@@ -55,6 +62,19 @@ def gateway_settings(build: Callable[[], Settings]) -> Settings:
         settings = dataclasses.replace(settings, state_dir=_accepted.state_dir)
     _accepted, _accepted_targets = settings, targets
     return settings
+
+
+def _check_storage(settings: Settings) -> None:
+    """The key database (and Redis), checked in a child process, since this one must not
+    import their drivers (see ``app.access.preflight``); raises SystemExit if unusable."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "FLASKCHAT_ENV_FILE": "",
+           "FLASKCHAT_DATABASE_URL": settings.database_url,
+           "FLASKCHAT_REDIS_URL": settings.redis_url}
+    if subprocess.run([sys.executable, "-m", "app.access.preflight"], env=env).returncode:
+        raise SystemExit("the key database cannot be used (see above)")
 
 
 def accepted_gateway_settings() -> tuple[Settings, Targets | None]:

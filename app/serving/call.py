@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Callable
+from typing import Callable, FrozenSet
+
+from app.errors import ModelNotFound
 
 
 def _never_gone() -> bool:
@@ -23,7 +25,21 @@ class Call:
     upstream_seconds: float = 0.0  # time spent waiting on the controller and workers
     model: str = ""  # as the client named it, once the request is read
     first_token_at: float | None = None  # streams: when the first generated text went out
+    prompt_tokens: int = 0  # as the worker counted them (0: not known)
     completion_tokens: int = 0
+    # The models the request's key may use (None: every model).
+    allowed_models: FrozenSet[str] | None = None
+
+    def use_model(self, model: str) -> None:
+        """The request is for ``model``; a model its key may not use is, as OpenAI answers,
+        a model that does not exist for it."""
+        self.model = model
+        if self.allowed_models is not None and model not in self.allowed_models:
+            raise ModelNotFound(f"The model '{model}' does not exist or you do not have "
+                                "access to it.", "model")
+
+    def may_use(self, model: str) -> bool:
+        return self.allowed_models is None or model in self.allowed_models
 
     def first_token(self) -> None:
         if self.first_token_at is None:

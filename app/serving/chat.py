@@ -33,7 +33,7 @@ class ChatPlan:
 
 
 def complete(body: ChatRequest, upstream: Upstream, call: Call) -> dict[str, Any]:
-    call.model = body["model"]
+    call.use_model(body["model"])
 
     def attempt(address: str) -> tuple[ChatPlan, list[dict[str, Any]]]:
         plan = _plan(body, upstream, call, address)
@@ -49,7 +49,8 @@ def complete(body: ChatRequest, upstream: Upstream, call: Call) -> dict[str, Any
         choices.append({"index": index, "message": {"role": "assistant", "content": text},
                         "logprobs": None, "finish_reason": reason})
     totals = usage.total()
-    call.completion_tokens = totals["completion_tokens"]
+    call.prompt_tokens, call.completion_tokens = totals["prompt_tokens"], \
+        totals["completion_tokens"]
     return {"id": new_id("chatcmpl-"), "object": "chat.completion",
             "created": int(time.time()), "model": body["model"], "choices": choices,
             "usage": totals}
@@ -59,16 +60,16 @@ def open_stream(body: ChatRequest, upstream: Upstream,
                 call: Call) -> tuple[Iterator[bytes | None], list[Callable[[], object]]]:
     """Everything that can fail with a status happens here, before the first byte; the
     returned events and close callbacks go to ``sse.response``."""
-    call.model = body["model"]
+    call.use_model(body["model"])
     n = body["n"]
     address, (plan, source) = on_worker(upstream, body["model"],
                                         partial(_start, body, upstream, call))
     release = releaser(upstream.controller, address)
     fmt = ChatChunks(new_id("chatcmpl-"), int(time.time()), body["model"],
                      body["include_usage"])
-    usage = UsageTally(n, [plan.prompt_tokens]) if body["include_usage"] else None
     trackers = [TextTracker(plan.stops) for _ in range(n)]
-    events = drive(source, fmt, trackers, usage, call)
+    events = drive(source, fmt, trackers, UsageTally(n, [plan.prompt_tokens]), call,
+                   body["include_usage"])
     return events, [source.close, release]
 
 

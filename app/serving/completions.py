@@ -37,7 +37,7 @@ class PromptPlan:
 
 
 def complete(body: CompletionRequest, upstream: Upstream, call: Call) -> dict[str, Any]:
-    call.model = body["model"]
+    call.use_model(body["model"])
     n = body["n"]
 
     def attempt(address: str) -> tuple[list[PromptPlan], list[dict[str, Any]]]:
@@ -56,22 +56,23 @@ def complete(body: CompletionRequest, upstream: Upstream, call: Call) -> dict[st
                         "logprobs": frame.get("logprobs") if with_logprobs else None,
                         "finish_reason": reason})
     totals = usage.total()
-    call.completion_tokens = totals["completion_tokens"]
+    call.prompt_tokens, call.completion_tokens = totals["prompt_tokens"], \
+        totals["completion_tokens"]
     return {"id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()),
             "model": body["model"], "choices": choices, "usage": totals}
 
 
 def open_stream(body: CompletionRequest, upstream: Upstream,
                 call: Call) -> tuple[Iterator[bytes | None], list[Callable[[], object]]]:
-    call.model = body["model"]
+    call.use_model(body["model"])
     n = body["n"]
     address, (plans, source) = on_worker(upstream, body["model"],
                                          partial(_start, body, upstream, call))
     release = releaser(upstream.controller, address)
     fmt = CompletionChunks(new_id("cmpl-"), int(time.time()), body["model"],
                            body["include_usage"], body["logprobs"] is not None)
-    usage = UsageTally(n, [p.prompt_tokens for p in plans]) if body["include_usage"] else None
-    events = drive(source, fmt, _trackers(body, plans), usage, call)
+    usage = UsageTally(n, [p.prompt_tokens for p in plans])
+    events = drive(source, fmt, _trackers(body, plans), usage, call, body["include_usage"])
     return events, [source.close, release]
 
 

@@ -6,12 +6,14 @@ import time
 from typing import Any
 
 from app.errors import APIError, ModelNotFound
+from app.serving.call import Call
 from app.upstream.clients import Upstream
 
 OPENAI_OWNER = "flaskchat-upstream"  # served by an OpenAI-compatible upstream
 
 
-def list_models(upstream: Upstream) -> dict[str, Any]:
+def list_models(upstream: Upstream, call: Call) -> dict[str, Any]:
+    """The models the request's key may use."""
     created = int(time.time())
     relayed = upstream.openai.models()
     try:
@@ -22,10 +24,13 @@ def list_models(upstream: Upstream) -> dict[str, Any]:
         workers = []  # the controller is down, but these models do not need it
     cards = [_card(model, created) for model in workers if model not in relayed]
     cards += [_card(model, created, OPENAI_OWNER) for model in relayed]
+    if call.allowed_models is not None:
+        cards = [card for card in cards if card["id"] in call.allowed_models]
     return {"object": "list", "data": cards}
 
 
-def retrieve_model(upstream: Upstream, model: str) -> dict[str, Any]:
+def retrieve_model(upstream: Upstream, call: Call, model: str) -> dict[str, Any]:
+    call.use_model(model)
     if upstream.openai.serves(model):
         return _card(model, int(time.time()), OPENAI_OWNER)
     try:

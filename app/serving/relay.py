@@ -18,7 +18,7 @@ from app.errors import APIError, UpstreamError
 from app.serving.call import Call
 from app.serving.events import DONE
 from app.serving.stream_driver import drain
-from app.serving.usage import completion_tokens
+from app.serving.usage import completion_tokens, prompt_tokens
 from app.upstream.clients import Upstream
 from app.upstream.failover import releaser, with_failover
 from app.upstream.openai_client import OpenAIClient
@@ -34,7 +34,7 @@ def complete(path: str, payload: dict[str, Any], model: str, upstream: Upstream,
              call: Call) -> dict[str, Any]:
     """A non-stream answer (chat, completion or embeddings), ``model`` as the client named
     it."""
-    call.model = model
+    call.use_model(model)
     client = upstream.openai.client
 
     def attempt(target: OpenAITarget) -> dict[str, Any]:
@@ -46,21 +46,30 @@ def complete(path: str, payload: dict[str, Any], model: str, upstream: Upstream,
     upstream.openai.release(target)
     if "model" in answer:
         answer["model"] = model
-    call.completion_tokens = completion_tokens(answer)
+    call.prompt_tokens, call.completion_tokens = prompt_tokens(answer), \
+        completion_tokens(answer)
     return answer
 
 
 def open_stream(path: str, payload: dict[str, Any], model: str, upstream: Upstream,
                 call: Call) -> tuple[Iterator[bytes | None], list[Callable[[], object]]]:
     """The relayed events and the close callbacks, for ``sse.response``."""
-    call.model = model
+    call.use_model(model)
     client = upstream.openai.client
+    # The usage is asked for whether the client wants it or not: it is what the key is
+    # charged. A client that did not ask does not get the usage chunk.
+    options = payload.get("stream_options")
+    asked = isinstance(options, dict) and bool(options.get("include_usage"))
+    if path != EMBEDDINGS and not asked:
+        payload = {**payload, "stream_options": {**(options if isinstance(options, dict)
+                                                    else {}), "include_usage": True}}
     target, response = with_failover(upstream.openai, model, lambda target: client.post(
         target, path, _outgoing(payload, target), call.request_id), upstream.failures)
     stream = OpenAIClient.events(response, target)
     timing = Timing(tick=upstream.timing.tick, first_token=target.read_timeout,
                     between_tokens=target.read_timeout)
-    events = _relay(stream, target, _Events(model, target, call), call, timing)
+    events = _relay(stream, target, _Events(model, target, call, hide_usage=not asked),
+                    call, timing)
     return events, [stream.close, releaser(upstream.openai, target)]
 
 
@@ -85,7 +94,9 @@ def _relay(stream: UpstreamStream[bytes], target: OpenAITarget, events: "_Events
                     done = True
                     break
                 try:
-                    out.append(events.relayed(data))
+                    relayed = events.relayed(data)
+                    if relayed:
+                        out.append(relayed)
                 except APIError:
                     if out:  # what came before the failure is the client's
                         yield b"".join(out)
@@ -108,8 +119,10 @@ class _Events:
     """Turns an upstream's event data into our ``data:`` events: the client's model name,
     one line each, errors as ours; notes the first token and the usage on ``call``."""
 
-    def __init__(self, model: str, target: OpenAITarget, call: Call) -> None:
+    def __init__(self, model: str, target: OpenAITarget, call: Call,
+                 hide_usage: bool = False) -> None:
         self._model = model
+        self._hide_usage = hide_usage  # the client did not ask for the usage chunk
         self._as_sent = b'"model":' + orjson.dumps(model)  # compact JSON needs no rewrite
         self._target = target
         self._call = call
@@ -122,6 +135,8 @@ class _Events:
                 or data.find(self._as_sent) < 0 or data.find(b'"completion_tokens"') >= 0
                 or data.find(b'"error"') >= 0):
             data = self._checked(data)
+            if not data:
+                return b""
         if data.find(b'"finish_reason":"') >= 0 or data.find(b'"finish_reason": "') >= 0:
             self.finished = True
         return b"data: " + data + b"\n\n"
@@ -146,6 +161,12 @@ class _Events:
         tokens = completion_tokens(event)
         if tokens:
             self._call.completion_tokens = tokens
+            self._call.prompt_tokens = prompt_tokens(event)
+        if self._hide_usage and event.get("usage"):
+            if not event.get("choices"):
+                return b""  # the usage chunk the client did not ask for
+            event["usage"] = None
+            return orjson.dumps({**event, "model": self._model})
         if event.get("model", self._model) != self._model or data.find(b"\n") >= 0:
             event["model"] = self._model
             return orjson.dumps(event)

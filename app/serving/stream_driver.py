@@ -17,7 +17,7 @@ from app.protocol.frames import Frame
 from app.protocol.stop_strings import TextTracker, finish_reason
 from app.serving.call import Call
 from app.serving.events import DONE
-from app.serving.usage import UsageTally, completion_tokens
+from app.serving.usage import UsageTally
 from app.serving.worker_streams import WorkerStreams
 
 
@@ -29,9 +29,10 @@ class ChunkFormat(Protocol):
 
 
 def drive(source: WorkerStreams, fmt: ChunkFormat, trackers: Sequence[TextTracker],
-          usage: UsageTally | None, call: Call) -> Iterator[bytes | None]:
-    """The whole event stream. ``usage`` is None unless the client asked for it; ``call``
-    learns when the first text went out and how many tokens were generated."""
+          usage: UsageTally, call: Call, include_usage: bool) -> Iterator[bytes | None]:
+    """The whole event stream, with the usage chunk if ``include_usage``. ``call`` learns
+    when the first text went out and, when the stream ends however it ends (a client
+    that leaves early included), the tokens the workers counted so far."""
     done = [False] * len(trackers)
     remaining = len(trackers)
     items = source.items()
@@ -53,7 +54,6 @@ def drive(source: WorkerStreams, fmt: ChunkFormat, trackers: Sequence[TextTracke
                     if call.first_token_at is None:
                         call.first_token()
                 if reason is not None:
-                    call.completion_tokens += completion_tokens(frame)
                     out.append(fmt.finish(index, reason))
                     done[index] = True
                     remaining -= 1
@@ -62,16 +62,19 @@ def drive(source: WorkerStreams, fmt: ChunkFormat, trackers: Sequence[TextTracke
             if out:
                 yield out[0] if len(out) == 1 else b"".join(out)
             if not remaining:
-                yield (fmt.usage(usage.total()) if usage is not None else b"") + DONE
+                yield (fmt.usage(usage.total()) if include_usage else b"") + DONE
                 drain(items)
                 return
         yield DONE  # unreachable: every choice ends before its source does
     finally:
         items.close()
         source.close()
+        totals = usage.total()
+        call.prompt_tokens = totals["prompt_tokens"]
+        call.completion_tokens = totals["completion_tokens"]
 
 
-def _advance(tracker: TextTracker, frames: list[Frame] | None, usage: UsageTally | None,
+def _advance(tracker: TextTracker, frames: list[Frame] | None, usage: UsageTally,
              index: int) -> tuple[str, str | None, Frame]:
     """The text one read releases, the finish reason if the choice ended, and its frame."""
     if frames is None:  # the stream ended without a finish_reason
@@ -79,8 +82,7 @@ def _advance(tracker: TextTracker, frames: list[Frame] | None, usage: UsageTally
     # Text is cumulative: only the last frame of a read matters, unless one before it
     # already finished the choice.
     frame = next((f for f in frames if f.get("finish_reason")), frames[-1])
-    if usage is not None:
-        usage.record(index, frame)
+    usage.record(index, frame)
     reason = finish_reason(frame)
     text = tracker.feed(frame.get("text") or "", final=reason is not None)
     return text, "stop" if tracker.stopped else reason, frame

@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, ModelNotFound
 from app.serving.call import Call
 from app.serving.concurrency import run_all
 from app.serving.worker_calls import on_worker
@@ -15,6 +15,9 @@ from schemas.token_check import TokenCheckItem
 
 def check_tokens(body: TokenCheckRequest, upstream: Upstream, call: Call) -> dict[str, Any]:
     for index, item in enumerate(body["prompts"]):
+        if not call.may_use(item["model"]):
+            raise ModelNotFound(f"The model '{item['model']}' does not exist or you do not "
+                                "have access to it.", f"prompts[{index}].model")
         if upstream.openai.serves(item["model"]):
             raise InvalidRequest(
                 f"token_check needs a FastChat worker; the model '{item['model']}' is served "

@@ -35,6 +35,11 @@ def completion_tokens(payload: dict[str, Any]) -> int:
     return _count(usage if isinstance(usage, dict) else None, "completion_tokens")
 
 
+def prompt_tokens(payload: dict[str, Any]) -> int:
+    usage = payload.get("usage")
+    return _count(usage if isinstance(usage, dict) else None, "prompt_tokens")
+
+
 def _count(usage: dict[str, Any] | None, key: str) -> int:
     if not usage:
         return 0

@@ -43,6 +43,63 @@ UPSTREAM_ERRORS = Counter(
 RETRIES = Counter("flaskchat_upstream_retries",
                   "Requests sent to another worker after the first one failed.", ["model"])
 
+REFUSED = Counter("flaskchat_rate_limited",
+                  "Requests answered 429, by reason: requests, tokens, parallel (a key's "
+                  "limits), budget (its quota), overloaded (this process at capacity).",
+                  ["reason"])
+KEY_REQUESTS = Counter("flaskchat_key_requests",
+                       "Model requests by API key name (bounded: see --metrics-key-labels).",
+                       ["key"])
+KEY_TOKENS = Counter("flaskchat_key_tokens",
+                     "Prompt and completion tokens by API key name (bounded).",
+                     ["key", "kind"])
+USAGE_BUFFERED = Gauge("flaskchat_usage_buffered_records",
+                       "Usage records waiting to be written to the database.",
+                       multiprocess_mode="livesum")
+USAGE_DROPPED = Counter("flaskchat_usage_dropped_records",
+                        "Usage records dropped because the buffer was full while the "
+                        "database could not be written.")
+OTHER_KEYS = "_other"
+NO_KEY = "_none"
+
+
+class AccessMetrics:
+    """Refusals, the usage ledger and per-key counts. Key names are labels only for the
+    first ``key_labels`` names a process sees; later ones count as "_other", so the series
+    stay bounded however many keys the database holds (names come from the database,
+    never from a client)."""
+
+    def __init__(self, key_labels: int) -> None:
+        self._room = max(key_labels, 0)
+        self._labels: set[str] = set()
+
+    def refused(self, reason: str) -> None:
+        REFUSED.labels(reason).inc()
+
+    def buffered(self, records: int) -> None:
+        USAGE_BUFFERED.set(records)
+
+    def dropped(self, records: int) -> None:
+        USAGE_DROPPED.inc(records)
+
+    def used(self, key_name: str | None, prompt_tokens: int, completion_tokens: int) -> None:
+        if not self._room:
+            return
+        label = self._label(key_name or NO_KEY)
+        KEY_REQUESTS.labels(label).inc()
+        if prompt_tokens:
+            KEY_TOKENS.labels(label, "prompt").inc(prompt_tokens)
+        if completion_tokens:
+            KEY_TOKENS.labels(label, "completion").inc(completion_tokens)
+
+    def _label(self, name: str) -> str:
+        if name in self._labels:
+            return name
+        if len(self._labels) < self._room:
+            self._labels.add(name)
+            return name
+        return OTHER_KEYS
+
 
 class UpstreamFailures:
     """What the gateway's upstream (``app.upstream.failover``), error handler and SSE

@@ -16,8 +16,10 @@ RETRY_AFTER = "1"
 
 
 class Admission:
-    def __init__(self, max_in_flight: int, max_queued: int, timeout: float) -> None:
+    def __init__(self, max_in_flight: int, max_queued: int, timeout: float,
+                 on_refused: Callable[[str], None] | None = None) -> None:
         self._places = threading.BoundedSemaphore(max_in_flight)
+        self._on_refused = on_refused  # hears "overloaded" for each 429
         self._max_queued = max(max_queued, 0)
         self._timeout = timeout
         self.in_flight = 0
@@ -27,6 +29,7 @@ class Admission:
         """Takes a place (perhaps after a wait) and returns the function that gives it back."""
         if not self._places.acquire(blocking=False):
             if self.queued >= self._max_queued:
+                self._refused()
                 raise Overloaded("The server is at capacity; retry shortly.",
                                  headers={"Retry-After": RETRY_AFTER})
             self.queued += 1
@@ -35,6 +38,7 @@ class Admission:
             finally:
                 self.queued -= 1
             if not admitted:
+                self._refused()
                 raise Overloaded("The server stayed at capacity while this request waited; "
                                  "retry shortly.", headers={"Retry-After": RETRY_AFTER})
         self.in_flight += 1
@@ -48,9 +52,14 @@ class Admission:
                 self._places.release()
         return release
 
+    def _refused(self) -> None:
+        if self._on_refused is not None:
+            self._on_refused("overloaded")
 
-def init_app(app: Flask, max_in_flight: int, max_queued: int, timeout: float) -> None:
-    app.extensions[EXTENSION] = Admission(max_in_flight, max_queued, timeout)
+
+def init_app(app: Flask, max_in_flight: int, max_queued: int, timeout: float,
+             on_refused: Callable[[str], None] | None = None) -> None:
+    app.extensions[EXTENSION] = Admission(max_in_flight, max_queued, timeout, on_refused)
     app.after_request(_hand_over)
     app.teardown_request(_release_unless_handed_over)
 

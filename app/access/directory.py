@@ -1,0 +1,183 @@
+"""Who a request's API key belongs to, as this process knows it.
+
+Every key (by its secret's SHA-256) is loaded at start; every ``refresh`` seconds a
+background thread reads the keys changed lately (and all of them once a minute), with
+what each budgeted key spent: a key revoked, expired or changed anywhere takes effect here
+within one refresh, and a request reads no database in steady state. A key seen for the
+first time between two refreshes (made a moment ago) is looked up once. While the database
+cannot be reached, the keys already known keep working; an unknown key is refused with a
+503, never let in.
+
+Keys from ``--api-keys`` / ``--api-keys-file`` (FastChat's) are unlimited and compared in
+constant time. With none of those and no key in the database, auth is off (as
+``flaskchat up`` starts); the first key made turns it on.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Callable
+
+from app.access.budgets import Budgets, read_spent
+from app.access.keys import ApiKey, KeyStore, now, secret_hash
+from app.access.limits import KeyLimits
+from app.errors import AuthenticationFailed, UpstreamUnavailable
+
+log = logging.getLogger("flaskchat.keys")
+UNKNOWN_TTL = 2.0  # a secret found nowhere is not looked up again for this long
+MAX_UNKNOWN = 10_000
+FULL_RELOAD = 60.0  # seconds between reads of every key
+# A refresh reads the keys changed since the newest change it has seen, less this margin:
+# the timestamps come from the clocks of the hosts that wrote them, which may disagree.
+CLOCK_MARGIN = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request is from, and what it may do."""
+
+    key_id: str | None  # None: no key, or a --api-keys key
+    name: str | None
+    team: str | None
+    models: frozenset[str] | None  # None: every model
+    limits: KeyLimits
+    budget_tokens: int | None
+    budget_period: str | None
+
+    @classmethod
+    def of(cls, key: ApiKey) -> "Principal":
+        return cls(key.id, key.name, key.team,
+                   frozenset(key.models) if key.models is not None else None,
+                   KeyLimits(key.rpm, key.tpm, key.max_parallel), key.budget_tokens,
+                   key.budget_period)
+
+
+ANONYMOUS = Principal(None, None, None, None, KeyLimits(), None, None)  # auth is off
+FLAG_KEY = Principal(None, "api-keys", None, None, KeyLimits(), None, None)  # --api-keys
+
+
+class KeyDirectory:
+    def __init__(self, store: KeyStore | None, static_keys: tuple[str, ...],
+                 refresh: float, budgets: Budgets,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._store = store
+        self._static = tuple(key.encode() for key in static_keys)
+        self._refresh = refresh
+        self._budgets = budgets
+        self._clock = clock
+        self._keys: dict[str, ApiKey] = {}  # by secret hash
+        self._by_id: dict[str, ApiKey] = {}
+        self._unknown: dict[str, float] = {}  # hash -> when it was found nowhere
+        self._failing = False
+        self._newest: datetime | None = None  # the latest updated_at read
+        self._full_at = float("-inf")  # when every key was last read
+
+    @property
+    def auth_on(self) -> bool:
+        # Until the keys could be read once, nobody can know that there are none.
+        return bool(self._static) or bool(self._keys) or \
+            (self._store is not None and self._newest is None)
+
+    def start(self) -> None:
+        """Loads the keys now (a database that cannot be read is logged, not fatal: the
+        process serves what it can), then keeps them fresh in the background."""
+        if self._store is None:
+            return
+        self.reload()
+        threading.Thread(target=self._keep_fresh, name="key-directory", daemon=True).start()
+
+    def authenticate(self, token: str) -> Principal:
+        if not self.auth_on:
+            return ANONYMOUS
+        if not token:
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it in the Authorization header as "
+                "'Authorization: Bearer YOUR_KEY'.")
+        if self._static and self._flag_key(token.encode()):
+            return FLAG_KEY
+        hashed = secret_hash(token)
+        key = self._keys.get(hashed) or self._look_up(hashed)
+        if key is None:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        status = key.status()
+        if status != "active":
+            raise AuthenticationFailed(f"This API key has been {status}; ask for a new one.")
+        return Principal.of(key)
+
+    def principal(self, key_id: str | None) -> Principal | None:
+        """The principal of a key by its id, if it is still active (demo tickets)."""
+        if key_id is None:
+            return FLAG_KEY if self._static else None if self.auth_on else ANONYMOUS
+        key = self._by_id.get(key_id)
+        return Principal.of(key) if key is not None and key.status() == "active" else None
+
+    def reload(self) -> bool:
+        """Reads the keys changed lately (every key, once a minute) and the budgets."""
+        if self._store is None:
+            return True
+        store = self._store
+        full = self._newest is None or self._clock() - self._full_at >= FULL_RELOAD
+        mark = self._budgets.mark()
+        try:
+            if full:
+                keys = store.by_hash()
+            else:
+                assert self._newest is not None
+                keys = {**self._keys, **store.changed_since(self._newest - CLOCK_MARGIN)}
+            budgeted = [(k.id, k.budget_period) for k in keys.values()
+                        if k.budget_tokens and k.budget_period]
+            spent = read_spent(store.engine, budgeted, now()) if budgeted else {}
+        except Exception as exc:  # the database's failures, whatever their kind
+            if not self._failing:
+                log.error("cannot read the API keys (the %d known keep working): %s",
+                          len(self._keys), " ".join(str(exc).split())[:300])
+            self._failing = True
+            return False
+        if self._failing:
+            log.warning("the API keys can be read again (%d keys)", len(keys))
+            self._failing = False
+        if full:
+            self._full_at = self._clock()
+        self._keys = keys
+        self._by_id = {key.id: key for key in keys.values()}
+        self._newest = max((key.updated_at for key in keys.values()), default=now())
+        self._budgets.reload(spent, mark)
+        return True
+
+    def _keep_fresh(self) -> None:
+        while True:
+            time.sleep(self._refresh)
+            self.reload()
+
+    def _flag_key(self, candidate: bytes) -> bool:
+        # Compare against every key so the time does not tell which one (or how many).
+        found = False
+        for key in self._static:
+            found |= hmac.compare_digest(candidate, key)
+        return found
+
+    def _look_up(self, hashed: str) -> ApiKey | None:
+        """A key made since the last refresh; the database says, once."""
+        if self._store is None:
+            return None
+        seen = self._unknown.get(hashed)
+        if seen is not None and self._clock() - seen < UNKNOWN_TTL:
+            return None
+        try:
+            key = self._store.find(hashed)
+        except Exception:  # the database cannot say: refuse, never let in
+            raise UpstreamUnavailable("This API key cannot be checked right now (the key "
+                                      "database is unreachable); retry shortly.",
+                                      headers={"Retry-After": "2"}) from None
+        if key is None:
+            if len(self._unknown) >= MAX_UNKNOWN:
+                self._unknown.clear()
+            self._unknown[hashed] = self._clock()
+            return None
+        self._keys[hashed] = key
+        self._by_id[key.id] = key
+        return key

@@ -1,0 +1,1 @@
+"""Alembic migrations of the access tables (run by ``flaskchat db upgrade``)."""

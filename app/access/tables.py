@@ -1,0 +1,59 @@
+"""The database tables (SQLAlchemy Core): API keys, one usage row per request, and usage
+summed per day, key and model (what budgets, reports and the admin chart read)."""
+from __future__ import annotations
+
+from sqlalchemy import (BigInteger, Column, DateTime, Float, Index, Integer, MetaData, String,
+                        Table, Text)
+
+metadata = MetaData()
+
+api_keys = Table(
+    "api_keys", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("team", String(200)),
+    # SHA-256 of the secret: the secret itself is shown once and stored nowhere.
+    Column("secret_hash", String(64), nullable=False, unique=True),
+    Column("hint", String(16), nullable=False),  # "fc-...ab3d": to recognise a key
+    Column("models", Text),  # a JSON list of model names, or NULL for every model
+    Column("rpm", Integer),
+    Column("tpm", Integer),
+    Column("max_parallel", Integer),
+    Column("budget_tokens", BigInteger),
+    Column("budget_period", String(8)),  # "day" or "month"
+    Column("expires_at", DateTime()),  # naive UTC throughout
+    Column("revoked_at", DateTime()),
+    Column("created_at", DateTime(), nullable=False),
+    Column("updated_at", DateTime(), nullable=False),
+)
+
+usage = Table(
+    "usage", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("created_at", DateTime(), nullable=False),
+    Column("key_id", String(40)),  # NULL: no key (auth off, or a --api-keys key)
+    Column("key_name", String(200)),
+    Column("team", String(200)),
+    Column("model", String(200)),
+    Column("route", String(200), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("ttft_ms", Float),
+    Column("request_id", String(130), nullable=False),
+    Index("ix_usage_created_at", "created_at"),
+    Index("ix_usage_key_created", "key_id", "created_at"),
+)
+
+usage_daily = Table(
+    "usage_daily", metadata,
+    Column("day", String(10), primary_key=True),  # UTC date, YYYY-MM-DD
+    Column("key_id", String(40), primary_key=True),  # "" for requests without a key
+    Column("model", String(200), primary_key=True),
+    Column("team", String(200)),
+    Column("requests", BigInteger, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+)
