@@ -2,7 +2,8 @@
 
 - The gevent worker patches before our code loads: importing the app, the CLI, the config
   or gunicorn.conf.py must not pull in requests or urllib3 first (gevent would warn about
-  ssl, and patching would be late).
+  ssl, and patching would be late), nor the database and Redis drivers (psycopg picks
+  how it waits on sockets when it is imported, and must see gevent's patches).
 - The worker and controller processes import only config, errors, app.protocol and
   app.web's plumbing (and their own package): never the gateway's serving, routes or
   upstream packages.
@@ -34,7 +35,8 @@ def modules_after(code: str) -> list[str]:
                                   "exec(open('gunicorn.conf.py').read(), {})"])
 def test_the_arbiter_side_leaves_requests_unloaded(code: str) -> None:
     loaded = modules_after(code)
-    assert [m for m in ("requests", "urllib3", "gevent") if m in loaded] == []
+    assert [m for m in ("requests", "urllib3", "gevent", "sqlalchemy", "psycopg", "redis")
+            if m in loaded] == []
 
 
 @pytest.mark.parametrize("package,entry", [
