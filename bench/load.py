@@ -5,10 +5,11 @@ CPU as possible on a machine it shares with the servers it measures.
 """
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import gevent
 import gevent.event
@@ -133,13 +134,16 @@ def _connect(host: str, port: int, timeout: float, outcome: Outcome) -> Connecti
         return None
 
 
-def run(host: str, port: int, request: Request, users: int, seconds: float,
-        max_requests: int, timeout: float = 60.0,
+def run(host: str, port: int, request: Request | Sequence[Request], users: int,
+        seconds: float, max_requests: int, timeout: float = 60.0,
         on_open: Callable[[int], None] | None = None) -> Outcome:
     """``users`` connections sending ``request`` back to back until the time or the count
-    runs out; one warm-up request per connection is not counted."""
+    runs out; one warm-up request per connection is not counted. Several requests (one
+    per API key, say): every send takes the next one, round the list."""
     outcome = Outcome()
-    wire = request.wire(f"{host}:{port}")
+    variants = [request] if isinstance(request, Request) else list(request)
+    wires = [(variant.wire(f"{host}:{port}"), variant) for variant in variants]
+    turn = itertools.cycle(wires)
     deadline = [0.0]
     budget = [max_requests]
 
@@ -148,11 +152,11 @@ def run(host: str, port: int, request: Request, users: int, seconds: float,
         if connection is None:
             return
         try:
-            connection.send(wire, request)  # warm-up: pools, caches, first imports
+            connection.send(*next(turn))  # warm-up: pools, caches, first imports
             while time.perf_counter() < deadline[0] and budget[0] > 0:
                 budget[0] -= 1
                 try:
-                    outcome.samples.append(connection.send(wire, request))
+                    outcome.samples.append(connection.send(*next(turn)))
                 except (OSError, ConnectionError, ValueError) as exc:
                     outcome.samples.append(Sample(0.0, None, 0, type(exc).__name__))
                     connection.close()

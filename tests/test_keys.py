@@ -389,8 +389,9 @@ def test_keys_never_reach_logs_or_metrics(gateway: Server, log_file: Path) -> No
         requests.get(gateway.url + "/v1/models", timeout=10,
                      headers={"Authorization": f"Bearer {secret}"})
     chat(gateway, "fc-wrong-key-that-must-not-be-logged")
-    metrics = requests.get(gateway.url + "/metrics", timeout=10).text
-    assert 'key="secret-0"' in metrics  # named by its name
+    # Named by its name, counted at the next usage flush.
+    metrics: str = wait_for(lambda: 'key="secret-0"' in (text := requests.get(
+        gateway.url + "/metrics", timeout=10).text) and text, 5, "the key's metrics") or ""
     assert 'flaskchat_rate_limited_total{reason="requests"}' in metrics
     time.sleep(0.3)
     logged = log_file.read_text()

@@ -131,6 +131,10 @@ def test_usage_from_both_hosts_adds_up_exactly(hosts: list[Server], pg: Postgres
     assert rows_for(pg, made["id"]) == sent
     report = admin(hosts[1], "GET", "/usage?group_by=team&since=1h").json()["data"]
     assert {row["team"]: row["requests"] for row in report}["platform"] == sent
+    # The per-day sums (what budgets and the admin chart read) agree with the rows.
+    daily = admin(hosts[1], "GET", "/usage/daily?days=2").json()["teams"]["platform"]
+    assert sum(daily) == sum(row["total_tokens"] for row in report
+                             if row["team"] == "platform")
 
 
 def test_postgres_going_away_keeps_cached_keys_serving(hosts: list[Server],

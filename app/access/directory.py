@@ -71,16 +71,17 @@ class KeyDirectory:
         self._clock = clock
         self._keys: dict[str, ApiKey] = {}  # by secret hash
         self._by_id: dict[str, ApiKey] = {}
+        self._principals: dict[str, Principal] = {}  # by secret hash, made once per key
         self._unknown: dict[str, float] = {}  # hash -> when it was found nowhere
         self._failing = False
-        self._newest: datetime | None = None  # the latest updated_at read
+        self._read_at: datetime | None = None  # when the last successful read began
         self._full_at = float("-inf")  # when every key was last read
 
     @property
     def auth_on(self) -> bool:
         # Until the keys could be read once, nobody can know that there are none.
         return bool(self._static) or bool(self._keys) or \
-            (self._store is not None and self._newest is None)
+            (self._store is not None and self._read_at is None)
 
     def start(self) -> None:
         """Loads the keys now (a database that cannot be read is logged, not fatal: the
@@ -107,7 +108,10 @@ class KeyDirectory:
         status = key.status()
         if status != "active":
             raise AuthenticationFailed(f"This API key has been {status}; ask for a new one.")
-        return Principal.of(key)
+        principal = self._principals.get(hashed)
+        if principal is None or principal.key_id != key.id:
+            principal = self._principals[hashed] = Principal.of(key)
+        return principal
 
     def principal(self, key_id: str | None) -> Principal | None:
         """The principal of a key by its id, if it is still active (demo tickets)."""
@@ -121,14 +125,17 @@ class KeyDirectory:
         if self._store is None:
             return True
         store = self._store
-        full = self._newest is None or self._clock() - self._full_at >= FULL_RELOAD
+        full = self._read_at is None or self._clock() - self._full_at >= FULL_RELOAD
+        read_at = now()
         mark = self._budgets.mark()
         try:
             if full:
                 keys = store.by_hash()
             else:
-                assert self._newest is not None
-                keys = {**self._keys, **store.changed_since(self._newest - CLOCK_MARGIN)}
+                # Changed since the last read began, less a margin for hosts' clocks and
+                # slow commits (a bulk of new keys is read again only for that long).
+                assert self._read_at is not None
+                keys = {**self._keys, **store.changed_since(self._read_at - CLOCK_MARGIN)}
             budgeted = [(k.id, k.budget_period) for k in keys.values()
                         if k.budget_tokens and k.budget_period]
             spent = read_spent(store.engine, budgeted, now()) if budgeted else {}
@@ -143,9 +150,11 @@ class KeyDirectory:
             self._failing = False
         if full:
             self._full_at = self._clock()
+        if keys != self._keys:
+            self._principals = {}
         self._keys = keys
         self._by_id = {key.id: key for key in keys.values()}
-        self._newest = max((key.updated_at for key in keys.values()), default=now())
+        self._read_at = read_at
         self._budgets.reload(spent, mark)
         return True
 

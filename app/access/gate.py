@@ -16,7 +16,7 @@ from typing import Protocol
 
 from app.access.budgets import Budgets
 from app.access.directory import KeyDirectory, Principal
-from app.access.limits import ALLOWED, Limiter, Verdict, Window
+from app.access.limits import ALLOWED, Limiter, Verdict
 from app.access.usage import UsageLedger, UsageRecord
 from app.errors import QuotaExceeded, RateLimitExceeded
 
@@ -29,7 +29,7 @@ class GateObserver(Protocol):
     def refused(self, reason: str) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per request: slots, not frozen, for a cheap __init__
 class Pass:
     """An admitted request's terms, until it ends."""
 
@@ -38,7 +38,7 @@ class Pass:
     lease: str | None  # its parallel slot, if the key limits parallel requests
     verdict: Verdict
 
-    def headers(self) -> dict[str, str]:
+    def headers(self) -> list[tuple[str, str]]:
         return rate_limit_headers(self.verdict)
 
 
@@ -104,24 +104,24 @@ class Gate:
             self._observer.refused(reason)
 
 
-def rate_limit_headers(verdict: Verdict) -> dict[str, str]:
+def rate_limit_headers(verdict: Verdict) -> list[tuple[str, str]]:
     """OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens}."""
-    headers: dict[str, str] = {}
-    for kind, window in (("requests", verdict.requests), ("tokens", verdict.tokens)):
-        if window is not None:
-            _window_headers(headers, kind, window)
+    headers: list[tuple[str, str]] = []
+    requests, tokens = verdict.requests, verdict.tokens
+    if requests is not None:
+        headers += (("x-ratelimit-limit-requests", str(requests.limit)),
+                    ("x-ratelimit-remaining-requests", str(requests.remaining)),
+                    ("x-ratelimit-reset-requests", duration(requests.reset)))
+    if tokens is not None:
+        headers += (("x-ratelimit-limit-tokens", str(tokens.limit)),
+                    ("x-ratelimit-remaining-tokens", str(tokens.remaining)),
+                    ("x-ratelimit-reset-tokens", duration(tokens.reset)))
     return headers
-
-
-def _window_headers(headers: dict[str, str], kind: str, window: Window) -> None:
-    headers[f"x-ratelimit-limit-{kind}"] = str(window.limit)
-    headers[f"x-ratelimit-remaining-{kind}"] = str(window.remaining)
-    headers[f"x-ratelimit-reset-{kind}"] = duration(window.reset)
 
 
 def _retry_headers(verdict: Verdict) -> dict[str, str]:
     wait = max(verdict.retry_after, 0.001)
-    return {**rate_limit_headers(verdict), "Retry-After": str(math.ceil(wait)),
+    return {**dict(rate_limit_headers(verdict)), "Retry-After": str(math.ceil(wait)),
             "retry-after-ms": str(math.ceil(wait * 1000))}
 
 

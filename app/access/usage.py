@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Iterable, Protocol
 
@@ -25,7 +25,7 @@ from app.access.tables import usage, usage_daily
 log = logging.getLogger("flaskchat.usage")
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: a frozen dataclass's __init__ costs several times more per request
 class UsageRecord:
     created_at: datetime  # naive UTC
     key_id: str | None
@@ -54,6 +54,8 @@ class UsageLedger:
                  written: Callable[[list[UsageRecord]], None] | None = None) -> None:
         """``written`` hears of each batch once it is in the database."""
         self._engine = engine
+        self._insert_rows = insert(usage)
+        self._add_to_days = _add_to_days(engine.dialect.name)
         self._interval = flush_interval
         self._buffer: deque[UsageRecord] = deque()
         self._max = max_buffer
@@ -132,23 +134,26 @@ class UsageLedger:
             self._observer.buffered(len(self._buffer))
 
     def _write(self, batch: list[UsageRecord]) -> None:
-        rows = [asdict(record) for record in batch]
+        # Two executemany calls of statements built once (SQLAlchemy caches their SQL):
+        # a statement per row or per day would cost more CPU than the requests it counts.
+        rows = [vars(record) for record in batch]
         with self._engine.begin() as connection:
-            connection.execute(insert(usage), rows)
-            for day in _daily(batch):
-                connection.execute(self._add_to_day(day))
+            connection.execute(self._insert_rows, rows)
+            connection.execute(self._add_to_days, _daily(batch))
 
-    def _add_to_day(self, day: dict[str, Any]) -> Any:
-        dialect = postgresql if self._engine.dialect.name == "postgresql" else sqlite
-        statement = dialect.insert(usage_daily).values(**day)
-        table = usage_daily.c
-        return statement.on_conflict_do_update(
-            index_elements=[table.day, table.key_id, table.model],
-            set_={"requests": table.requests + statement.excluded.requests,
-                  "prompt_tokens": table.prompt_tokens + statement.excluded.prompt_tokens,
-                  "completion_tokens": table.completion_tokens
-                  + statement.excluded.completion_tokens,
-                  "team": statement.excluded.team})
+
+def _add_to_days(dialect_name: str) -> Any:
+    """An upsert of per-day sums (executed with many rows at once)."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    statement = dialect.insert(usage_daily)
+    table = usage_daily.c
+    return statement.on_conflict_do_update(
+        index_elements=[table.day, table.key_id, table.model],
+        set_={"requests": table.requests + statement.excluded.requests,
+              "prompt_tokens": table.prompt_tokens + statement.excluded.prompt_tokens,
+              "completion_tokens": table.completion_tokens
+              + statement.excluded.completion_tokens,
+              "team": statement.excluded.team})
 
 
 def _daily(batch: Iterable[UsageRecord]) -> list[dict[str, Any]]:

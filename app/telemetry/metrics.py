@@ -72,12 +72,17 @@ class AccessMetrics:
     def __init__(self, key_labels: int) -> None:
         self._room = max(key_labels, 0)
         self._labels: set[str] = set()
+        self._pending: dict[str, list[int]] = {}  # label -> [requests, prompt, completion]
 
     def refused(self, reason: str) -> None:
         REFUSED.labels(reason).inc()
 
     def buffered(self, records: int) -> None:
+        """The usage ledger reports after every write (each flush interval): the per-key
+        counts gathered since go into the counters then, so that a request costs a dict
+        update instead of three counter writes."""
         USAGE_BUFFERED.set(records)
+        self.fold()
 
     def dropped(self, records: int) -> None:
         USAGE_DROPPED.inc(records)
@@ -85,12 +90,21 @@ class AccessMetrics:
     def used(self, key_name: str | None, prompt_tokens: int, completion_tokens: int) -> None:
         if not self._room:
             return
-        label = self._label(key_name or NO_KEY)
-        KEY_REQUESTS.labels(label).inc()
-        if prompt_tokens:
-            KEY_TOKENS.labels(label, "prompt").inc(prompt_tokens)
-        if completion_tokens:
-            KEY_TOKENS.labels(label, "completion").inc(completion_tokens)
+        counts = self._pending.get(key_name or NO_KEY)
+        if counts is None:
+            counts = self._pending.setdefault(self._label(key_name or NO_KEY), [0, 0, 0])
+        counts[0] += 1
+        counts[1] += prompt_tokens
+        counts[2] += completion_tokens
+
+    def fold(self) -> None:
+        pending, self._pending = self._pending, {}
+        for label, (requests, prompt, completion) in pending.items():
+            KEY_REQUESTS.labels(label).inc(requests)
+            if prompt:
+                KEY_TOKENS.labels(label, "prompt").inc(prompt)
+            if completion:
+                KEY_TOKENS.labels(label, "completion").inc(completion)
 
     def _label(self, name: str) -> str:
         if name in self._labels:

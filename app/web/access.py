@@ -95,7 +95,7 @@ def _hand_over(response: Response) -> Response:
     admitted: Pass | None = g.pop("access_pass", None)
     principal: Principal | None = g.pop("usage_principal", None)
     if admitted is not None:
-        response.headers.update(admitted.headers())
+        response.headers.extend(admitted.headers())  # new names: no look-up for old ones
     if principal is not None:
         route = request.url_rule.rule if request.url_rule is not None else request.path
         response.call_on_close(partial(
