@@ -19,8 +19,9 @@ def create_app(settings: "Settings | None" = None,
     from app import admin, demo
     from app.access.service import open_access
     from app.config import Settings
+    from app.responses.store import ResponseStore
     from app.routes import (admin_api, chat, completions, embeddings, health, metrics, models,
-                            openapi)
+                            openapi, responses)
     from app.telemetry import access_log
     from app.telemetry.logs import configure_logging
     from app.telemetry.metrics import AccessMetrics, UpstreamFailures
@@ -52,7 +53,10 @@ def create_app(settings: "Settings | None" = None,
                        on_refused=access_metrics.refused if access_metrics else None)
     handlers.init_app(app, on_server_error=failures.failed)
     sse.init_app(app, settings.keepalive_interval)
-    for module in (chat, completions, embeddings, models, health, openapi, admin_api):
+    app.extensions[responses.STORE] = ResponseStore(
+        keys_and_usage.engine, settings.responses_ttl, settings.responses_max)
+    for module in (chat, completions, embeddings, responses, models, health, openapi,
+                   admin_api):
         app.register_blueprint(module.bp)
     if settings.metrics:
         app.register_blueprint(metrics.bp)

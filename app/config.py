@@ -36,6 +36,22 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"expected a boolean, got {text!r}")
 
 
+def parse_duration(text: str) -> float:
+    """Seconds from ``30d``, ``12h``, ``90m``, ``45s`` or a plain number of seconds."""
+    text = text.strip()
+    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+    scale = units.get(text[-1:], 1.0) if text else 1.0
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ValueError(f"expected a duration such as 30d, 12h or 90m, got {text!r}") \
+            from None
+    if not value > 0:
+        raise ValueError(f"must be positive, got {text!r}")
+    return value
+
+
 def _positive(cast: Callable[[str], T]) -> Callable[[str], T]:
     def parse(text: str) -> T:
         value = cast(text)
@@ -224,6 +240,12 @@ class Settings:
         100, "--metrics-key-labels", int,
         "key names each process uses as metric labels; further keys count as '_other' "
         "(0: no per-key metrics)")
+    responses_ttl: float = _opt(
+        30 * 86400.0, "--responses-ttl", lambda text: parse_duration(text),
+        "how long a stored Responses API response is kept (30d, 12h, 90m, or seconds)")
+    responses_max: int = _opt(
+        100_000, "--responses-max", _positive(int),
+        "stored responses kept at most; beyond it the oldest are deleted first")
     env_file: str = _opt(
         "", "--env-file", str,
         "file of FLASKCHAT_* variables (KEY=VALUE lines) that beat the environment and are "

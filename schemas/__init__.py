@@ -7,12 +7,14 @@ from schemas.chat import ApiChatSchema, ChatRequest, ChatSchema
 from schemas.completions import CompletionRequest, CompletionSchema
 from schemas.embeddings import EmbeddingRequest, EmbeddingSchema
 from schemas.messages import ChatMessage
+from schemas.responses import ResponsesRequest, ResponsesSchema
 from schemas.sampling import SamplingRequest
 from schemas.token_check import TokenCheckRequest, TokenCheckSchema
 
 __all__ = ["ApiChatSchema", "ChatMessage", "ChatRequest", "ChatSchema", "CompletionRequest",
            "CompletionSchema", "EmbeddingRequest", "EmbeddingSchema", "RequestSchemas",
-           "SamplingRequest", "TokenCheckRequest", "TokenCheckSchema"]
+           "ResponsesRequest", "ResponsesSchema", "SamplingRequest", "TokenCheckRequest",
+           "TokenCheckSchema"]
 
 
 @dataclass
@@ -28,6 +30,7 @@ class RequestSchemas:
     completion: CompletionSchema = field(init=False)
     embedding: EmbeddingSchema = field(init=False)
     token_check: TokenCheckSchema = field(init=False)
+    responses: ResponsesSchema = field(init=False)
 
     def __post_init__(self) -> None:
         sampling = {"max_n": self.max_n, "max_tokens_limit": self.max_tokens_limit}
@@ -36,3 +39,4 @@ class RequestSchemas:
         self.completion = CompletionSchema(max_inputs=self.max_inputs, **sampling)
         self.embedding = EmbeddingSchema(max_inputs=self.max_inputs)
         self.token_check = TokenCheckSchema(max_inputs=self.max_inputs)
+        self.responses = ResponsesSchema()

@@ -1,5 +1,6 @@
 """The database tables (SQLAlchemy Core): API keys, one usage row per request, and usage
-summed per day, key and model (what budgets, reports and the admin chart read)."""
+summed per day, key and model (what budgets, reports and the admin chart read), and the
+Responses API's stored responses."""
 from __future__ import annotations
 
 from sqlalchemy import (BigInteger, Column, DateTime, Float, Index, Integer, MetaData, String,
@@ -56,4 +57,19 @@ usage_daily = Table(
     Column("requests", BigInteger, nullable=False),
     Column("prompt_tokens", BigInteger, nullable=False),
     Column("completion_tokens", BigInteger, nullable=False),
+)
+
+# The Responses API's stored responses (``store: true``), owned by the key that made them.
+responses = Table(
+    "responses", metadata,
+    Column("id", String(64), primary_key=True),  # resp_...
+    Column("owner", String(40), nullable=False),  # key id; "" for no key or --api-keys
+    Column("model", String(200), nullable=False),
+    Column("created_at", DateTime(), nullable=False),
+    Column("expires_at", DateTime(), nullable=False),
+    Column("input_items", Text, nullable=False),  # JSON: this request's input items
+    Column("context", Text, nullable=False),  # JSON: the chat messages a follow-up replays
+    Column("response", Text, nullable=False),  # JSON: the response object
+    Index("ix_responses_expires_at", "expires_at"),
+    Index("ix_responses_created_at", "created_at"),
 )

@@ -29,6 +29,7 @@ class Call:
     completion_tokens: int = 0
     # The models the request's key may use (None: every model).
     allowed_models: FrozenSet[str] | None = None
+    key_id: str | None = None  # the request's key (None: no key, or a --api-keys key)
 
     def use_model(self, model: str) -> None:
         """The request is for ``model``; a model its key may not use is, as OpenAI answers,

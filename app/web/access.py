@@ -54,7 +54,9 @@ def authenticate() -> "Principal | None":
     if request.method == "OPTIONS":
         return None
     principal = access().gate.authenticate(bearer_token())
-    call().allowed_models = principal.models
+    current = call()
+    current.allowed_models = principal.models
+    current.key_id = principal.key_id
     return principal
 
 

@@ -1,0 +1,165 @@
+"""A chat completion stream (the chat path's SSE bytes) as the Responses API's named
+events, each with a rising ``sequence_number``: response.created, .in_progress, the output
+items, their text or arguments deltas and dones, then response.completed (or .incomplete,
+or .failed on an error after the first byte)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import orjson
+
+from app.responses.output import finish, function_call_item, message_item, skeleton
+from app.serving.ids import new_id
+from schemas import ResponsesRequest
+
+
+class ResponseEvents:
+    def __init__(self, body: ResponsesRequest, response_id: str,
+                 on_done: Callable[[dict[str, Any]], None]) -> None:
+        self.response = skeleton(body, response_id, "in_progress")
+        self._on_done = on_done
+        self._sequence = 0
+        self._output: list[dict[str, Any]] = []
+        self._message: dict[str, Any] | None = None  # the open message item
+        self._text: list[str] = []
+        self._calls: dict[int, dict[str, Any]] = {}  # chat tool_calls index -> open item
+        self._arguments: dict[int, list[str]] = {}
+        self._finish_reason: str | None = None
+        self._usage: dict[str, Any] | None = None
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        self._sequence += 1
+        payload = {"type": kind, "sequence_number": self._sequence, **fields}
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+    def start(self) -> bytes:
+        return self._event("response.created", response=self.response) + \
+            self._event("response.in_progress", response=self.response)
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        out = b""
+        if chunk.get("usage"):
+            self._usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                out += self._text_delta(delta["content"])
+            for call in delta.get("tool_calls") or []:
+                out += self._call_delta(call)
+            if choice.get("finish_reason"):
+                self._finish_reason = choice["finish_reason"]
+        return out
+
+    def _text_delta(self, text: str) -> bytes:
+        out = b""
+        if self._message is None:
+            self._message = message_item("", "in_progress")
+            self._message["content"] = []
+            self._output.append(self._message)
+            out += self._event("response.output_item.added", output_index=self._index(
+                self._message), item=self._message)
+            out += self._event("response.content_part.added", item_id=self._message["id"],
+                               output_index=self._index(self._message), content_index=0,
+                               part={"type": "output_text", "text": "", "annotations": []})
+        self._text.append(text)
+        return out + self._event("response.output_text.delta", item_id=self._message["id"],
+                                 output_index=self._index(self._message), content_index=0,
+                                 delta=text, logprobs=[])
+
+    def _call_delta(self, call: dict[str, Any]) -> bytes:
+        out = b""
+        index = call.get("index", 0)
+        function = call.get("function") or {}
+        item = self._calls.get(index)
+        if item is None:
+            item = function_call_item(call.get("id") or new_id("call_"),
+                                      function.get("name") or "", "", "in_progress")
+            self._calls[index] = item
+            self._arguments[index] = []
+            self._output.append(item)
+            out += self._event("response.output_item.added", output_index=self._index(item),
+                               item=item)
+        elif function.get("name"):
+            item["name"] += function["name"]
+        arguments = function.get("arguments")
+        if arguments:
+            self._arguments[index].append(arguments)
+            out += self._event("response.function_call_arguments.delta", item_id=item["id"],
+                               output_index=self._index(item), delta=arguments)
+        return out
+
+    def _index(self, item: dict[str, Any]) -> int:
+        for position, candidate in enumerate(self._output):
+            if candidate is item:
+                return position
+        raise ValueError("not an output item")
+
+    def end(self) -> bytes:
+        out = b""
+        if self._message is not None:
+            text = "".join(self._text)
+            part = {"type": "output_text", "text": text, "annotations": []}
+            index = self._index(self._message)
+            out += self._event("response.output_text.done", item_id=self._message["id"],
+                               output_index=index, content_index=0, text=text, logprobs=[])
+            out += self._event("response.content_part.done", item_id=self._message["id"],
+                               output_index=index, content_index=0, part=part)
+            self._message["content"] = [part]
+            self._message["status"] = "completed"
+            out += self._event("response.output_item.done", output_index=index,
+                               item=self._message)
+        for position, item in self._calls.items():
+            item["arguments"] = "".join(self._arguments[position])
+            item["status"] = "completed"
+            index = self._index(item)
+            out += self._event("response.function_call_arguments.done", item_id=item["id"],
+                               output_index=index, name=item["name"],
+                               arguments=item["arguments"])
+            out += self._event("response.output_item.done", output_index=index, item=item)
+        if not self._output:
+            self._output.append(message_item(""))
+        response = finish(self.response, self._output, self._finish_reason, self._usage)
+        self._on_done(response)  # stored before the client can ask for it
+        kind = "response.incomplete" if response["status"] == "incomplete" \
+            else "response.completed"
+        return out + self._event(kind, response=response)
+
+    def fail(self, error: dict[str, Any]) -> bytes:
+        self.response["status"] = "failed"
+        self.response["output"] = self._output
+        self.response["error"] = {"code": error.get("code") or error.get("type")
+                                  or "server_error",
+                                  "message": error.get("message") or "The model failed."}
+        return self._event("response.failed", response=self.response)
+
+
+def translate(chat_events: Iterator[bytes | None], events: ResponseEvents
+              ) -> Iterator[bytes | None]:
+    """``None`` items (the SSE Response's chances to send a keep-alive) pass through."""
+    yield events.start()
+    pending = b""
+    for piece in chat_events:
+        if piece is None:
+            yield None
+            continue
+        pending += piece
+        while b"\n\n" in pending:
+            raw, pending = pending.split(b"\n\n", 1)
+            for line in raw.split(b"\n"):
+                if not line.startswith(b"data: "):
+                    continue  # comments (keep-alives) and blank lines
+                data = line[6:]
+                if data == b"[DONE]":
+                    yield events.end()
+                    return
+                chunk = orjson.loads(data)
+                if "error" in chunk:
+                    yield events.fail(chunk["error"] if isinstance(chunk["error"], dict)
+                                      else {"message": str(chunk["error"])})
+                    return
+                out = events.feed(chunk)
+                if out:
+                    yield out
+    yield events.end()  # the chat stream ended without [DONE]

@@ -1,0 +1,121 @@
+"""POST /v1/responses (the Responses API, on the chat path), GET and DELETE
+/v1/responses/{id}, GET /v1/responses/{id}/input_items."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, request
+from flask.typing import ResponseReturnValue
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.errors import APIError, InvalidRequest, UpstreamUnavailable
+from app.responses import output, translate
+from app.responses.store import ResponseStore
+from app.responses.stream import ResponseEvents
+from app.responses.stream import translate as translate_stream
+from app.routes.relayed import serves
+from app.serving import chat, relay
+from app.serving.ids import new_id
+from app.web import sse
+from app.web.access import require_api_key
+from app.web.admission import admit
+from app.web.context import call, schemas, upstream
+from app.web.handlers import error_response
+from app.web.json_io import json_response, read_json_object
+from app.web.validation import load
+from schemas import ChatRequest
+
+STORE = "flaskchat.responses_store"
+
+bp = Blueprint("responses", __name__)
+bp.before_request(require_api_key)
+bp.before_request(admit)
+
+
+def response_store() -> ResponseStore:
+    found: ResponseStore = current_app.extensions[STORE]
+    return found
+
+
+@bp.errorhandler(SQLAlchemyError)
+def database_unavailable(error: SQLAlchemyError) -> ResponseReturnValue:
+    return error_response(UpstreamUnavailable(
+        "The database of stored responses cannot be reached; retry shortly, or send "
+        "'store': false without 'previous_response_id'.", headers={"Retry-After": "2"}))
+
+
+def _owner() -> str:
+    return call().key_id or ""
+
+
+@bp.post("/v1/responses")
+def create_response() -> ResponseReturnValue:
+    body = load(schemas().responses, read_json_object())
+    translate.refuse_unsupported(body)
+    store = response_store()
+    history = store.context(body["previous_response_id"], _owner()) \
+        if body["previous_response_id"] else []
+    payload, items, messages = translate.chat_request(body, history)
+    model = body["model"]
+    keep = body["store"] is not False
+    owner = _owner()
+
+    def done(response: dict[str, Any]) -> None:
+        if keep:
+            store.save(response, owner, items, messages + output.context_of(response["output"]))
+
+    response_id = new_id("resp_")
+    if serves(model):  # an OpenAI-compatible upstream: relayed as chat
+        if body["stream"]:
+            events, on_close = relay.open_stream(relay.CHAT, payload, model, upstream(),
+                                                 call())
+            return sse.response(translate_stream(
+                events, ResponseEvents(body, response_id, done)), on_close)
+        completion = relay.complete(relay.CHAT, payload, model, upstream(), call())
+    else:
+        chat_body = _chat_body(payload)
+        if body["stream"]:
+            events, on_close = chat.open_stream(chat_body, upstream(), call())
+            return sse.response(translate_stream(
+                events, ResponseEvents(body, response_id, done)), on_close)
+        completion = chat.complete(chat_body, upstream(), call())
+    response = output.from_chat(body, response_id, completion)
+    done(response)
+    return json_response(response)
+
+
+def _chat_body(payload: dict[str, Any]) -> ChatRequest:
+    """The chat request checked as the chat route checks it; an error names the Responses
+    field the client sent."""
+    try:
+        checked: ChatRequest = load(schemas().chat, payload)
+        return checked
+    except APIError as exc:
+        exc.param = translate.param_of_chat(exc.param)
+        raise
+
+
+@bp.get("/v1/responses/<response_id>")
+def retrieve_response(response_id: str) -> ResponseReturnValue:
+    if request.args.get("stream") in ("true", "1"):
+        raise InvalidRequest("Streaming a stored response again is not supported: "
+                             "retrieve it without 'stream'.", "stream")
+    return json_response(response_store().get(response_id, _owner()))
+
+
+@bp.delete("/v1/responses/<response_id>")
+def delete_response(response_id: str) -> ResponseReturnValue:
+    return json_response(response_store().delete(response_id, _owner()))
+
+
+@bp.get("/v1/responses/<response_id>/input_items")
+def list_input_items(response_id: str) -> ResponseReturnValue:
+    limit_text = request.args.get("limit", "20")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
+        raise InvalidRequest("Invalid 'limit': must be a whole number from 1 to 100.",
+                             "limit")
+    order = request.args.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise InvalidRequest("Invalid 'order': must be asc or desc.", "order")
+    return json_response(response_store().input_items(
+        response_id, _owner(), request.args.get("after"), int(limit_text), order))

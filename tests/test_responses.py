@@ -1,0 +1,219 @@
+"""POST /v1/responses and the stored responses, through the official openai client and raw
+HTTP: a real gateway under gunicorn, the session's controller and fake workers, keys in
+its database."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import openai
+import pytest
+import requests
+
+from tests.conftest import Server, Stack, start_gateway
+from tests.test_keys import FAST, assert_envelope, make_key
+
+
+@pytest.fixture(scope="module")
+def gateway(stack: Stack) -> Iterator[Server]:
+    server = start_gateway(stack.controller.url, "--workers", "2", env=FAST)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def keys(gateway: Server) -> dict[str, str]:
+    return {name: make_key(gateway, name=f"responses-{name}")["secret"]
+            for name in ("alice", "bob")}
+
+
+@pytest.fixture(scope="module")
+def client(gateway: Server, keys: dict[str, str]) -> Iterator[openai.OpenAI]:
+    made = openai.OpenAI(base_url=gateway.url + "/v1", api_key=keys["alice"], max_retries=0)
+    yield made
+    made.close()
+
+
+def last_messages(stack: Stack) -> list[dict[str, Any]]:
+    """The messages of the fake worker's last generation."""
+    calls = [entry for entry in stack.worker_log("fake-model")
+             if entry["path"].startswith("/worker_generate")]
+    messages: list[dict[str, Any]] = calls[-1]["body"]["messages"]
+    return messages
+
+
+def post(gateway: Server, key: str, **body: Any) -> requests.Response:
+    return requests.post(gateway.url + "/v1/responses", timeout=30, json=body,
+                         headers={"Authorization": f"Bearer {key}"})
+
+
+def test_create_plain_and_with_instructions(client: openai.OpenAI, stack: Stack) -> None:
+    stack.reset_worker("fake-model")
+    response = client.responses.create(model="fake-model", input="[[reply:Paris.]]")
+    assert response.id.startswith("resp_") and response.object == "response"
+    assert response.status == "completed" and response.output_text == "Paris."
+    assert response.output[0].type == "message" and response.output[0].role == "assistant"
+    assert response.usage is not None and response.usage.input_tokens > 0
+    assert response.usage.output_tokens == 1
+    assert response.usage.total_tokens == response.usage.input_tokens + 1
+    with_instructions = client.responses.create(
+        model="fake-model", instructions="Answer in one word.", input="hi",
+        max_output_tokens=50, temperature=0.3, metadata={"ticket": "42"})
+    assert with_instructions.instructions == "Answer in one word."
+    assert with_instructions.metadata == {"ticket": "42"}
+    assert with_instructions.max_output_tokens == 50 and with_instructions.temperature == 0.3
+    sent = last_messages(stack)
+    assert sent[0] == {"role": "system", "content": "Answer in one word."}
+    assert sent[1]["content"] == "hi"
+
+
+def test_a_length_stop_is_incomplete(client: openai.OpenAI) -> None:
+    response = client.responses.create(model="fake-model", input="hi", max_output_tokens=2)
+    assert response.status == "incomplete"
+    assert response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+
+
+def test_streamed_events_in_order(client: openai.OpenAI) -> None:
+    events: list[Any] = list(client.responses.create(
+        model="fake-model", input="[[slow:0.05]][[reply:one two three]]", stream=True))
+    kinds = [event.type for event in events]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "response.completed"]
+    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    assert "".join(deltas) == "one two three" and len(deltas) >= 2
+    numbers = [event.sequence_number for event in events]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+    completed = events[-1].response
+    assert completed.output_text == "one two three" and completed.usage.output_tokens == 3
+
+
+def test_the_stream_helper(client: openai.OpenAI) -> None:
+    with client.responses.stream(model="fake-model", input="[[reply:helped along]]") as stream:
+        texts = [getattr(event, "delta") for event in stream
+                 if event.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(texts) == "helped along" and final.output_text == "helped along"
+
+
+def test_previous_response_id_chains_three_turns(client: openai.OpenAI, stack: Stack) -> None:
+    # A stock-FastChat-style worker: the gateway renders the whole conversation into the
+    # prompt, so the worker's count of input tokens shows the replayed history.
+    first = client.responses.create(model="llama2-stock", input="[[reply:first answer]]")
+    second = client.responses.create(model="llama2-stock", input="[[reply:second answer]]",
+                                     previous_response_id=first.id)
+    third = client.responses.create(model="llama2-stock", input="third question",
+                                    previous_response_id=second.id)
+    assert first.usage and second.usage and third.usage
+    assert first.usage.input_tokens < second.usage.input_tokens < third.usage.input_tokens
+    prompts = [entry["body"]["prompt"] for entry in stack.worker_log("llama2-stock")
+               if entry["path"].startswith("/worker_generate")]
+    assert "first answer" in prompts[-1] and "second answer" in prompts[-1]
+    assert prompts[-1].index("first answer") < prompts[-1].index("second answer") \
+        < prompts[-1].index("third question")
+    assert third.previous_response_id == second.id
+
+
+def test_retrieve_input_items_and_delete(client: openai.OpenAI) -> None:
+    made = client.responses.create(model="fake-model", input=[
+        {"role": "user", "content": "one"},
+        {"type": "message", "role": "user",
+         "content": [{"type": "input_text", "text": "two"}]}])
+    again = client.responses.retrieve(made.id)
+    assert again.id == made.id and again.output_text == made.output_text
+    items: list[Any] = list(client.responses.input_items.list(made.id, order="asc"))
+    assert [item.content[0].text for item in items] == ["one", "two"]
+    page = client.responses.input_items.list(made.id, limit=1)
+    assert len(page.data) == 1 and page.has_more
+    client.responses.delete(made.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(made.id)
+
+
+def test_store_false_keeps_nothing(client: openai.OpenAI) -> None:
+    made = client.responses.create(model="fake-model", input="hi", store=False)
+    assert made.to_dict().get("store") is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(made.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="fake-model", input="more",
+                                previous_response_id=made.id)
+
+
+def test_another_key_cannot_see_a_response(gateway: Server, client: openai.OpenAI,
+                                           keys: dict[str, str]) -> None:
+    made = client.responses.create(model="fake-model", input="mine")
+    headers = {"Authorization": f"Bearer {keys['bob']}"}
+    for response in (
+            requests.get(f"{gateway.url}/v1/responses/{made.id}", headers=headers, timeout=10),
+            requests.get(f"{gateway.url}/v1/responses/{made.id}/input_items", headers=headers,
+                         timeout=10),
+            requests.delete(f"{gateway.url}/v1/responses/{made.id}", headers=headers,
+                            timeout=10),
+            post(gateway, keys["bob"], model="fake-model", input="x",
+                 previous_response_id=made.id)):
+        assert_envelope(response, 404)
+    assert client.responses.retrieve(made.id).id == made.id  # still there for its owner
+
+
+BAD_REQUESTS = [
+    ({"input": "hi"}, 400, "model"),
+    ({"model": "fake-model"}, 400, "input"),
+    ({"model": "fake-model", "input": []}, 400, "input"),
+    ({"model": "fake-model", "input": [42]}, 400, "input[0]"),
+    ({"model": "fake-model", "input": [{"type": "input_image", "image_url": "x"}]}, 400,
+     "input[0].type"),
+    ({"model": "fake-model", "input": [{"role": "robot", "content": "x"}]}, 400,
+     "input[0].role"),
+    ({"model": "fake-model", "input": [{"role": "user", "content": [{"type": "input_file"}]}]},
+     400, "input[0].content[0].type"),
+    ({"model": "fake-model", "input": [{"type": "function_call_output", "output": "x"}]},
+     400, "input[0].call_id"),
+    ({"model": "fake-model", "input": "hi", "tools": [{"type": "web_search"}]}, 400,
+     "tools[0].type"),
+    ({"model": "fake-model", "input": "hi", "tools": [{"type": "function"}]}, 400,
+     "tools[0].name"),
+    ({"model": "fake-model", "input": "hi", "tool_choice": {"type": "file_search"}}, 400,
+     "tool_choice"),
+    ({"model": "fake-model", "input": "hi", "background": True}, 400, "background"),
+    ({"model": "fake-model", "input": "hi", "reasoning": {"effort": "high"}}, 400,
+     "reasoning"),
+    ({"model": "fake-model", "input": "hi", "include": ["reasoning.encrypted_content"]}, 400,
+     "include"),
+    ({"model": "fake-model", "input": "hi", "text": {"format": {"type": "xml"}}}, 400,
+     "text.format.type"),
+    ({"model": "fake-model", "input": "hi", "temperature": 5}, 400, "temperature"),
+    ({"model": "fake-model", "input": "hi", "max_output_tokens": 0}, 400,
+     "max_output_tokens"),
+    ({"model": "fake-model", "input": "hi", "metadata": {"k": 1}}, 400, "metadata"),
+    ({"model": "fake-model", "input": "hi", "previous_response_id": "resp_nope"}, 404,
+     "previous_response_id"),
+    ({"model": "no-such-model", "input": "hi"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD_REQUESTS)
+def test_bad_input_is_a_clear_error(gateway: Server, keys: dict[str, str],
+                                    body: dict[str, Any], status: int, param: str) -> None:
+    assert_envelope(post(gateway, keys["alice"], **body), status, param=param)
+
+
+def test_tools_for_a_worker_without_the_capability_are_refused(
+        gateway: Server, keys: dict[str, str]) -> None:
+    response = post(gateway, keys["alice"], model="fake-model", input="hi", tools=[
+        {"type": "function", "name": "lookup", "parameters": {"type": "object"}}])
+    assert_envelope(response, 400, param="tools")
+
+
+def test_input_items_paging_errors(gateway: Server, client: openai.OpenAI,
+                                   keys: dict[str, str]) -> None:
+    made = client.responses.create(model="fake-model", input="hi")
+    headers = {"Authorization": f"Bearer {keys['alice']}"}
+    url = f"{gateway.url}/v1/responses/{made.id}/input_items"
+    assert_envelope(requests.get(url + "?limit=0", headers=headers, timeout=10), 400,
+                    param="limit")
+    assert_envelope(requests.get(url + "?order=up", headers=headers, timeout=10), 400,
+                    param="order")
+    assert_envelope(requests.get(url + "?after=msg_none", headers=headers, timeout=10), 400,
+                    param="after")
