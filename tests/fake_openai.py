@@ -14,8 +14,10 @@ holds a directive:
   [[drop]]          two chunks, then the connection is cut
   [[error]]         two chunks, then an error event (as vLLM sends)
   [[nodone]]        end the stream without [DONE] or a finish_reason
-With ``tools`` it answers with a call of the first tool; with a json response_format, a
-JSON object. Test-only routes: GET /fake/log, POST /fake/reset, GET /fake/stats.
+With ``tools`` it answers with a call of the first tool, unless the last message is a tool
+result: then it replies "The tool said: RESULT." (as a model that used it would); with a
+json response_format, a JSON object. Test-only routes: GET /fake/log, POST /fake/reset,
+GET /fake/stats.
 """
 from __future__ import annotations
 
@@ -35,6 +37,21 @@ from gevent.pywsgi import WSGIServer
 from werkzeug.wrappers import Request, Response
 
 _DIRECTIVE = re.compile(r"\[\[(\w+)(?::([^\]]*))?\]\]")
+
+
+def _tool_result(body: dict[str, Any]) -> str | None:
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "tool":
+        return str(messages[-1].get("content"))
+    return None
+
+
+def _calls_tool(body: dict[str, Any]) -> bool:
+    return bool(body.get("tools")) and body.get("tool_choice") != "none" \
+        and _tool_result(body) is None
+
+
 LONG_WAIT = 3600.0
 
 
@@ -106,13 +123,16 @@ class FakeOpenAI:
 
     # ---- answers ----------------------------------------------------------------------
 
-    def words(self, directives: dict[str, str]) -> list[str]:
-        text = directives.get("reply") or f"Hi from {self.args.name}."
+    def words(self, directives: dict[str, str], body: dict[str, Any] | None = None
+              ) -> list[str]:
+        result = _tool_result(body or {})
+        text = directives.get("reply") or (f"The tool said: {result}." if result is not None
+                                           else f"Hi from {self.args.name}.")
         return re.findall(r"\S+\s*", text)
 
     def complete(self, path: str, body: dict[str, Any],
                  directives: dict[str, str]) -> dict[str, Any]:
-        words = self.words(directives)
+        words = self.words(directives, body)
         usage = {"prompt_tokens": 7, "completion_tokens": len(words),
                  "total_tokens": 7 + len(words)}
         if path == "/v1/completions":
@@ -122,7 +142,7 @@ class FakeOpenAI:
                          "logprobs": None}]}
         message: dict[str, Any] = {"role": "assistant", "content": "".join(words)}
         finish = "stop"
-        if body.get("tools") and body.get("tool_choice") != "none":
+        if _calls_tool(body):
             tool = body["tools"][0]["function"]["name"]
             message = {"role": "assistant", "content": None, "tool_calls": [
                 {"id": "call_fake1", "type": "function",
@@ -144,7 +164,7 @@ class FakeOpenAI:
 
     def stream(self, path: str, body: dict[str, Any],
                directives: dict[str, str]) -> Iterator[bytes]:
-        words = self.words(directives)
+        words = self.words(directives, body)
         delay = float(directives.get("slow") or 0)
         chat = path == "/v1/chat/completions"
         base = {"id": "chatcmpl-fake" if chat else "cmpl-fake",
@@ -158,7 +178,7 @@ class FakeOpenAI:
                     {"index": 0, "delta": {"role": "assistant", "content": ""},
                      "finish_reason": None}]})
             yield b": upstream keep-alive comment\n\n"
-            if chat and body.get("tools") and body.get("tool_choice") != "none":
+            if chat and _calls_tool(body):
                 name = body["tools"][0]["function"]["name"]
                 yield self.event({**base, "choices": [{"index": 0, "delta": {"tool_calls": [
                     {"index": 0, "id": "call_fake1", "type": "function",

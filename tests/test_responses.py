@@ -9,13 +9,27 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import Server, Stack, start_gateway
+from tests.conftest import Server, Stack, start_fake, start_gateway
 from tests.test_keys import FAST, assert_envelope, make_key
 
 
+TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}
+
+
 @pytest.fixture(scope="module")
-def gateway(stack: Stack) -> Iterator[Server]:
-    server = start_gateway(stack.controller.url, "--workers", "2", env=FAST)
+def tool_upstream() -> Iterator[Server]:
+    """An OpenAI-compatible server whose model calls tools (tests/fake_openai.py)."""
+    server = start_fake("fake_openai.py", "--models", "tool-model", "--name", "Tools")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(stack: Stack, tool_upstream: Server) -> Iterator[Server]:
+    server = start_gateway(stack.controller.url, "--workers", "2", "--openai-upstream",
+                           f"tool-model={tool_upstream.url}/v1", env=FAST)
     yield server
     server.stop()
 
@@ -217,3 +231,76 @@ def test_input_items_paging_errors(gateway: Server, client: openai.OpenAI,
                     param="order")
     assert_envelope(requests.get(url + "?after=msg_none", headers=headers, timeout=10), 400,
                     param="after")
+
+
+# ---- function tools, end to end against an upstream that supports them ---------------------
+
+def test_function_tool_round_trip(client: openai.OpenAI) -> None:
+    asked = client.responses.create(model="tool-model", input="Weather in Paris?",
+                                    tools=[TOOL])  # type: ignore[list-item]
+    call = asked.output[0]
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert call.arguments == '{"city": "Paris"}' and call.call_id
+    answered = client.responses.create(
+        model="tool-model", previous_response_id=asked.id, tools=[TOOL],  # type: ignore[list-item]
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert answered.output_text == "The tool said: sunny."
+    # The same without stored state: the client sends the whole conversation.
+    stateless = client.responses.create(
+        model="tool-model", store=False, tools=[TOOL],  # type: ignore[list-item]
+        input=[{"role": "user", "content": "Weather in Paris?"},
+               {"type": "function_call", "call_id": call.call_id, "name": "get_weather",
+                "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": "rainy"}])
+    assert stateless.output_text == "The tool said: rainy."
+
+
+def test_function_tool_round_trip_streamed(client: openai.OpenAI) -> None:
+    events: list[Any] = list(client.responses.create(
+        model="tool-model", input="Weather in Paris?", tools=[TOOL],  # type: ignore[list-item]
+        stream=True))
+    kinds = [event.type for event in events]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.function_call_arguments.delta",
+                     "response.function_call_arguments.done", "response.output_item.done",
+                     "response.completed"]
+    item = events[-2].item
+    assert item.type == "function_call" and item.arguments == '{"city": "Paris"}'
+    with client.responses.stream(
+            model="tool-model", previous_response_id=events[-1].response.id,
+            tools=[TOOL],  # type: ignore[list-item]
+            input=[{"type": "function_call_output", "call_id": item.call_id,
+                    "output": "windy"}]) as stream:
+        final = stream.get_final_response()
+    assert final.output_text == "The tool said: windy."
+
+
+def test_the_openai_agents_sdk_runs_an_agent_with_a_tool(
+        gateway: Server, keys: dict[str, str]) -> None:
+    """The OpenAI Agents SDK, which speaks the Responses API, against flaskchat: the model
+    calls the tool, the SDK runs it and sends the result back, the model answers."""
+    import asyncio
+
+    from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)  # no export to OpenAI's servers
+    seen: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        seen.append(city)
+        return f"sunny in {city}"
+
+    async def run() -> Any:
+        client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=keys["alice"],
+                                    max_retries=0)
+        try:
+            agent = Agent(name="weather", instructions="Use the tool.", tools=[get_weather],
+                          model=OpenAIResponsesModel("tool-model", client))
+            return await Runner.run(agent, "What is the weather in Paris?")
+        finally:
+            await client.close()
+    result = asyncio.run(run())
+    assert seen == ["Paris"]
+    assert result.final_output == "The tool said: sunny in Paris."
