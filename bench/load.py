@@ -6,6 +6,7 @@ CPU as possible on a machine it shares with the servers it measures.
 from __future__ import annotations
 
 import itertools
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from gevent import socket as gsocket
 # put several in one SSE event (those that arrived in one read), so its stream is counted by
 # token text; a worker frame carries the cumulative text, so frames are counted instead.
 SSE_TOKEN = b" tok"
+EVENT_DELTA = b"event: response.output_text.delta"
+_OUTPUT_TOKENS = re.compile(rb'"output_tokens":(\d+)')
 FRAME_MARKER = b'"text":"'
 
 
@@ -34,7 +37,7 @@ class Sample:
 class Request:
     path: str
     body: bytes
-    kind: str  # "json", "sse" or "frames"
+    kind: str  # "json", "sse", "events" (the Responses API's named events) or "frames"
     headers: bytes = b""
 
     def wire(self, host: str) -> bytes:
@@ -89,7 +92,8 @@ class Connection:
             elif name == b"content-length":
                 length = int(value)
         ttft, tokens, tail = None, 0, b""
-        marker = SSE_TOKEN if request.kind == "sse" else FRAME_MARKER
+        # Named events repeat the whole text at the end: their tokens are the final usage's.
+        marker = {"sse": SSE_TOKEN, "events": EVENT_DELTA}.get(request.kind, FRAME_MARKER)
         if chunked:
             while True:
                 size = int(self._line().split(b";")[0], 16)
@@ -106,6 +110,9 @@ class Connection:
                 tail = (tail + data)[-4096:]
         else:
             tail = self._exactly(length)
+        if request.kind == "events":
+            counted = _OUTPUT_TOKENS.findall(tail)
+            tokens = int(counted[-1]) if counted else 0
         latency = time.perf_counter() - started
         error = None
         if not status.startswith(b"HTTP/1.1 200"):
@@ -115,6 +122,9 @@ class Connection:
             error = "error event: " + tail[start + 11:start + 91].decode(errors="replace")
         elif request.kind == "sse" and b"[DONE]" not in tail:
             error = "stream did not end with [DONE]"
+        elif request.kind == "events" and b"event: response.completed" not in tail \
+                and b"event: response.incomplete" not in tail:
+            error = "stream did not end with response.completed (or .incomplete)"
         return Sample(latency, ttft, tokens, error)
 
 

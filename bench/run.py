@@ -54,7 +54,12 @@ PHASES = [Phase("chat c=1", "chat", 1), Phase("chat c=8", "chat", 8),
           # A model served by an OpenAI-compatible upstream (the same fast worker's
           # /v1/chat/completions), relayed instead of translated from the worker protocol.
           Phase("relay chat c=64", "relay-chat", 64),
-          Phase("relay stream c=256", "relay-stream", 256)]
+          Phase("relay stream c=256", "relay-stream", 256),
+          # The Responses API, translated onto the chat path: stored (the default) or not.
+          Phase("responses c=64", "responses", 64),
+          Phase("responses store c=64", "responses-store", 64),
+          Phase("responses stream c=256", "responses-stream", 256),
+          Phase("responses stream store c=256", "responses-stream-store", 256)]
 RELAY_MODEL = "relay-model"
 
 
@@ -71,6 +76,13 @@ def requests_for(kind: str, extra: str = "") -> tuple[load.Request, load.Request
         chat["stream"] = True
         return (load.Request("/v1/chat/completions", orjson.dumps(chat), "sse"),
                 load.Request("/worker_generate_stream", orjson.dumps(params), "frames"))
+    if kind.startswith("responses"):
+        stream = "stream" in kind
+        body = {"model": MODEL, "input": chat["messages"][0]["content"],
+                "max_output_tokens": 64, "store": kind.endswith("store"), "stream": stream}
+        direct = "/worker_generate_stream" if stream else "/worker_generate"
+        return (load.Request("/v1/responses", orjson.dumps(body), "events" if stream else "json"),
+                load.Request(direct, orjson.dumps(params), "frames" if stream else "json"))
     if kind.startswith("relay-"):
         chat["model"] = RELAY_MODEL
         stream = kind == "relay-stream"
@@ -232,7 +244,7 @@ class Bench:
         gateway["controller_calls"] = sum(controller_stats["calls"].values())
         ceiling = summarize(load.run("127.0.0.1", self.worker_port, direct, phase.users,
                                      self.args.seconds, count))
-        key = "tokens_per_s" if phase.kind in ("stream", "relay-stream") else "rps"
+        key = "tokens_per_s" if "stream" in phase.kind else "rps"
         ratio = gateway[key] / ceiling[key] if ceiling[key] else None
         return {"phase": phase.name, "users": phase.users, "gateway": gateway,
                 "ceiling": ceiling, "ratio": ratio, "ratio_of": key}

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from tests.conftest import API_KEY, Stack
 
 MODELS = ["fake-model", "vicuna-stock"]
-EXAMPLES = 80  # per operation and mode: 8 operations x 2 modes x 80 = 1,280 cases
+EXAMPLES = 60  # per operation and mode: 12 operations x 2 modes x 60 = 1,440 cases
 
 
 def test_generated_requests_never_fail_the_server(stack: Stack) -> None:
@@ -22,7 +22,7 @@ def test_generated_requests_never_fail_the_server(stack: Stack) -> None:
     operations = []
     for result in schema.get_all_operations():
         operations.append(result.ok())  # type: ignore[union-attr]
-    assert len(operations) == 8
+    assert len(operations) == 12
     for operation in operations:
         for mode in schemathesis.GenerationMode:
             @given(case=operation.as_strategy(generation_mode=mode))

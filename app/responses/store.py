@@ -9,6 +9,7 @@ import json
 from datetime import timedelta
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, delete, func, insert, select
 
 from app.access.keys import now
@@ -28,15 +29,18 @@ class ResponseStore:
         self._ttl = timedelta(seconds=ttl_seconds)
         self._max = max_stored
         self._saves = 0
+        self._insert = insert(responses)
 
     def save(self, response: dict[str, Any], owner: str, input_items: list[dict[str, Any]],
              context: list[dict[str, Any]]) -> None:
         created = now()
+        row = {"id": response["id"], "owner": owner, "model": response["model"],
+               "created_at": created, "expires_at": created + self._ttl,
+               "input_items": orjson.dumps(input_items).decode(),
+               "context": orjson.dumps(context).decode(),
+               "response": orjson.dumps(response).decode()}
         with self._engine.begin() as connection:
-            connection.execute(insert(responses).values(
-                id=response["id"], owner=owner, model=response["model"], created_at=created,
-                expires_at=created + self._ttl, input_items=json.dumps(input_items),
-                context=json.dumps(context), response=json.dumps(response)))
+            connection.execute(self._insert, row)  # built once: SQLAlchemy caches its SQL
         self._saves += 1
         if self._saves % PRUNE_EVERY == 1:
             self.prune()

@@ -137,29 +137,43 @@ class ResponseEvents:
 
 def translate(chat_events: Iterator[bytes | None], events: ResponseEvents
               ) -> Iterator[bytes | None]:
-    """``None`` items (the SSE Response's chances to send a keep-alive) pass through."""
+    """``None`` items (the SSE Response's chances to send a keep-alive) pass through. The
+    chat stream is read to its end even after its last event, so that it finishes as it
+    would for a chat client (its worker connection goes back to the pool)."""
     yield events.start()
     pending = b""
+    finished = False
     for piece in chat_events:
         if piece is None:
-            yield None
+            if not finished:
+                yield None
+            continue
+        if finished:
             continue
         pending += piece
-        while b"\n\n" in pending:
+        while not finished and b"\n\n" in pending:
             raw, pending = pending.split(b"\n\n", 1)
-            for line in raw.split(b"\n"):
-                if not line.startswith(b"data: "):
-                    continue  # comments (keep-alives) and blank lines
-                data = line[6:]
-                if data == b"[DONE]":
-                    yield events.end()
-                    return
-                chunk = orjson.loads(data)
-                if "error" in chunk:
-                    yield events.fail(chunk["error"] if isinstance(chunk["error"], dict)
-                                      else {"message": str(chunk["error"])})
-                    return
-                out = events.feed(chunk)
-                if out:
-                    yield out
-    yield events.end()  # the chat stream ended without [DONE]
+            out = _event(raw, events)
+            if out is not None:
+                finished = out[1]
+                if out[0]:
+                    yield out[0]
+    if not finished:
+        yield events.end()  # the chat stream ended without [DONE]
+
+
+def _event(raw: bytes, events: ResponseEvents) -> tuple[bytes, bool] | None:
+    """What one chat event becomes, and whether the response is over."""
+    for line in raw.split(b"\n"):
+        if not line.startswith(b"data: "):
+            continue  # comments (keep-alives) and blank lines
+        data = line[6:]
+        if data == b"[DONE]":
+            return events.end(), True
+        chunk = orjson.loads(data)
+        if "error" in chunk:
+            error = chunk["error"]
+            return events.fail(error if isinstance(error, dict)
+                               else {"message": str(error)}), True
+        return events.feed(chunk), False
+    return None

@@ -11,6 +11,7 @@ from marshmallow import fields
 from schemas import RequestSchemas
 from schemas.fields import Bool, Int, Number, Stop, Str, TextInputs
 from schemas.messages import ROLE_ALIASES, Messages
+from schemas.responses import Input, JsonList, JsonObject, Metadata
 
 _STRINGS = {"type": "array", "items": {"type": "string"}}
 _PART = {"type": "object", "required": ["type"], "properties": {
@@ -23,6 +24,15 @@ _MESSAGE = {"type": "object", "required": ["role"], "properties": {
                 "nullable": True},
     "name": {"type": "string"}, "tool_call_id": {"type": "string"},
     "tool_calls": {"type": "array", "items": {"type": "object"}}}}
+_INPUT_ITEM = {"type": "object", "properties": {
+    "type": {"type": "string", "enum": ["message", "function_call", "function_call_output"]},
+    "role": {"type": "string", "enum": ["user", "system", "developer", "assistant"]},
+    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {
+        "type": "object", "required": ["type", "text"], "properties": {
+            "type": {"type": "string", "enum": ["input_text", "output_text"]},
+            "text": {"type": "string"}}}}]},
+    "call_id": {"type": "string"}, "name": {"type": "string"},
+    "arguments": {"type": "string"}, "output": {"type": "string"}}}
 _ERROR = {"type": "object", "required": ["error"], "properties": {
     "error": {"type": "object", "required": ["message", "type", "param", "code"],
               "properties": {"message": {"type": "string"}, "type": {"type": "string"},
@@ -45,6 +55,16 @@ def _field_schema(self: Any, field: fields.Field[Any], **kwargs: Any) -> dict[st
         return {"oneOf": [{"type": "string"}, _STRINGS]}
     if isinstance(field, Messages):
         return {"oneOf": [{"type": "string"}, {"type": "array", "items": _MESSAGE}]}
+    if isinstance(field, Input):
+        return {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1,
+                                               "items": _INPUT_ITEM}]}
+    if isinstance(field, Metadata):
+        return {"type": "object", "maxProperties": 16,
+                "additionalProperties": {"type": "string", "maxLength": 512}}
+    if isinstance(field, JsonObject):
+        return {"type": "object"}
+    if isinstance(field, JsonList):
+        return {"type": "array", "items": {"type": "object"}}
     return {}
 
 
@@ -57,6 +77,12 @@ ROUTES: list[tuple[str, str, str | None, str]] = [
     ("post", "/v1/embeddings", "EmbeddingRequest", "Create embeddings"),
     ("post", "/v1/engines/{model}/embeddings", "EmbeddingRequest",
      "Create embeddings (engine in the path)"),
+    ("post", "/v1/responses", "ResponseRequest",
+     "Create a response (the Responses API, served on the chat path)"),
+    ("get", "/v1/responses/{response_id}", None, "Retrieve a stored response"),
+    ("delete", "/v1/responses/{response_id}", None, "Delete a stored response"),
+    ("get", "/v1/responses/{response_id}/input_items", None,
+     "List a stored response's input items"),
     ("post", "/api/v1/chat/completions", "ApiChatCompletionRequest",
      "FastChat: chat completion with repetition_penalty"),
     ("post", "/api/v1/token_check", "TokenCheckRequest",
@@ -74,7 +100,8 @@ def build_spec(schemas: RequestSchemas) -> dict[str, Any]:
                          ("ApiChatCompletionRequest", schemas.api_chat),
                          ("CompletionRequest", schemas.completion),
                          ("EmbeddingRequest", schemas.embedding),
-                         ("TokenCheckRequest", schemas.token_check)):
+                         ("TokenCheckRequest", schemas.token_check),
+                         ("ResponseRequest", schemas.responses)):
         spec.components.schema(name, schema=schema)
     spec.components.schema("Error", _ERROR)
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
@@ -85,9 +112,11 @@ def build_spec(schemas: RequestSchemas) -> dict[str, Any]:
                           "default": {"description": "Error", "content": {
                               "application/json": {"schema": {"$ref":
                                                               "#/components/schemas/Error"}}}}}}
-        if "{model}" in path:
-            operation["parameters"] = [{"name": "model", "in": "path", "required": True,
-                                        "schema": {"type": "string"}}]
+        parameters = [name for name in ("model", "response_id") if f"{{{name}}}" in path]
+        if parameters:
+            operation["parameters"] = [{"name": name, "in": "path", "required": True,
+                                        "schema": {"type": "string"}}
+                                       for name in parameters]
         if request:
             operation["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{request}"}}}}
