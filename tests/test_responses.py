@@ -9,7 +9,7 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import Server, Stack, start_fake, start_gateway
+from tests.conftest import Server, Stack, start_fake, start_gateway, wait_for
 from tests.test_keys import FAST, assert_envelope, make_key
 
 
@@ -304,3 +304,67 @@ def test_the_openai_agents_sdk_runs_an_agent_with_a_tool(
     result = asyncio.run(run())
     assert seen == ["Paris"]
     assert result.final_output == "The tool said: sunny in Paris."
+
+
+# ---- failures, cancellation, the store's bounds ----------------------------------------------
+
+def test_a_failure_after_the_first_byte_is_response_failed(client: openai.OpenAI) -> None:
+    events: list[Any] = list(client.responses.create(
+        model="fake-model", input="[[error:50001]]", stream=True))
+    kinds = [event.type for event in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.failed"
+    assert "response.output_text.delta" in kinds  # it failed mid-stream, after two tokens
+    failed = events[-1].response
+    assert failed.status == "failed" and failed.error is not None and failed.error.message
+
+
+def test_leaving_a_stream_cancels_the_generation(
+        gateway: Server, keys: dict[str, str], stack: Stack) -> None:
+    stack.reset_worker("fake-model")
+    words = " ".join(f"w{i}" for i in range(40))
+    with requests.post(gateway.url + "/v1/responses", stream=True, timeout=30,
+                       headers={"Authorization": f"Bearer {keys['alice']}"},
+                       json={"model": "fake-model", "stream": True, "store": False,
+                             "input": f"[[slow:0.1]][[reply:{words}]]"}) as response:
+        deltas = 0
+        for line in response.iter_lines():
+            deltas += line == b"event: response.output_text.delta"
+            if deltas >= 2:
+                break
+    wait_for(lambda: stack.worker_stats("fake-model")["cancelled"] >= 1, 10,
+             "the worker to see the generation cancelled")
+
+
+def test_the_store_expires_and_is_bounded(tmp_path: Any) -> None:
+    """Against a real SQLite file: expired responses are gone, and past the cap the
+    oldest are deleted first."""
+    from app.access.database import engine_for, upgrade
+    from app.responses.store import ResponseNotFound, ResponseStore
+
+    url = f"sqlite:///{tmp_path}/store.db"
+    upgrade(url)
+    engine = engine_for(url)
+    store = ResponseStore(engine, ttl_seconds=3600, max_stored=3)
+    for number in range(5):
+        store.save({"id": f"resp_{number}", "model": "m", "output": []}, "key_a", [], [])
+    store.prune()
+    for number in (0, 1):
+        with pytest.raises(ResponseNotFound):
+            store.get(f"resp_{number}", "key_a")
+    assert [store.get(f"resp_{n}", "key_a")["id"] for n in (2, 3, 4)] == \
+        ["resp_2", "resp_3", "resp_4"]
+    with pytest.raises(ResponseNotFound):
+        store.get("resp_4", "key_b")  # another key's
+    expiring = ResponseStore(engine, ttl_seconds=0.001, max_stored=10)
+    expiring.save({"id": "resp_short", "model": "m", "output": []}, "key_a", [], [])
+    wait_for(lambda: _gone(expiring, "resp_short"), 5, "the response to expire")
+    engine.dispose()
+
+
+def _gone(store: Any, response_id: str) -> bool:
+    from app.responses.store import ResponseNotFound
+    try:
+        store.get(response_id, "key_a")
+    except ResponseNotFound:
+        return True
+    return False

@@ -2,7 +2,7 @@
 /v1/responses/{id}, GET /v1/responses/{id}/input_items."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from flask import Blueprint, current_app, request
 from flask.typing import ResponseReturnValue
@@ -69,19 +69,24 @@ def create_response() -> ResponseReturnValue:
         if body["stream"]:
             events, on_close = relay.open_stream(relay.CHAT, payload, model, upstream(),
                                                  call())
-            return sse.response(translate_stream(
-                events, ResponseEvents(body, response_id, done)), on_close)
+            return _stream(events, on_close, ResponseEvents(body, response_id, done))
         completion = relay.complete(relay.CHAT, payload, model, upstream(), call())
     else:
         chat_body = _chat_body(payload)
         if body["stream"]:
             events, on_close = chat.open_stream(chat_body, upstream(), call())
-            return sse.response(translate_stream(
-                events, ResponseEvents(body, response_id, done)), on_close)
+            return _stream(events, on_close, ResponseEvents(body, response_id, done))
         completion = chat.complete(chat_body, upstream(), call())
     response = output.from_chat(body, response_id, completion)
     done(response)
     return json_response(response)
+
+
+def _stream(events: Iterator[bytes | None], on_close: list[Callable[[], object]],
+            translated: ResponseEvents) -> ResponseReturnValue:
+    """A failure after the first byte ends the stream with response.failed."""
+    return sse.response(translate_stream(events, translated), on_close, lambda error:
+                        translated.fail({"code": error.code, "message": error.message}))
 
 
 def _chat_body(payload: dict[str, Any]) -> ChatRequest:

@@ -30,23 +30,30 @@ def init_app(app: Flask, keepalive_interval: float) -> None:
 
 
 def response(events: Iterable[bytes | None],
-             on_close: Iterable[Callable[[], object]] = ()) -> Response:
+             on_close: Iterable[Callable[[], object]] = (),
+             failed: Callable[[APIError], bytes] | None = None) -> Response:
     """A text/event-stream Response; ``on_close`` runs when the client goes or the body ends,
-    even if the body was never iterated."""
+    even if the body was never iterated. ``failed``: the last bytes of a stream that fails
+    after its first byte (default: the error event and ``[DONE]``)."""
     interval: float = current_app.extensions.get(INTERVAL, 10.0)
     hook = failure_hook()
     # Not direct_passthrough: werkzeug would then hand the bare generator to the server,
     # and the call_on_close callbacks (which release the worker and the admission place)
     # would never run.
-    resp = Response(_guarded(events, interval, hook), mimetype="text/event-stream")
+    resp = Response(_guarded(events, interval, hook, failed or _error_and_done),
+                    mimetype="text/event-stream")
     resp.headers.update(HEADERS)
     for callback in on_close:
         resp.call_on_close(callback)
     return resp
 
 
-def _guarded(events: Iterable[bytes | None], interval: float,
-             hook: ServerErrorHook) -> Iterator[bytes]:
+def _error_and_done(error: APIError) -> bytes:
+    return error_event(error) + DONE
+
+
+def _guarded(events: Iterable[bytes | None], interval: float, hook: ServerErrorHook,
+             failed: Callable[[APIError], bytes]) -> Iterator[bytes]:
     written = time.monotonic()
     try:
         for chunk in events:
@@ -61,8 +68,7 @@ def _guarded(events: Iterable[bytes | None], interval: float,
     except APIError as exc:
         log.warning("stream ended by %s: %s", type(exc).__name__, exc.message)
         hook(exc)
-        yield error_event(exc) + DONE
+        yield failed(exc)
     except Exception:
         log.exception("stream failed")
-        yield error_event(APIError("The server had an error while streaming the "
-                                   "response.")) + DONE
+        yield failed(APIError("The server had an error while streaming the response."))
