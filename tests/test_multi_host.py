@@ -182,3 +182,21 @@ def test_concurrent_creates_of_one_name_on_postgres(pg: Postgres) -> None:
     assert sorted(code for code, _, _ in results) == [0, 2, 2, 2], results
     listed = json.loads(cli("keys", "list", "--json", "--database-url", pg.url).stdout)
     assert [key["name"] for key in listed].count("same-pg") == 1
+
+
+def test_a_stored_response_continues_on_the_other_host(hosts: list[Server]) -> None:
+    """Responses stored in PostgreSQL: a conversation started on host A goes on on host B."""
+    headers = {"Authorization": f"Bearer {make_key(hosts[0], name='responder')['secret']}"}
+    first = requests.post(hosts[0].url + "/v1/responses", headers=headers, timeout=30,
+                          json={"model": "fake-model", "input": "[[reply:first answer]]"})
+    assert first.status_code == 200, first.text
+    response_id = first.json()["id"]
+    again = requests.get(f"{hosts[1].url}/v1/responses/{response_id}", headers=headers,
+                         timeout=30)
+    assert again.status_code == 200 and again.json()["output"][0]["content"][0]["text"] == \
+        "first answer"
+    follow_up = requests.post(hosts[1].url + "/v1/responses", headers=headers, timeout=30,
+                              json={"model": "fake-model", "input": "and then?",
+                                    "previous_response_id": response_id})
+    assert follow_up.status_code == 200, follow_up.text
+    assert follow_up.json()["previous_response_id"] == response_id
