@@ -53,8 +53,10 @@ def create_app(settings: "Settings | None" = None,
                        on_refused=access_metrics.refused if access_metrics else None)
     handlers.init_app(app, on_server_error=failures.failed)
     sse.init_app(app, settings.keepalive_interval)
-    app.extensions[responses.STORE] = ResponseStore(
-        keys_and_usage.engine, settings.responses_ttl, settings.responses_max)
+    stored_responses = ResponseStore(keys_and_usage.engine, settings.responses_ttl,
+                                     settings.responses_max)
+    app.extensions[responses.STORE] = stored_responses
+    lifecycle.lifecycle_of(app).on_stop(stored_responses.flush)  # nothing saved is lost
     for module in (chat, completions, embeddings, responses, models, health, openapi,
                    admin_api):
         app.register_blueprint(module.bp)

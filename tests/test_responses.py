@@ -347,6 +347,7 @@ def test_the_store_expires_and_is_bounded(tmp_path: Any) -> None:
     store = ResponseStore(engine, ttl_seconds=3600, max_stored=3)
     for number in range(5):
         store.save({"id": f"resp_{number}", "model": "m", "output": []}, "key_a", [], [])
+        store.flush()
     store.prune()
     for number in (0, 1):
         with pytest.raises(ResponseNotFound):
@@ -357,6 +358,7 @@ def test_the_store_expires_and_is_bounded(tmp_path: Any) -> None:
         store.get("resp_4", "key_b")  # another key's
     expiring = ResponseStore(engine, ttl_seconds=0.001, max_stored=10)
     expiring.save({"id": "resp_short", "model": "m", "output": []}, "key_a", [], [])
+    expiring.flush()
     wait_for(lambda: _gone(expiring, "resp_short"), 5, "the response to expire")
     engine.dispose()
 

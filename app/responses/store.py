@@ -2,10 +2,22 @@
 owned by the key that made it: another key gets a 404, as if it did not exist. They
 expire after ``--responses-ttl`` (30 days), and at most ``--responses-max`` are kept: past
 that the oldest are deleted first (a store that refused new responses when full would
-break every client that stores by default)."""
+break every client that stores by default).
+
+Saving is off the request's path: a background thread (a greenlet under gevent) writes
+what was saved every ``FLUSH`` seconds in one transaction, and a graceful stop writes what
+is left. The process that saved a response reads it from memory until it is written; any
+other process or host that is asked for a response whose id (which holds its creation
+time) is younger than a few flushes and does not find it yet, looks again once the
+flushes are due. So a client may continue a conversation at once, wherever its next
+request lands."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -17,6 +29,24 @@ from app.access.tables import responses
 from app.errors import InvalidRequest, ObjectNotFound
 
 PRUNE_EVERY = 200  # saves between two prunes (expired rows, then the size cap)
+FLUSH = 0.05  # seconds between writes of the saved responses
+RECENT = 1.0  # a missing response younger than this may still be on its way
+MAX_PENDING = 10_000  # saved but unwritten responses kept while the database is down
+log = logging.getLogger("flaskchat.responses")
+
+
+def new_response_id() -> str:
+    """``resp_`` + the creation time in ms (12 hex digits) + 128 random bits."""
+    return f"resp_{int(time.time() * 1000):012x}{os.urandom(16).hex()}"
+
+
+def _created_ms(response_id: str) -> int | None:
+    stamp = response_id[5:17]
+    try:
+        return int(stamp, 16) if response_id.startswith("resp_") and len(stamp) == 12 \
+            else None
+    except ValueError:
+        return None
 
 
 class ResponseNotFound(ObjectNotFound):
@@ -30,19 +60,54 @@ class ResponseStore:
         self._max = max_stored
         self._saves = 0
         self._insert = insert(responses)
+        self._pending: dict[str, dict[str, Any]] = {}  # saved, not yet written
+        self._writing = threading.Lock()
+        self._writer: threading.Thread | None = None
+        self._failing = False
 
     def save(self, response: dict[str, Any], owner: str, input_items: list[dict[str, Any]],
              context: list[dict[str, Any]]) -> None:
         created = now()
-        row = {"id": response["id"], "owner": owner, "model": response["model"],
-               "created_at": created, "expires_at": created + self._ttl,
-               "input_items": orjson.dumps(input_items).decode(),
-               "context": orjson.dumps(context).decode(),
-               "response": orjson.dumps(response).decode()}
-        with self._engine.begin() as connection:
-            connection.execute(self._insert, row)  # built once: SQLAlchemy caches its SQL
-        self._saves += 1
-        if self._saves % PRUNE_EVERY == 1:
+        self._pending[response["id"]] = {
+            "id": response["id"], "owner": owner, "model": response["model"],
+            "created_at": created, "expires_at": created + self._ttl,
+            "input_items": orjson.dumps(input_items).decode(),
+            "context": orjson.dumps(context).decode(),
+            "response": orjson.dumps(response).decode()}
+        if len(self._pending) > MAX_PENDING:
+            oldest = next(iter(self._pending))
+            del self._pending[oldest]
+            log.error("stored responses cannot be written: dropped %s", oldest)
+        if self._writer is None or not self._writer.is_alive():
+            self._writer = threading.Thread(target=self._run, name="responses-writer",
+                                            daemon=True)
+            self._writer.start()
+
+    def _run(self) -> None:
+        while self._pending:
+            time.sleep(FLUSH)
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes what was saved (also called on a graceful stop)."""
+        with self._writing:
+            batch = list(self._pending.values())
+            if not batch:
+                return
+            try:
+                with self._engine.begin() as connection:
+                    connection.execute(self._insert, batch)
+            except Exception as exc:  # the database's failures: keep them, try again
+                if not self._failing:
+                    log.error("cannot write %d stored responses (kept for later): %s",
+                              len(batch), " ".join(str(exc).split())[:300])
+                self._failing = True
+                return
+            self._failing = False
+            for row in batch:
+                self._pending.pop(row["id"], None)
+            self._saves += len(batch)
+        if self._saves // PRUNE_EVERY != (self._saves - len(batch)) // PRUNE_EVERY:
             self.prune()
 
     def prune(self) -> None:
@@ -55,14 +120,31 @@ class ResponseStore:
                 connection.execute(delete(responses).where(responses.c.id.in_(oldest)))
 
     def _row(self, response_id: str, owner: str) -> Any:
+        pending = self._pending.get(response_id)
+        if pending is not None:
+            if pending["owner"] == owner and pending["expires_at"] > now():
+                return pending
+            raise self._missing(response_id)
+        row = self._read(response_id, owner)
+        created = _created_ms(response_id)
+        if row is None and created is not None:
+            # Saved by another process a moment ago? Look again once its write is due.
+            due = created / 1000 + 3 * FLUSH
+            if 0 <= time.time() - created / 1000 < RECENT:
+                time.sleep(max(due - time.time(), 0.0))
+                row = self._read(response_id, owner)
+        if row is None:
+            raise self._missing(response_id)
+        return row
+
+    def _missing(self, response_id: str) -> ResponseNotFound:
+        return ResponseNotFound(f"Response with id '{response_id}' not found.", "response_id")
+
+    def _read(self, response_id: str, owner: str) -> Any:
         with self._engine.connect() as connection:
-            row = connection.execute(select(responses).where(
+            return connection.execute(select(responses).where(
                 responses.c.id == response_id, responses.c.owner == owner,
                 responses.c.expires_at > now())).mappings().first()
-        if row is None:
-            raise ResponseNotFound(f"Response with id '{response_id}' not found.",
-                                   "response_id")
-        return row
 
     def get(self, response_id: str, owner: str) -> dict[str, Any]:
         stored: dict[str, Any] = json.loads(self._row(response_id, owner)["response"])
@@ -80,6 +162,7 @@ class ResponseStore:
 
     def delete(self, response_id: str, owner: str) -> dict[str, Any]:
         self._row(response_id, owner)
+        self._pending.pop(response_id, None)
         with self._engine.begin() as connection:
             connection.execute(delete(responses).where(responses.c.id == response_id,
                                                        responses.c.owner == owner))

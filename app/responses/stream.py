@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator
 import orjson
 
 from app.responses.output import finish, function_call_item, message_item, skeleton
+from app.serving.events import DONE
 from app.serving.ids import new_id
 from schemas import ResponsesRequest
 
@@ -26,6 +27,8 @@ class ResponseEvents:
         self._arguments: dict[int, list[str]] = {}
         self._finish_reason: str | None = None
         self._usage: dict[str, Any] | None = None
+        self._delta_head: bytes | None = None  # byte templates of the text delta event
+        self._delta_middle = b""
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         self._sequence += 1
@@ -45,12 +48,25 @@ class ResponseEvents:
                 continue
             delta = choice.get("delta") or {}
             if delta.get("content"):
-                out += self._text_delta(delta["content"])
+                out += self.text(delta["content"])
             for call in delta.get("tool_calls") or []:
                 out += self._call_delta(call)
             if choice.get("finish_reason"):
                 self._finish_reason = choice["finish_reason"]
         return out
+
+    def text(self, text: str) -> bytes:
+        """A text delta, from a byte template made once per message: the per-token path."""
+        if self._message is None or self._delta_head is None:
+            return self._text_delta(text)
+        self._text.append(text)
+        self._sequence += 1
+        return (self._delta_head + str(self._sequence).encode() + self._delta_middle
+                + orjson.dumps(text) + b',"logprobs":[]}\n\n')
+
+    def finished(self, reason: str | None, usage: dict[str, Any] | None) -> None:
+        self._finish_reason = reason or self._finish_reason
+        self._usage = usage or self._usage
 
     def _text_delta(self, text: str) -> bytes:
         out = b""
@@ -63,6 +79,13 @@ class ResponseEvents:
             out += self._event("response.content_part.added", item_id=self._message["id"],
                                output_index=self._index(self._message), content_index=0,
                                part={"type": "output_text", "text": "", "annotations": []})
+            kind = b"response.output_text.delta"
+            self._delta_head = (b"event: " + kind + b'\ndata: {"type":"' + kind
+                                + b'","sequence_number":')
+            self._delta_middle = (b',"item_id":' + orjson.dumps(self._message["id"])
+                                  + b',"output_index":'
+                                  + str(self._index(self._message)).encode()
+                                  + b',"content_index":0,"delta":')
         self._text.append(text)
         return out + self._event("response.output_text.delta", item_id=self._message["id"],
                                  output_index=self._index(self._message), content_index=0,
@@ -177,3 +200,38 @@ def _event(raw: bytes, events: ResponseEvents) -> tuple[bytes, bool] | None:
                                else {"message": str(error)}), True
         return events.feed(chunk), False
     return None
+
+
+class EventChunks:
+    """The chat path's chunk format (``app.serving.stream_driver.ChunkFormat``) writing the
+    Responses API's events directly, for streams from FastChat workers: no chat chunk is
+    made and parsed again per token. The driver's closing ``[DONE]`` is dropped by
+    ``without_done``."""
+
+    def __init__(self, events: ResponseEvents) -> None:
+        self._events = events
+
+    def opening(self, index: int) -> bytes:
+        return b""  # the message item opens with its first text, as OpenAI's do
+
+    def delta(self, index: int, text: str, frame: Any) -> bytes:
+        return self._events.text(text) if text else b""
+
+    def finish(self, index: int, reason: str) -> bytes:
+        self._events.finished(reason, None)
+        return b""
+
+    def usage(self, usage: dict[str, int]) -> bytes:
+        self._events.finished(None, usage)
+        return self._events.end()
+
+
+def direct(chat_events: Iterator[bytes | None], events: ResponseEvents
+           ) -> Iterator[bytes | None]:
+    """The events of an ``EventChunks`` stream: response.created first, and the chat
+    driver's closing ``[DONE]`` dropped (the Responses API does not send one)."""
+    yield events.start()
+    for piece in chat_events:
+        if piece is not None and piece.endswith(DONE):
+            piece = piece[:-len(DONE)]
+        yield piece

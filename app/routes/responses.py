@@ -10,12 +10,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.errors import APIError, InvalidRequest, UpstreamUnavailable
 from app.responses import output, translate
-from app.responses.store import ResponseStore
-from app.responses.stream import ResponseEvents
+from app.responses.store import ResponseStore, new_response_id
+from app.responses.stream import EventChunks, ResponseEvents, direct
 from app.responses.stream import translate as translate_stream
 from app.routes.relayed import serves
 from app.serving import chat, relay
-from app.serving.ids import new_id
 from app.web import sse
 from app.web.access import require_api_key
 from app.web.admission import admit
@@ -64,18 +63,21 @@ def create_response() -> ResponseReturnValue:
         if keep:
             store.save(response, owner, items, messages + output.context_of(response["output"]))
 
-    response_id = new_id("resp_")
+    response_id = new_response_id()
     if serves(model):  # an OpenAI-compatible upstream: relayed as chat
         if body["stream"]:
             events, on_close = relay.open_stream(relay.CHAT, payload, model, upstream(),
                                                  call())
-            return _stream(events, on_close, ResponseEvents(body, response_id, done))
+            translated = ResponseEvents(body, response_id, done)
+            return _stream(translate_stream(events, translated), on_close, translated)
         completion = relay.complete(relay.CHAT, payload, model, upstream(), call())
     else:
         chat_body = _chat_body(payload)
         if body["stream"]:
-            events, on_close = chat.open_stream(chat_body, upstream(), call())
-            return _stream(events, on_close, ResponseEvents(body, response_id, done))
+            translated = ResponseEvents(body, response_id, done)
+            events, on_close = chat.open_stream(chat_body, upstream(), call(),
+                                                EventChunks(translated))
+            return _stream(direct(events, translated), on_close, translated)
         completion = chat.complete(chat_body, upstream(), call())
     response = output.from_chat(body, response_id, completion)
     done(response)
@@ -85,7 +87,7 @@ def create_response() -> ResponseReturnValue:
 def _stream(events: Iterator[bytes | None], on_close: list[Callable[[], object]],
             translated: ResponseEvents) -> ResponseReturnValue:
     """A failure after the first byte ends the stream with response.failed."""
-    return sse.response(translate_stream(events, translated), on_close, lambda error:
+    return sse.response(events, on_close, lambda error:
                         translated.fail({"code": error.code, "message": error.message}))
 
 

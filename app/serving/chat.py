@@ -14,7 +14,7 @@ from app.protocol.stop_strings import TextTracker, final_text
 from app.serving.call import Call
 from app.serving.ids import new_id
 from app.serving.prompt import TemplateError, render, stop_strings
-from app.serving.stream_driver import drive
+from app.serving.stream_driver import ChunkFormat, drive
 from app.serving.token_budget import token_budget
 from app.serving.usage import UsageTally
 from app.serving.worker_calls import (generate_all, on_worker, open_streams,
@@ -56,17 +56,19 @@ def complete(body: ChatRequest, upstream: Upstream, call: Call) -> dict[str, Any
             "usage": totals}
 
 
-def open_stream(body: ChatRequest, upstream: Upstream,
-                call: Call) -> tuple[Iterator[bytes | None], list[Callable[[], object]]]:
+def open_stream(body: ChatRequest, upstream: Upstream, call: Call,
+                fmt: ChunkFormat | None = None
+                ) -> tuple[Iterator[bytes | None], list[Callable[[], object]]]:
     """Everything that can fail with a status happens here, before the first byte; the
-    returned events and close callbacks go to ``sse.response``."""
+    returned events and close callbacks go to ``sse.response``. ``fmt``: how the events
+    are written (default: chat.completion.chunk events)."""
     call.use_model(body["model"])
     n = body["n"]
     address, (plan, source) = on_worker(upstream, body["model"],
                                         partial(_start, body, upstream, call))
     release = releaser(upstream.controller, address)
-    fmt = ChatChunks(new_id("chatcmpl-"), int(time.time()), body["model"],
-                     body["include_usage"])
+    fmt = fmt or ChatChunks(new_id("chatcmpl-"), int(time.time()), body["model"],
+                            body["include_usage"])
     trackers = [TextTracker(plan.stops) for _ in range(n)]
     events = drive(source, fmt, trackers, UsageTally(n, [plan.prompt_tokens]), call,
                    body["include_usage"])
