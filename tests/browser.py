@@ -48,3 +48,19 @@ def launch() -> Iterator[Any]:
             yield browser
         finally:
             browser.close()
+
+
+def new_page(browser: Any) -> Iterator[Any]:
+    """A page in a fresh context, recording the URLs it asks for (``requested_urls``) and
+    its console errors (``console_errors``); dialogs are accepted. Closed at the end."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    page.requested_urls = []
+    page.console_errors = []
+    page.on("request", lambda request: page.requested_urls.append(request.url))
+    page.on("console", lambda message: message.type == "error"
+            and page.console_errors.append(message.text))
+    page.on("dialog", lambda dialog: dialog.accept())
+    yield page
+    context.close()

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from tests.browser import launch
+from tests.browser import launch, new_page
 from tests.conftest import Server, Stack, start_gateway, wait_for
 from tests.test_keys import ADMIN_KEY, FAST, chat, make_key
 
@@ -45,17 +45,7 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture()
 def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context()
-    page = context.new_page()
-    page.set_default_timeout(20_000)
-    page.requested_urls = []
-    page.console_errors = []
-    page.on("request", lambda request: page.requested_urls.append(request.url))
-    page.on("console", lambda message: message.type == "error"
-            and page.console_errors.append(message.text))
-    page.on("dialog", lambda dialog: dialog.accept())
-    yield page
-    context.close()
+    yield from new_page(browser)
 
 
 def sign_in(page: Any, gateway: Server, key: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from tests.browser import launch
+from tests.browser import launch, new_page
 from tests.conftest import Server, start_controller, start_fake_worker, start_gateway
 
 KEY = "demo-key-8d1f3c"
@@ -45,13 +45,7 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture()
 def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context()
-    page = context.new_page()
-    page.set_default_timeout(20_000)
-    page.requested_urls = []
-    page.on("request", lambda request: page.requested_urls.append(request.url))
-    yield page
-    context.close()
+    yield from new_page(browser)
 
 
 def open_demo(page: Any, gateway: Server, key: str | None) -> None:

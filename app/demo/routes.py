@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import orjson
-from flask import Blueprint, Response, current_app, redirect, send_from_directory
+from flask import Blueprint, current_app
 from flask.typing import ResponseReturnValue
 
 from app.demo.tickets import Ticket, TicketStore
@@ -26,48 +26,18 @@ from app.web.access import access, admit_key, authenticate
 from app.web.context import call, schemas, upstream
 from app.web.handlers import report
 from app.web.json_io import json_response, read_json_object
+from app.web.pages import serve_page
 from app.web.validation import load
 
 EXTENSION = "flaskchat.demo_tickets"
-PAGE_DIR = Path(__file__).resolve().parent / "static"
-# Only this origin's files and endpoints; no inline script, no framing.
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
-                               "img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
-                               "form-action 'none'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
-}
 
 bp = Blueprint("demo", __name__)
+serve_page(bp, "demo", Path(__file__).resolve().parent / "static")
 
 
 def tickets() -> TicketStore:
     found: TicketStore = current_app.extensions[EXTENSION]
     return found
-
-
-@bp.get("/demo")
-def page() -> ResponseReturnValue:
-    return _file("index.html")
-
-
-@bp.get("/demo/")
-def page_with_slash() -> ResponseReturnValue:
-    # The page's URLs are relative to /demo (so that a path prefix works behind a proxy).
-    return redirect("../demo", 308)
-
-
-@bp.get("/demo/static/<name>")
-def asset(name: str) -> ResponseReturnValue:
-    return _file(name)
-
-
-def _file(name: str) -> Response:
-    response = send_from_directory(PAGE_DIR, name, max_age=0)
-    response.headers.update(PAGE_HEADERS)
-    return response
 
 
 @bp.post("/demo/streams")
