@@ -241,7 +241,7 @@ class Settings:
         "key names each process uses as metric labels; further keys count as '_other' "
         "(0: no per-key metrics)")
     responses_ttl: float = _opt(
-        30 * 86400.0, "--responses-ttl", lambda text: parse_duration(text),
+        30 * 86400.0, "--responses-ttl", parse_duration,
         "how long a stored Responses API response is kept (30d, 12h, 90m, or seconds)")
     responses_max: int = _opt(
         100_000, "--responses-max", _positive(int),

@@ -231,6 +231,15 @@ def test_input_items_paging_errors(gateway: Server, client: openai.OpenAI,
                     param="order")
     assert_envelope(requests.get(url + "?after=msg_none", headers=headers, timeout=10), 400,
                     param="after")
+    again = f"{gateway.url}/v1/responses/{made.id}?stream=true"
+    assert_envelope(requests.get(again, headers=headers, timeout=10), 400, param="stream")
+
+
+def test_a_bad_responses_ttl_stops_the_server_at_start() -> None:
+    from tests.test_keys import cli
+    started = cli("serve", "--port", "0", "--responses-ttl", "soon")
+    assert started.returncode == 2 and "--responses-ttl" in started.stderr
+    assert "Traceback" not in started.stderr
 
 
 # ---- function tools, end to end against an upstream that supports them ---------------------

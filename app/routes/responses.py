@@ -52,12 +52,12 @@ def create_response() -> ResponseReturnValue:
     body = load(schemas().responses, read_json_object())
     translate.refuse_unsupported(body)
     store = response_store()
-    history = store.context(body["previous_response_id"], _owner()) \
+    owner = _owner()
+    history = store.context(body["previous_response_id"], owner) \
         if body["previous_response_id"] else []
     payload, items, messages = translate.chat_request(body, history)
     model = body["model"]
     keep = body["store"] is not False
-    owner = _owner()
 
     def done(response: dict[str, Any]) -> None:
         if keep:
