@@ -276,6 +276,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 _dtype = _one_of("dtype", DTYPES)
+ENGINES = ("auto", "onnx", "transformers")
+_engine = _one_of("engine", ENGINES)
 _dispatch = _one_of("dispatch method", DISPATCH_METHODS)
 
 
@@ -327,6 +329,13 @@ class WorkerSettings:
                                         "comma-separated names to serve the model as")
     limit_worker_concurrency: int = _opt(5, "--limit-worker-concurrency", _positive(int),
                                          "generations (or embedding batches) at once")
+    engine: str = _opt("auto", "--engine", _engine,
+                       "onnx (onnxruntime, int4 weights, continuous batching; CPU), "
+                       "transformers (PyTorch, one sequence at a time), or auto: onnx on a "
+                       "CPU when the model exports, else transformers")
+    max_context: int = _opt(4096, "--max-context", _positive(int),
+                            "onnx engine: the most tokens (prompt + reply) one request may "
+                            "use; the key-value cache holds this many per slot")
     device: str = _opt("cpu", "--device", str, "cpu, cuda or mps")
     dtype: str = _opt("auto", "--dtype", _dtype,
                       "auto (float16 on a GPU, float32 on CPU), float32, float16 or bfloat16")

@@ -13,9 +13,9 @@ class SamplingRequest(TypedDict):
     model: str
     max_tokens: int | None  # None: as many as the context allows
     n: int
-    temperature: float
-    top_p: float
-    top_k: int
+    temperature: float | None  # None: the model's default (see sampling_params)
+    top_p: float | None
+    top_k: int | None
     stop: list[str]
     stream: bool
     include_usage: bool
@@ -44,7 +44,7 @@ class SamplingSchema(Schema):
         unknown = EXCLUDE
 
     DEFAULTS: dict[str, Any] = {
-        "n": 1, "temperature": 0.7, "top_p": 1.0, "top_k": -1, "stop": [], "stream": False,
+        "n": 1, "stop": [], "stream": False,
         "presence_penalty": 0.0, "frequency_penalty": 0.0,
     }
 

@@ -12,9 +12,9 @@ from schemas.messages import ChatMessage, Messages
 class GenerationParams(TypedDict):
     prompt: str
     messages: list[ChatMessage] | None
-    temperature: float
-    top_p: float
-    top_k: int
+    temperature: float | None  # None: the model's default (the worker fills it in)
+    top_p: float | None
+    top_k: int | None
     repetition_penalty: float
     presence_penalty: float
     frequency_penalty: float
@@ -28,14 +28,14 @@ class GenerationParams(TypedDict):
 
 class GenerationSchema(Schema):
     """FastChat's defaults when a key is absent; a null means the default too (FastChat's
-    worker crashes on a null temperature)."""
+    worker crashes on a null temperature). An absent temperature, top_p or top_k stays None:
+    the worker uses the model's own defaults (generation_config.json), then FastChat's."""
 
     class Meta:
         unknown = EXCLUDE
 
     DEFAULTS: dict[str, Any] = {
-        "prompt": "", "temperature": 1.0, "top_p": 1.0, "top_k": -1,
-        "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+        "prompt": "", "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
         "max_new_tokens": 256, "stop": [], "stop_token_ids": [],
         "echo": True,  # FastChat's worker echoes unless told not to
     }

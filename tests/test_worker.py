@@ -1,5 +1,6 @@
-"""flaskchat's model worker on a tiny random-weight Llama built here (ChatML template):
-in process (the token loop) and over HTTP (gunicorn gthread, our controller, our gateway)."""
+"""flaskchat's model worker on a tiny random-weight Llama built here (ChatML template), on
+both engines (onnx: exported once, continuous batching; transformers: PyTorch, one sequence
+at a time): in process and over HTTP (gunicorn gthread, our controller, our gateway)."""
 from __future__ import annotations
 
 import socket
@@ -21,11 +22,15 @@ from tests.conftest import (MakeClient, Server, start_controller, start_gateway,
 pytestmark = pytest.mark.worker
 torch = pytest.importorskip("torch")
 
+from app.config import WorkerSettings  # noqa: E402
 from app.protocol.frames import FrameDecoder  # noqa: E402
 from app.worker.chat_model import ChatModel, PromptTooLong  # noqa: E402
-from app.worker.loading import LoadError, load_causal_lm, resolve  # noqa: E402
+from app.worker.engines import load_chat_model  # noqa: E402
+from app.worker.loading import LoadError, resolve  # noqa: E402
 from schemas.worker import GenerationSchema  # noqa: E402
 from tests.tiny_model import build  # noqa: E402
+
+ENGINES = ["onnx", "transformers"]
 
 
 @pytest.fixture(scope="session")
@@ -33,9 +38,16 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build(tmp_path_factory.mktemp("tiny-llama"))
 
 
-@pytest.fixture(scope="session")
-def tiny(tiny_dir: Path) -> ChatModel:
-    return ChatModel(*load_causal_lm(resolve(str(tiny_dir)), "cpu"))
+def load_tiny(tiny_dir: Path, engine: str, slots: int = 4) -> ChatModel:
+    return load_chat_model(resolve(str(tiny_dir)), WorkerSettings(
+        engine=engine, limit_worker_concurrency=slots))
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def tiny(tiny_dir: Path, request: pytest.FixtureRequest) -> ChatModel:
+    model = load_tiny(tiny_dir, request.param)
+    assert model.engine.name == request.param
+    return model
 
 
 def params(**values: Any) -> Any:
@@ -136,13 +148,13 @@ def start_worker(controller: str, model_path: str, *flags: str) -> Server:
          "--heart-beat-interval", "2", "--log-level", "warning", *flags], "/health")
 
 
-@pytest.fixture(scope="module")
-def http_stack(tiny_dir: Path) -> Iterator[dict[str, Server]]:
+@pytest.fixture(scope="module", params=ENGINES)
+def http_stack(tiny_dir: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, Server]]:
     servers: dict[str, Server] = {}
     try:
         servers["controller"] = start_controller()
         servers["worker"] = start_worker(servers["controller"].url, str(tiny_dir),
-                                         "--model-names", "tiny",
+                                         "--model-names", "tiny", "--engine", request.param,
                                          "--limit-worker-concurrency", "1")
         servers["gateway"] = start_gateway(servers["controller"].url)
         deadline = time.monotonic() + 30
@@ -161,7 +173,8 @@ def test_worker_protocol_endpoints(http_stack: dict[str, Server]) -> None:
     status = requests.post(worker + "/worker_get_status", json={}).json()
     assert status == {"model_names": ["tiny"], "speed": 1, "queue_length": 0}
     details = requests.post(worker + "/model_details", json={"model": "tiny"}).json()
-    assert details == {"context_length": 2048, "capabilities": ["length_check", "messages"]}
+    assert details == {"context_length": 2048, "capabilities": [
+        "length_check", "messages", "sampling_defaults"]}
     count = requests.post(worker + "/count_token", json={"model": "tiny", "prompt": "Hello"})
     assert count.json()["error_code"] == 0 and count.json()["count"] > 0
     conv = requests.post(worker + "/worker_get_conv_template", json={"model": "tiny"}).json()

@@ -1,6 +1,7 @@
 """A tiny random-weight Llama with a byte-level BPE tokenizer and a ChatML chat template,
 built from scratch in well under a second: a real transformers model for worker tests.
 
+Its head size is 16, the smallest onnxruntime's GroupQueryAttention takes (the onnx engine).
 It has no EOS token on purpose, so a generation always runs to max_new_tokens (random
 weights would otherwise stop at a random point).
 """
@@ -33,7 +34,7 @@ def build(folder: Path, context_length: int = 2048) -> Path:
     fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     fast.chat_template = CHATML
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64,
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=context_length, bos_token_id=None,
                          eos_token_id=None, pad_token_id=None, tie_word_embeddings=True)

@@ -6,6 +6,10 @@ extension of FastChat's protocol; stock workers list none and get FastChat's beh
 LENGTH_CHECK = "length_check"
 # The worker renders the prompt from the request's "messages" with its own chat template.
 RENDERS_MESSAGES = "messages"
+# The worker applies the model's own sampling defaults (its generation_config.json) to a
+# request without temperature, top_p or top_k; the gateway then leaves them out instead of
+# sending FastChat's defaults.
+SAMPLING_DEFAULTS = "sampling_defaults"
 # An embedding model: chat and completions get a 400 at once instead of a failed try.
 EMBEDDING_ONLY = "embedding_only"
 # OpenAI chat features a worker may support; without the capability, asking for one is a

@@ -101,7 +101,7 @@ def _plan(body: ChatRequest, upstream: Upstream, call: Call, address: str) -> Ch
         stop_token_ids = template.get("stop_token_ids")
     max_new_tokens, prompt_tokens = token_budget(
         upstream, call, address, model, details, prompt, body["max_tokens"], "messages")
-    params = sampling_params(body, stop, stop_token_ids)
+    params = sampling_params(body, stop, stop_token_ids, details.capabilities)
     params["prompt"] = prompt
     params["max_new_tokens"] = max_new_tokens
     if images:

@@ -99,7 +99,7 @@ def _plans(body: CompletionRequest, upstream: Upstream, call: Call,
             template = upstream.workers.template(address, model)
         stop += stop_strings(template)
         stop_token_ids = template.get("stop_token_ids")
-    base = sampling_params(body, stop, stop_token_ids)
+    base = sampling_params(body, stop, stop_token_ids, details.capabilities)
     base["echo"] = body["echo"]
     base["logprobs"] = body["logprobs"]
     if body["best_of"] is not None:

@@ -6,7 +6,7 @@ from functools import partial
 from typing import Any, Callable, Sequence, TypeVar
 
 from app.errors import InvalidRequest
-from app.protocol.capabilities import EMBEDDING_ONLY
+from app.protocol.capabilities import EMBEDDING_ONLY, SAMPLING_DEFAULTS
 from app.serving.call import Call
 from app.serving.concurrency import run_all
 from app.serving.worker_streams import WorkerStreams
@@ -35,21 +35,29 @@ def text_model_details(upstream: Upstream, call: Call, address: str,
     return details
 
 
-def sampling_params(body: SamplingRequest, stop: Sequence[str],
-                    stop_token_ids: Any = None) -> dict[str, Any]:
+# FastChat's API server defaults, sent when the client leaves a setting out and the worker
+# does not apply its model's own (SAMPLING_DEFAULTS)
+FASTCHAT_SAMPLING = {"temperature": 0.7, "top_p": 1.0, "top_k": -1}
+
+
+def sampling_params(body: SamplingRequest, stop: Sequence[str], stop_token_ids: Any = None,
+                    capabilities: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The worker params every generation carries (FastChat's get_gen_params)."""
     params: dict[str, Any] = {
         "model": body["model"],
-        "temperature": body["temperature"],
         "logprobs": None,
-        "top_p": body["top_p"],
-        "top_k": body["top_k"],
         "presence_penalty": body["presence_penalty"],
         "frequency_penalty": body["frequency_penalty"],
         "echo": False,
         "stop_token_ids": stop_token_ids,
         "stop": list(dict.fromkeys(stop)),
     }
+    for name, default in FASTCHAT_SAMPLING.items():
+        value = body[name]  # type: ignore[literal-required]
+        if value is not None:
+            params[name] = value
+        elif SAMPLING_DEFAULTS not in capabilities:
+            params[name] = default
     if body["repetition_penalty"] is not None:
         params["repetition_penalty"] = body["repetition_penalty"]
     if body["seed"] is not None:

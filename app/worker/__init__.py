@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
-
 from flask import Flask
 
 from app.config import WorkerSettings
@@ -24,24 +22,21 @@ def create_worker_app(settings: WorkerSettings, register: bool = True) -> Flask:
     started = time.monotonic()
     log.info("loading %s from %s%s", names[0], source.folder,
              f" ({source.gguf_file})" if source.gguf_file else "")
-    model: Any
     if source.is_embedding:
         from app.worker.embedding_model import EmbeddingModel
         model, tokenizer = loading.load_embedding_model(source, settings.device)
         state.embedder = EmbeddingModel(model, tokenizer, source.folder)
-        detail = f"embeddings, window {state.embedder.max_seq_length} tokens"
+        params = sum(p.numel() for p in model.parameters())
+        detail = f"embeddings, {params / 1e6:.0f}M parameters, window " \
+            f"{state.embedder.max_seq_length} tokens"
     else:
-        from app.worker.chat_model import ChatModel
-        model, tokenizer = loading.load_causal_lm(source, settings.device, settings.dtype)
-        state.chat = ChatModel(model, tokenizer, settings.conv_template,
-                               settings.stream_interval)
+        from app.worker.engines import load_chat_model
+        state.chat = load_chat_model(source, settings)
         prompts = "own chat template" if state.chat.has_chat_template \
             else f"template {state.chat.conv['name']}"
-        detail = f"context {state.chat.context_length} tokens, {prompts}"
-    params = sum(p.numel() for p in model.parameters())
-    log.info("loaded %s in %.1f s: %.0fM parameters, %s, %s", names[0],
-             time.monotonic() - started, params / 1e6, str(model.dtype).replace("torch.", ""),
-             detail)
+        detail = f"{state.chat.engine.name} engine: {state.chat.engine.summary}, context " \
+            f"{state.chat.context_length} tokens, {prompts}"
+    log.info("loaded %s in %.1f s: %s", names[0], time.monotonic() - started, detail)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024
     app.extensions[STATE] = state

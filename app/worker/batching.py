@@ -1,0 +1,165 @@
+"""Continuous batching on the onnx decoder: one scheduler thread runs every generation.
+
+Each iteration it (1) drops generations whose client left, (2) feeds waiting prompts into
+their cache rows, at most PREFILL_BUDGET tokens per iteration in chunks of PREFILL_CHUNK (a
+long prompt is spread over several iterations, so the others keep decoding), and (3)
+decodes one token for every generation whose prompt is in, as one batch. A request that
+arrives while others generate joins at the next iteration, with its own sampling settings,
+stop strings and token limit (its Generation). Rows [0, decoding) decode; the row after them
+may hold a prompt still being fed in.
+
+Request threads only wait on their own queue of frames.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from app.worker.generation import Generation
+from app.worker.onnx_decoder import OnnxDecoder
+
+log = logging.getLogger("flaskchat.worker")
+
+PREFILL_CHUNK = 128
+PREFILL_BUDGET = 256
+FINISHED = None
+
+
+@dataclass(eq=False)
+class _Entry:
+    generation: Generation
+    cancel: threading.Event
+    frames: "queue.SimpleQueue[dict[str, Any] | BaseException | None]" = field(
+        default_factory=queue.SimpleQueue)
+    fed: int = 0  # prompt tokens in the cache so far
+    prompt_logits: list[torch.Tensor] = field(default_factory=list)  # only for echo logprobs
+
+
+class Batcher:
+    def __init__(self, decoder: OnnxDecoder) -> None:
+        self.decoder = decoder
+        self._waiting: deque[_Entry] = deque()
+        self._rows: list[_Entry] = []  # index = cache row; the last may be mid-prompt
+        self._decoding = 0
+        self._wake = threading.Condition()
+        threading.Thread(target=self._loop, name="batcher", daemon=True).start()
+
+    def generate(self, generation: Generation,
+                 cancel: threading.Event) -> Iterator[dict[str, Any]]:
+        entry = _Entry(generation, cancel)
+        with self._wake:
+            self._waiting.append(entry)
+            self._wake.notify()
+        while True:
+            item = entry.frames.get()
+            if item is FINISHED or cancel.is_set():
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    # ---- the scheduler thread ----------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_num_threads(1)  # sampling is per row and small; the cores are onnx's
+        while True:
+            with self._wake:
+                while not self._rows and not self._waiting:
+                    self._wake.wait()
+            try:
+                self._drop_cancelled()
+                self._feed_prompts()
+                if self._decoding:
+                    self._decode()
+            except Exception as exc:  # a failed step fails every generation in it
+                log.exception("batch step failed")
+                self._fail_all(exc)
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            for entry in [e for e in self._waiting if e.cancel.is_set()]:
+                self._waiting.remove(entry)
+                entry.frames.put(FINISHED)
+        for row in reversed(range(len(self._rows))):
+            if self._rows[row].cancel.is_set():
+                self._release(row)
+
+    def _feed_prompts(self) -> None:
+        budget = PREFILL_BUDGET
+        while budget > 0 and len(self._rows) < self.decoder.slots:
+            if len(self._rows) == self._decoding:  # no prompt in progress: start the next
+                with self._wake:
+                    if not self._waiting:
+                        return
+                    self._rows.append(self._waiting.popleft())
+            row = len(self._rows) - 1
+            entry = self._rows[row]
+            prompt = entry.generation.job.input_ids
+            chunk = prompt[entry.fed:entry.fed + min(PREFILL_CHUNK, budget)]
+            logits = self.decoder.prefill(row, chunk)
+            if entry.generation.wants_prompt_logprobs:
+                self._prompt_scores(entry, logits)
+            entry.fed += len(chunk)
+            budget -= len(chunk)
+            if entry.fed == len(prompt):
+                self._decoding += 1
+                self._advance(row, torch.from_numpy(logits[-1]))
+
+    @staticmethod
+    def _prompt_scores(entry: _Entry, logits: Any) -> None:
+        entry.prompt_logits.append(torch.from_numpy(logits.copy()))
+        if entry.fed + len(logits) == len(entry.generation.job.input_ids):
+            entry.generation.add_prompt_scores(torch.cat(entry.prompt_logits))
+            entry.prompt_logits.clear()
+
+    def _decode(self) -> None:
+        tokens = [self._rows[row].generation.last_token for row in range(self._decoding)]
+        logits = torch.from_numpy(self.decoder.decode(tokens))
+        for row in reversed(range(len(tokens))):
+            self._advance(row, logits[row])
+
+    def _advance(self, row: int, scores: torch.Tensor) -> None:
+        """The row's next token; its frame out, or its final frame and its row freed."""
+        entry = self._rows[row]
+        frame = entry.generation.step(scores)
+        if entry.generation.finish is None:
+            if frame is not None:
+                entry.frames.put(frame)
+            return
+        entry.frames.put(entry.generation.final_frame())
+        self._release(row)
+
+    def _release(self, row: int) -> None:
+        """Frees a row: the last decoding row moves into it, and a prompt in progress
+        moves down behind the decoding rows."""
+        entry = self._rows[row]
+        entry.frames.put(FINISHED)
+        if row >= self._decoding:  # the prompt in progress
+            self._rows.pop()
+            self.decoder.free(row)
+            return
+        last = self._decoding - 1
+        if row != last:
+            self.decoder.move(last, row)
+            self._rows[row] = self._rows[last]
+        self._decoding -= 1
+        if len(self._rows) > self._decoding + 1:  # a prompt in progress sat after ``last``
+            self.decoder.move(last + 1, last)
+            self._rows[last] = self._rows[last + 1]
+            self._rows.pop()
+        else:
+            self._rows.pop()
+            self.decoder.free(last)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for row in range(len(self._rows)):
+            self._rows[row].frames.put(exc)
+            self.decoder.free(row)
+        self._rows.clear()
+        self._decoding = 0

@@ -1,0 +1,86 @@
+"""The exported decoder on onnxruntime, with its key-value cache: one row per batch slot.
+
+The graph's GroupQueryAttention reads each row's own length from the attention mask, so
+rows of different lengths decode in one batch, each writing its new key and value at its
+own position. The cache is one buffer per layer, [slots, kv_heads, max_length, head_dim],
+bound as both the past input and the present output (the kernel then updates it in place:
+nothing is copied per step). Rows [0, n) are the ones decoding; a batch of n is a view of
+the first n rows, so freeing a slot moves the last row into it.
+
+Buffers come from calloc: pages are touched only as rows grow, so RSS follows use.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PAST = "past_key_values."
+
+
+class OnnxDecoder:
+    def __init__(self, folder: Path, slots: int, max_length: int, head_dim: int,
+                 threads: int = 0) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(folder / "model.onnx"), options,
+                                                    providers=["CPUExecutionProvider"])
+        self.slots = slots
+        self.max_length = max_length
+        self._caches: list[tuple[str, str, np.ndarray[Any, Any]]] = []
+        for spec in self.session.get_inputs():
+            if spec.name.startswith(PAST):
+                kv_heads = int(spec.shape[1])
+                buffer = np.zeros((slots, kv_heads, max_length, head_dim), np.float32)
+                self._caches.append((spec.name, "present." + spec.name[len(PAST):], buffer))
+        self.lengths = np.zeros(slots, np.int64)  # tokens cached in each row
+
+    def prefill(self, row: int, tokens: list[int]) -> np.ndarray[Any, Any]:
+        """Appends ``tokens`` to the row's cache; the logits of every position, [S, vocab]."""
+        total = int(self.lengths[row]) + len(tokens)
+        logits = self._run(np.array([tokens], np.int64), np.ones((1, total), np.int64),
+                           row, row + 1)
+        self.lengths[row] = total
+        first: np.ndarray[Any, Any] = logits[0]
+        return first
+
+    def decode(self, tokens: list[int]) -> np.ndarray[Any, Any]:
+        """One token for each of rows [0, len(tokens)); their next-token logits, [n, vocab]."""
+        count = len(tokens)
+        lengths = self.lengths[:count]
+        width = int(lengths.max()) + 1
+        mask = (np.arange(width) <= lengths[:, None]).astype(np.int64)
+        logits = self._run(np.array(tokens, np.int64)[:, None], mask, 0, count)
+        lengths += 1
+        return logits[:, -1]
+
+    def move(self, source: int, target: int) -> None:
+        """Row ``source``'s cache into row ``target`` (which is freed)."""
+        length = int(self.lengths[source])
+        for _, _, buffer in self._caches:
+            buffer[target, :, :length] = buffer[source, :, :length]
+        self.lengths[target] = length
+        self.lengths[source] = 0
+
+    def free(self, row: int) -> None:
+        self.lengths[row] = 0
+
+    def _run(self, ids: np.ndarray[Any, Any], mask: np.ndarray[Any, Any], first: int,
+             end: int) -> np.ndarray[Any, Any]:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        for past, present, buffer in self._caches:
+            rows = buffer[first:end]
+            shape, address = list(rows.shape), rows.ctypes.data
+            binding.bind_input(past, "cpu", 0, np.float32, shape, address)
+            binding.bind_output(present, "cpu", 0, np.float32, shape, address)
+        binding.bind_output("logits")
+        self.session.run_with_iobinding(binding)
+        logits: np.ndarray[Any, Any] = binding.get_outputs()[-1].numpy()
+        return logits
