@@ -149,6 +149,7 @@ WORKERS: dict[str, list[str]] = {
     "qwen-stock": ["--conv-template", "qwen-7b-chat"],
     "ignores-stop": ["--ignore-stop"],
     "vision-model": ["--multimodal", "--conv-template", "vicuna_v1.1"],
+    "defaults-model": ["--capabilities", "length_check,messages,sampling_defaults"],
 }
 
 

@@ -50,6 +50,20 @@ def test_worker_receives_fastchat_prompt(client: openai.OpenAI, stack: Stack, mo
         - (len(prompt.split()) + 1) - 1
 
 
+def test_sampling_defaults_are_left_to_a_worker_that_has_them(
+        client: openai.OpenAI, stack: Stack) -> None:
+    """A worker listing sampling_defaults gets no temperature/top_p/top_k the client left
+    out (it applies its model's own); what the client sets is sent as it is."""
+    stack.reset_worker("defaults-model")
+    client.chat.completions.create(model="defaults-model", messages=MESSAGES)
+    client.completions.create(model="defaults-model", prompt="Hi", temperature=0.3, top_p=0.5)
+    chat, completion = [e["body"] for e in stack.worker_log("defaults-model")
+                        if e["path"].startswith("/worker_generate")]
+    assert not {"temperature", "top_p", "top_k"} & set(chat)
+    assert completion["temperature"] == 0.3 and completion["top_p"] == 0.5
+    assert "top_k" not in completion
+
+
 def test_template_stop_strings_are_merged(client: openai.OpenAI, stack: Stack) -> None:
     stack.reset_worker("qwen-stock")
     client.chat.completions.create(model="qwen-stock", stop=["END"],

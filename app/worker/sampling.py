@@ -34,6 +34,12 @@ class Sampling:
                    frequency_penalty=float(params["frequency_penalty"]))
 
 
+# Nucleus sampling looks at this many of the most likely tokens first, and sorts the whole
+# vocabulary only when they hold less than top_p of the mass: a sort of 49k scores costs
+# ~5 ms per token on one core, a top-k of 256 a tenth of that.
+CANDIDATES = 256
+
+
 def next_token(logits: torch.Tensor, context: list[int], reply: list[int], cfg: Sampling,
                generator: torch.Generator | None) -> int:
     """``logits``: the last position's scores (1-D). Returns the chosen token id."""
@@ -41,17 +47,26 @@ def next_token(logits: torch.Tensor, context: list[int], reply: list[int], cfg: 
     if cfg.greedy:
         return int(torch.argmax(scores))
     scores = scores / cfg.temperature
-    if 0 < cfg.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, cfg.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+    size = scores.shape[-1]
+    if 0 < cfg.top_k < size:
+        values, ids = torch.topk(scores, cfg.top_k)  # sorted, most likely first
+        probabilities = torch.softmax(values, dim=-1)
+    elif cfg.top_p < 1.0:
+        values, ids = torch.topk(scores, min(CANDIDATES, size))
+        probabilities = torch.exp(values - torch.logsumexp(scores, dim=-1))
+        if float(probabilities.sum()) < cfg.top_p:
+            values, ids = torch.sort(scores, descending=True)
+            probabilities = torch.softmax(values, dim=-1)
+    else:
+        cumulative = torch.softmax(scores, dim=-1).cumsum(dim=-1)
+        draw = torch.rand(1, generator=generator) * cumulative[-1]
+        return min(int(torch.searchsorted(cumulative, draw)), size - 1)
     if cfg.top_p < 1.0:
-        ordered, order = torch.sort(scores, descending=True)
-        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        drop = cumulative - torch.softmax(ordered, dim=-1) >= cfg.top_p
-        scores = scores.index_put((order[drop],), torch.tensor(float("-inf")))
-    probabilities = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probabilities, 1, generator=generator))
+        keep = probabilities.cumsum(dim=-1) - probabilities < cfg.top_p
+        probabilities = probabilities[keep]
+        ids = ids[keep]
+    return int(ids[torch.multinomial(probabilities, 1, generator=generator)])
 
 
 def _penalized(scores: torch.Tensor, context: list[int], reply: list[int],
