@@ -102,7 +102,8 @@ class Batcher:
             entry = self._rows[row]
             prompt = entry.generation.job.input_ids
             chunk = prompt[entry.fed:entry.fed + min(PREFILL_CHUNK, budget)]
-            logits = self.decoder.prefill(row, chunk)
+            logits = self.decoder.prefill(row, chunk,
+                                          entry.generation.wants_prompt_logprobs)
             if entry.generation.wants_prompt_logprobs:
                 self._prompt_scores(entry, logits)
             entry.fed += len(chunk)

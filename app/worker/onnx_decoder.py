@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from app.worker.onnx_export import POSITIONS
+
 PAST = "past_key_values."
 
 
@@ -45,12 +47,16 @@ class OnnxDecoder:
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
         vocabulary = int(logits.shape[-1])
         self._logits = np.empty((slots, 1, vocabulary), np.float32)  # decode's, reused
+        self._first = np.zeros(1, np.int64)
 
-    def prefill(self, row: int, tokens: list[int]) -> np.ndarray[Any, Any]:
-        """Appends ``tokens`` to the row's cache; the logits of every position, [S, vocab]."""
+    def prefill(self, row: int, tokens: list[int],
+                every_position: bool = False) -> np.ndarray[Any, Any]:
+        """Appends ``tokens`` to the row's cache; the logits of the last position, or of
+        every position, [1 or S, vocab]."""
         total = int(self.lengths[row]) + len(tokens)
+        positions = np.arange(len(tokens)) if every_position else np.array([len(tokens) - 1])
         logits = self._run(np.array([tokens], np.int64), np.ones((1, total), np.int64),
-                           row, row + 1)
+                           positions, row, row + 1)
         self.lengths[row] = total
         first: np.ndarray[Any, Any] = logits[0]
         return first
@@ -61,7 +67,7 @@ class OnnxDecoder:
         lengths = self.lengths[:count]
         width = int(lengths.max()) + 1
         mask = (np.arange(width) <= lengths[:, None]).astype(np.int64)
-        logits = self._run(np.array(tokens, np.int64)[:, None], mask, 0, count,
+        logits = self._run(np.array(tokens, np.int64)[:, None], mask, self._first, 0, count,
                            self._logits[:count])
         lengths += 1
         return logits[:, -1]
@@ -77,11 +83,13 @@ class OnnxDecoder:
     def free(self, row: int) -> None:
         self.lengths[row] = 0
 
-    def _run(self, ids: np.ndarray[Any, Any], mask: np.ndarray[Any, Any], first: int,
-             end: int, into: np.ndarray[Any, Any] | None = None) -> np.ndarray[Any, Any]:
+    def _run(self, ids: np.ndarray[Any, Any], mask: np.ndarray[Any, Any],
+             positions: np.ndarray[Any, Any], first: int, end: int,
+             into: np.ndarray[Any, Any] | None = None) -> np.ndarray[Any, Any]:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input(POSITIONS, positions)
         for past, present, buffer in self._caches:
             rows = buffer[first:end]
             shape, address = list(rows.shape), rows.ctypes.data

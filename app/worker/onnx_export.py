@@ -25,11 +25,14 @@ log = logging.getLogger("flaskchat.worker")
 
 PRECISION = "int4"
 GRAPH = "model.onnx"
+FORMAT = "v2"  # bumped when what we do to the builder's graph changes (a new cache entry)
+POSITIONS = "logits_positions"
 
 
 def exported(folder: Path) -> Path:
     """The folder's ONNX export, building it the first time (a LoadError if it cannot be)."""
-    target = cache_dir() / "onnx" / f"{folder.name}-{PRECISION}-{_fingerprint(folder)}"
+    target = cache_dir() / "onnx" / \
+        f"{folder.name}-{PRECISION}-{FORMAT}-{_fingerprint(folder)}"
     if (target / GRAPH).exists():
         return target
     try:
@@ -50,15 +53,38 @@ def exported(folder: Path) -> Path:
                    "-c", str(Path(scratch) / "cache")]
         done = subprocess.run(command, capture_output=True, text=True,
                               env={**os.environ, "TQDM_DISABLE": "1"})
-    if done.returncode != 0 or not (partial / GRAPH).exists():
+    try:
+        if done.returncode != 0 or not (partial / GRAPH).exists():
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+            raise LoadError(f"Could not export {folder} to ONNX (use --engine transformers "
+                            f"for this model): {tail}")
+        _logits_at_positions(partial / GRAPH)
+    except Exception:
         shutil.rmtree(partial, ignore_errors=True)
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-        raise LoadError(f"Could not export {folder} to ONNX (use --engine transformers for "
-                        f"this model): {tail}")
+        raise
     target.parent.mkdir(parents=True, exist_ok=True)
     partial.rename(target)
     log.info("exported in %.1f s into %s", time.monotonic() - started, target)
     return target
+
+
+def _logits_at_positions(graph_path: Path) -> None:
+    """A `logits_positions` input: the positions whose logits the graph computes. The
+    vocabulary projection is a fifth of a prompt's compute, and only the last position's
+    logits are needed (all of them only for echoed logprobs)."""
+    import onnx
+
+    model = onnx.load(str(graph_path), load_external_data=False)
+    graph = model.graph
+    index, head = next((i, n) for i, n in enumerate(graph.node) if "logits" in n.output)
+    hidden = head.input[0]
+    picked = hidden + "/at_logits_positions"
+    graph.node.insert(index, onnx.helper.make_node(
+        "Gather", [hidden, POSITIONS], [picked], axis=1, name="/flaskchat/logits_positions"))
+    head.input[0] = picked
+    graph.input.append(onnx.helper.make_tensor_value_info(POSITIONS, onnx.TensorProto.INT64,
+                                                          ["positions"]))
+    onnx.save(model, str(graph_path))
 
 
 def _fingerprint(folder: Path) -> str:
