@@ -336,6 +336,9 @@ class WorkerSettings:
     max_context: int = _opt(4096, "--max-context", _positive(int),
                             "onnx engine: the most tokens (prompt + reply) one request may "
                             "use; the key-value cache holds this many per slot")
+    prefix_cache_mib: int = _opt(64, "--prefix-cache-mib", int,
+                                 "onnx engine: memory for the keys and values of recent "
+                                 "prompts, reused by prompts that start alike (0: off)")
     device: str = _opt("cpu", "--device", str, "cpu, cuda or mps")
     dtype: str = _opt("auto", "--dtype", _dtype,
                       "auto (float16 on a GPU, float32 on CPU), float32, float16 or bfloat16")

@@ -4,11 +4,11 @@ for the engine called directly, in one run:
     python bench/worker_speed.py [--tokens 128] [--concurrency 1 8 32] [--skip-transformers]
 
 1. The engine directly (no worker, no gateway): the ONNX export on onnxruntime, greedy,
-   c prompts fed in one after another, then decoded together as one batch.
+   c prompts fed in one after another (no prefix cache), then decoded together as one batch.
 2. Through the gateway (`flaskchat serve`, our controller): the onnx worker
    (`--limit-worker-concurrency 32`) and the transformers worker (`--engine transformers`),
-   c clients, each streaming --rounds chat completions one after another ("Write a long
-   story about a dragon.", temperature 0.7, max_tokens --tokens). TTFT is the first content
+   c clients, each streaming --rounds chat completions one after another (16 different
+   requests in turn, see TASKS; temperature 0.7, max_tokens --tokens). TTFT is the first content
    chunk: "burst" is the first round (all c arrive at once), "steady" the later rounds (a
    request arrives while the others generate). Decode tokens/s of a stream is (tokens - 1)
    / (last chunk - first chunk); "total" is every token over the wall time.
@@ -34,7 +34,24 @@ sys.path.insert(0, str(ROOT))
 
 from tests.conftest import Server, start_controller, start_gateway, start_on_socket  # noqa
 
-PROMPT = [{"role": "user", "content": "Write a long story about a dragon."}]
+# distinct requests that share only the chat template's default system prompt (as most
+# requests to a deployment do); the worker's prefix cache can reuse that much, no more
+TASKS = ["Write a long story about a dragon.", "Describe a day in the life of a lighthouse "
+         "keeper.", "Explain how bread is made, step by step.", "Tell me about the history of "
+         "the bicycle.", "Give me a detailed travel plan for a week in Japan.", "Why is the "
+         "sky blue? Explain it to a child.", "List ten ideas for a birthday party and explain "
+         "each.", "Compose a letter to a friend about your new garden.", "How do airplanes "
+         "stay in the air?", "Summarize the plot of a mystery novel you invent.", "What makes "
+         "a good teacher? Discuss at length.", "Describe the water cycle in detail.", "Invent a "
+         "new board game and explain its rules.", "Tell a fairy tale about a clever fox.",
+         "Explain the rules of chess to a beginner.", "Describe a busy market in the morning."]
+_asked = iter(range(10**9))
+
+
+def next_prompt() -> list[dict[str, str]]:
+    return [{"role": "user", "content": TASKS[next(_asked) % len(TASKS)]}]
+
+
 ONNX_MODEL, TORCH_MODEL = "SmolLM2-135M-Instruct", "SmolLM2-transformers"
 
 
@@ -79,17 +96,20 @@ def engine_direct(tokens: int, concurrency: list[int]) -> list[dict[str, Any]]:
     folder = loading.transformers_folder(loading.resolve("smollm2"))
     config = AutoConfig.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    prompt = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(prompt)["input_ids"]
+    prompts = [tokenizer(tokenizer.apply_chat_template(
+        [{"role": "user", "content": task}], tokenize=False,
+        add_generation_prompt=True))["input_ids"] for task in TASKS]
     head_dim = config.hidden_size // config.num_attention_heads
-    decoder = OnnxDecoder(exported(folder), max(concurrency), len(ids) + tokens + 1, head_dim)
-    decoder.prefill(0, ids)  # warm-up
+    longest = max(len(ids) for ids in prompts)
+    decoder = OnnxDecoder(exported(folder), max(concurrency), longest + tokens + 1, head_dim)
+    decoder.prefill(0, prompts[0])  # warm-up
     decoder.free(0)
     rows = []
     for c in concurrency:
         began = time.monotonic()
         firsts, nexts = [], []
         for row in range(c):
+            ids = prompts[row % len(prompts)]
             nexts.append(int(np.argmax(decoder.prefill(row, ids)[-1])))
             firsts.append(time.monotonic())
         for _ in range(tokens - 1):
@@ -109,7 +129,7 @@ def stream(gateway: str, model: str, tokens: int, out: list[Run], round_: int = 
     first = last = 0.0
     count = 0
     with requests.post(gateway + "/v1/chat/completions", stream=True, timeout=600, json={
-            "model": model, "messages": PROMPT, "max_tokens": tokens, "temperature": 0.7,
+            "model": model, "messages": next_prompt(), "max_tokens": tokens, "temperature": 0.7,
             "stream": True, "stream_options": {"include_usage": True}}) as response:
         for line in response.iter_lines():
             if not line.startswith(b"data: {"):

@@ -415,3 +415,18 @@ def test_sampling_follows_top_k_and_top_p() -> None:
     assert abs(shares(Sampling(top_p=0.7))[0] - 0.563 / 0.77) < 0.03
     assert abs(shares(Sampling())[4] - 0.028) < 0.015
     assert set(shares(Sampling(top_p=1e-9))) == {0}
+
+
+def test_prompts_that_start_alike_reuse_the_cached_prefix(tiny_dir: Path,
+                                                          batched: ChatModel) -> None:
+    """Greedy replies are the same with the prefix cache as without it, and a prompt that
+    starts like an earlier one finds the shared tokens."""
+    plain = load_chat_model(resolve(str(tiny_dir)), WorkerSettings(
+        engine="onnx", limit_worker_concurrency=2, prefix_cache_mib=0))
+    start = "one two three four five six seven eight " * 3
+    for prompt in (start + "nine", start + "ten ten", start + "nine", "one two"):
+        assert run(batched, prompt=prompt, temperature=0, max_new_tokens=20)[-1]["text"] == \
+            run(plain, prompt=prompt, temperature=0, max_new_tokens=20)[-1]["text"]
+    shared, snapshot = batched.engine.batcher.prefixes.longest(  # type: ignore[attr-defined]
+        batched.encode(start + "eleven"))
+    assert snapshot is not None and shared >= len(batched.encode(start)) - 1

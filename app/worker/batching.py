@@ -1,12 +1,13 @@
 """Continuous batching on the onnx decoder: one scheduler thread runs every generation.
 
 Each iteration it (1) drops generations whose client left, (2) feeds waiting prompts into
-their cache rows, at most PREFILL_BUDGET tokens per iteration in chunks of PREFILL_CHUNK (a
-long prompt is spread over several iterations, so the others keep decoding), and (3)
-decodes one token for every generation whose prompt is in, as one batch. A request that
-arrives while others generate joins at the next iteration, with its own sampling settings,
-stop strings and token limit (its Generation). Rows [0, decoding) decode; the row after them
-may hold a prompt still being fed in.
+their cache rows (after the longest prefix a recent prompt shares: app.worker.prefix_cache),
+at most PREFILL_BUDGET tokens per iteration in chunks of PREFILL_CHUNK (a long prompt is
+spread over several iterations, so the others keep decoding), and (3) decodes one token
+for every generation whose prompt is in, as one batch. A request that arrives while others
+generate joins at the next iteration, with its own sampling settings, stop strings and
+token limit (its Generation). Rows [0, decoding) decode; the row after them may hold a
+prompt still being fed in.
 
 Request threads only wait on their own queue of frames.
 """
@@ -23,6 +24,7 @@ import torch
 
 from app.worker.generation import Generation
 from app.worker.onnx_decoder import OnnxDecoder
+from app.worker.prefix_cache import PrefixCache
 
 log = logging.getLogger("flaskchat.worker")
 
@@ -42,8 +44,9 @@ class _Entry:
 
 
 class Batcher:
-    def __init__(self, decoder: OnnxDecoder) -> None:
+    def __init__(self, decoder: OnnxDecoder, prefixes: PrefixCache) -> None:
         self.decoder = decoder
+        self.prefixes = prefixes
         self._waiting: deque[_Entry] = deque()
         self._rows: list[_Entry] = []  # index = cache row; the last may be mid-prompt
         self._decoding = 0
@@ -98,6 +101,7 @@ class Batcher:
                     if not self._waiting:
                         return
                     self._rows.append(self._waiting.popleft())
+                self._reuse_prefix(len(self._rows) - 1)
             row = len(self._rows) - 1
             entry = self._rows[row]
             prompt = entry.generation.job.input_ids
@@ -109,8 +113,22 @@ class Batcher:
             entry.fed += len(chunk)
             budget -= len(chunk)
             if entry.fed == len(prompt):
+                self.prefixes.add(prompt, self.decoder.snapshot(row, len(prompt)))
                 self._decoding += 1
                 self._advance(row, torch.from_numpy(logits[-1]))
+
+    def _reuse_prefix(self, row: int) -> None:
+        """Starts the row with the keys and values of the longest stored prompt prefix
+        (never the whole prompt: its last token is fed in for the first logits)."""
+        generation = self._rows[row].generation
+        if generation.wants_prompt_logprobs:
+            return
+        prompt = generation.job.input_ids
+        shared, snapshot = self.prefixes.longest(prompt)
+        shared = min(shared, len(prompt) - 1)
+        if snapshot is not None and shared > 0:
+            self.decoder.restore(row, snapshot, shared)
+            self._rows[row].fed = shared
 
     @staticmethod
     def _prompt_scores(entry: _Entry, logits: Any) -> None:

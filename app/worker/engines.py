@@ -54,4 +54,4 @@ def _onnx(folder: Any, settings: WorkerSettings) -> Engine:
     except OSError:  # no generation_config.json
         generation_config = None
     return OnnxEngine(export, config, generation_config, settings.limit_worker_concurrency,
-                      settings.max_context)
+                      settings.max_context, settings.prefix_cache_mib)

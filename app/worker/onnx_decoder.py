@@ -80,6 +80,16 @@ class OnnxDecoder:
         self.lengths[target] = length
         self.lengths[source] = 0
 
+    def snapshot(self, row: int, length: int) -> list[np.ndarray[Any, Any]]:
+        """A copy of the row's first ``length`` keys and values."""
+        return [buffer[row, :, :length].copy() for _, _, buffer in self._caches]
+
+    def restore(self, row: int, snapshot: list[np.ndarray[Any, Any]], length: int) -> None:
+        """The row starts with a snapshot's first ``length`` tokens."""
+        for (_, _, buffer), part in zip(self._caches, snapshot):
+            buffer[row, :, :length] = part[:, :length]
+        self.lengths[row] = length
+
     def free(self, row: int) -> None:
         self.lengths[row] = 0
 

@@ -13,13 +13,14 @@ from app.worker.chat_model import context_length
 from app.worker.generation import Generation
 from app.worker.loading import LoadError
 from app.worker.onnx_decoder import OnnxDecoder
+from app.worker.prefix_cache import PrefixCache
 
 
 class OnnxEngine:
     name = "onnx"
 
     def __init__(self, export: Path, config: Any, generation_config: Any, slots: int,
-                 max_context: int) -> None:
+                 max_context: int, prefix_cache_mib: int = 64) -> None:
         self.config = config
         self.generation_config = generation_config
         # the cache holds max_context tokens per slot (calloc'd: only used pages count)
@@ -39,7 +40,7 @@ class OnnxEngine:
         weights = sum(f.stat().st_size for f in export.glob("model.onnx*")) / 2**20
         self.summary = f"onnxruntime {onnxruntime.__version__}, int4 weights " \
             f"({weights:.0f} MiB), batches of up to {slots}"
-        self.batcher = Batcher(self.decoder)
+        self.batcher = Batcher(self.decoder, PrefixCache(prefix_cache_mib * 2**20))
 
     def generate(self, generation: Generation,
                  cancel: threading.Event) -> Iterator[dict[str, Any]]:
