@@ -401,13 +401,13 @@ def test_incremental_text_matches_decoding_the_whole_reply(tiny: ChatModel) -> N
 def test_sampling_follows_top_k_and_top_p() -> None:
     from collections import Counter
 
-    from app.worker.sampling import Sampling, next_token
+    from app.worker.sampling import Sampling, new_rng, next_token
 
     scores = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])  # softmax: .563 .207 .126 .076 .028
 
     def shares(cfg: Sampling) -> dict[int, float]:
-        generator = torch.Generator().manual_seed(0)
-        counts = Counter(next_token(scores, [], [], cfg, generator) for _ in range(4000))
+        rng = new_rng(0)
+        counts = Counter(next_token(scores, [], [], cfg, rng) for _ in range(4000))
         return {token: n / 4000 for token, n in counts.items()}
 
     assert set(shares(Sampling(top_k=2))) == {0, 1}

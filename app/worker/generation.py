@@ -10,7 +10,7 @@ import torch
 
 from app.protocol.stop_strings import TextTracker
 from app.worker.detokenize import IncrementalText
-from app.worker.sampling import Sampling, next_token
+from app.worker.sampling import Sampling, new_rng, next_token
 from schemas.worker import GenerationParams
 
 
@@ -30,8 +30,7 @@ class Generation:
         params = job.params
         self.job = job
         self.sampling = Sampling.from_params(params)
-        self.generator = torch.Generator().manual_seed(params["seed"]) \
-            if params["seed"] is not None else None
+        self.rng = new_rng(params["seed"])
         self.stop_ids = eos_ids | set(params["stop_token_ids"])
         self.stream_interval = stream_interval
         self.prefix = job.prompt if params["echo"] else ""
@@ -56,8 +55,7 @@ class Generation:
     def step(self, scores: torch.Tensor) -> dict[str, Any] | None:
         """Chooses the next token from the last position's ``scores``; returns a frame when
         one is due. Sets ``finish`` when the reply is over (the final frame is separate)."""
-        token = next_token(scores, self.job.input_ids, self.reply, self.sampling,
-                           self.generator)
+        token = next_token(scores, self.job.input_ids, self.reply, self.sampling, self.rng)
         if token in self.stop_ids:
             self.finish = "stop"
             return None
