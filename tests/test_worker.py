@@ -430,3 +430,13 @@ def test_prompts_that_start_alike_reuse_the_cached_prefix(tiny_dir: Path,
     shared, snapshot = batched.engine.batcher.prefixes.longest(  # type: ignore[attr-defined]
         batched.encode(start + "eleven"))
     assert snapshot is not None and shared >= len(batched.encode(start)) - 1
+
+
+def test_one_slot_feeds_a_long_prompt_to_the_end(tiny_dir: Path) -> None:
+    """With every slot taken by the prompt in progress, its later chunks still go in."""
+    single = load_tiny(tiny_dir, "onnx", slots=1)
+    results: dict[str, Any] = {}
+    thread = in_thread(single, results, "long", prompt="one two three " * 120,
+                       temperature=0, max_new_tokens=5)
+    thread.join(60)
+    assert results["long"][-1]["usage"]["completion_tokens"] == 5

@@ -2,12 +2,12 @@
 
 Each iteration it (1) drops generations whose client left, (2) feeds waiting prompts into
 their cache rows (after the longest prefix a recent prompt shares: app.worker.prefix_cache),
-at most PREFILL_BUDGET tokens per iteration in chunks of PREFILL_CHUNK (a long prompt is
-spread over several iterations, so the others keep decoding), and (3) decodes one token
-for every generation whose prompt is in, as one batch. A request that arrives while others
-generate joins at the next iteration, with its own sampling settings, stop strings and
-token limit (its Generation). Rows [0, decoding) decode; the row after them may hold a
-prompt still being fed in.
+about PREFILL_BUDGET tokens per iteration in chunks of PREFILL_CHUNK (a long prompt is
+spread over several iterations, so the others keep decoding; see _chunk_end for where the
+chunks end), and (3) decodes one token for every generation whose prompt is in, as one
+batch. A request that arrives while others generate joins at the next iteration, with its
+own sampling settings, stop strings and token limit (its Generation). Rows [0, decoding)
+decode; the row after them may hold a prompt still being fed in.
 
 Request threads only wait on their own queue of frames.
 """
@@ -95,8 +95,10 @@ class Batcher:
 
     def _feed_prompts(self) -> None:
         budget = PREFILL_BUDGET
-        while budget > 0 and len(self._rows) < self.decoder.slots:
+        while budget > 0:
             if len(self._rows) == self._decoding:  # no prompt in progress: start the next
+                if len(self._rows) == self.decoder.slots:
+                    return
                 with self._wake:
                     if not self._waiting:
                         return
@@ -105,15 +107,16 @@ class Batcher:
             row = len(self._rows) - 1
             entry = self._rows[row]
             prompt = entry.generation.job.input_ids
-            chunk = prompt[entry.fed:entry.fed + min(PREFILL_CHUNK, budget)]
+            chunk = prompt[entry.fed:_chunk_end(entry.fed, len(prompt))]
             logits = self.decoder.prefill(row, chunk,
                                           entry.generation.wants_prompt_logprobs)
             if entry.generation.wants_prompt_logprobs:
                 self._prompt_scores(entry, logits)
             entry.fed += len(chunk)
             budget -= len(chunk)
+            if entry.fed == len(prompt) - 1:
+                self.prefixes.add(prompt[:-1], self.decoder.snapshot(row, entry.fed))
             if entry.fed == len(prompt):
-                self.prefixes.add(prompt, self.decoder.snapshot(row, len(prompt)))
                 self._decoding += 1
                 self._advance(row, torch.from_numpy(logits[-1]))
 
@@ -182,3 +185,13 @@ class Batcher:
             self.decoder.free(row)
         self._rows.clear()
         self._decoding = 0
+
+
+def _chunk_end(fed: int, length: int) -> int:
+    """Where the chunk of a prompt that starts at ``fed`` ends: at the next multiple of
+    PREFILL_CHUNK, and the last token always alone. The same prompt (after the same cached
+    prefix) is then computed the same way whatever else is running, and a repeat of it
+    reuses everything but that last token: greedy replies repeat exactly."""
+    if fed >= length - 1:
+        return length
+    return min(length - 1, (fed // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
