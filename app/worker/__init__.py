@@ -34,8 +34,9 @@ def create_worker_app(settings: WorkerSettings, register: bool = True) -> Flask:
         state.chat = load_chat_model(source, settings)
         prompts = "own chat template" if state.chat.has_chat_template \
             else f"template {state.chat.conv['name']}"
+        defaults = ", ".join(f"{k} {v}" for k, v in state.chat.sampling_defaults.items())
         detail = f"{state.chat.engine.name} engine: {state.chat.engine.summary}, context " \
-            f"{state.chat.context_length} tokens, {prompts}"
+            f"{state.chat.context_length} tokens, {prompts}, when unset: {defaults}"
     log.info("loaded %s in %.1f s: %s", names[0], time.monotonic() - started, detail)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024

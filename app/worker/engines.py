@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from pathlib import Path
 
 from app.config import WorkerSettings
 from app.worker import loading
@@ -21,7 +21,7 @@ def load_chat_model(source: loading.ModelSource, settings: WorkerSettings) -> Ch
                      loading.sampling_defaults(source, folder))
 
 
-def _engine(folder: Any, settings: WorkerSettings) -> Engine:
+def _engine(folder: Path, settings: WorkerSettings) -> Engine:
     wanted = settings.engine
     if wanted == "auto":
         wanted = "onnx" if settings.device == "cpu" else "transformers"
@@ -38,7 +38,7 @@ def _engine(folder: Any, settings: WorkerSettings) -> Engine:
     return TransformersEngine(model)
 
 
-def _onnx(folder: Any, settings: WorkerSettings) -> Engine:
+def _onnx(folder: Path, settings: WorkerSettings) -> Engine:
     if settings.device != "cpu":
         raise loading.LoadError("The onnx engine runs on the CPU; use --engine transformers "
                                 f"for --device {settings.device}")
