@@ -442,3 +442,28 @@ def test_one_slot_feeds_a_long_prompt_to_the_end(tiny_dir: Path) -> None:
                        temperature=0, max_new_tokens=5)
     thread.join(60)
     assert results["long"][-1]["usage"]["completion_tokens"] == 5
+
+
+def test_a_failing_request_fails_alone(batched: ChatModel) -> None:
+    """An error in one request's step ends that request only; the batch goes on. (Asking
+    for more alternatives than the vocabulary has is no error: they are capped.)"""
+    from app.worker.generation import Generation
+
+    final = run(batched, prompt="abc", temperature=0, max_new_tokens=3, logprobs=10**6)[-1]
+    # every token is an alternative (as strings, some decode alike)
+    assert 100 < len(final["logprobs"]["top_logprobs"][0]) <= len(batched.tokenizer)
+
+    def broken(scores: Any) -> None:
+        raise RuntimeError("a step that fails")
+
+    doomed = Generation(batched.prepare(params(prompt="x", max_new_tokens=50)),
+                        batched.tokenizer, batched.eos_ids, 2)
+    doomed.step = broken  # type: ignore[method-assign]
+    alone = run(batched, prompt="abc", temperature=0, max_new_tokens=300)[-1]
+    results: dict[str, Any] = {}
+    staying = in_thread(batched, results, "staying", prompt="abc", temperature=0,
+                        max_new_tokens=300)
+    with pytest.raises(RuntimeError, match="a step that fails"):
+        list(batched.engine.generate(doomed, threading.Event()))
+    staying.join(60)
+    assert results["staying"][-1]["text"] == alone["text"]

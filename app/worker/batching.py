@@ -149,7 +149,13 @@ class Batcher:
     def _advance(self, row: int, scores: torch.Tensor) -> None:
         """The row's next token; its frame out, or its final frame and its row freed."""
         entry = self._rows[row]
-        frame = entry.generation.step(scores)
+        try:
+            frame = entry.generation.step(scores)
+        except Exception as exc:  # this request's failure alone: the others go on
+            log.exception("generation step failed")
+            entry.frames.put(exc)
+            self._release(row)
+            return
         if entry.generation.finish is None:
             if frame is not None:
                 entry.frames.put(frame)

@@ -119,7 +119,7 @@ class Logprobs:
     def _alternatives(self, scores: torch.Tensor) -> dict[str, float]:
         if self.top <= 0:
             return {}
-        values, ids = torch.topk(scores, self.top)
+        values, ids = torch.topk(scores, min(self.top, scores.shape[-1]))
         return {self.tokenizer.decode([int(i)]): float(v) for v, i in zip(values, ids)}
 
     def _append(self, token: int, value: float | None, top: dict[str, float]) -> None:
