@@ -50,6 +50,11 @@ def test_bad_flag_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None
     assert "--workers" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse([], {"FLASKCHAT_PORT": "eighty"})
+    # the worker's engine flags, refused before any model is loaded
+    for flag, value in (("--engine", "gpu"), ("--max-context", "0")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["worker", flag, value])
+        assert exit_info.value.code == 2 and flag in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import queue
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Iterator
 
 import torch
@@ -115,7 +116,7 @@ class Batcher:
             entry.fed += len(chunk)
             budget -= len(chunk)
             if entry.fed == len(prompt) - 1:
-                self.prefixes.add(prompt[:-1], self.decoder.snapshot(row, entry.fed))
+                self.prefixes.add(prompt[:-1], partial(self.decoder.snapshot, row, entry.fed))
             if entry.fed == len(prompt):
                 self._decoding += 1
                 self._advance(row, torch.from_numpy(logits[-1]))

@@ -16,8 +16,6 @@ CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", 
 # FastChat's worker defaults, for what neither the request nor the model sets
 FASTCHAT_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1}
 
-__all__ = ["ChatModel", "Engine", "Job", "PromptTooLong", "context_length"]
-
 
 class PromptTooLong(ValueError):
     """The prompt leaves no room to generate (FastChat's CONTEXT_OVERFLOW, 40303)."""

@@ -8,7 +8,7 @@ Bounded in bytes, least recently used first out.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -38,10 +38,15 @@ class PrefixCache:
         self._entries.move_to_end(found)
         return best, self._entries[found]
 
-    def add(self, prompt: list[int], snapshot: Snapshot) -> None:
+    def add(self, prompt: list[int], take: Callable[[], Snapshot]) -> None:
+        """Stores ``prompt``'s snapshot, copied by ``take`` only when it is new (a repeat,
+        or a cache of no size, copies nothing)."""
         key = tuple(prompt)
+        if self.max_bytes <= 0 or key in self._entries:
+            return
+        snapshot = take()
         size = sum(part.nbytes for part in snapshot)
-        if size > self.max_bytes or key in self._entries:
+        if size > self.max_bytes:
             return
         self._entries[key] = snapshot
         self._bytes += size

@@ -28,7 +28,8 @@ from app.web.json_io import json_response, read_json_object
 from app.web.request_id import HEADER as REQUEST_ID_HEADER
 from app.web.request_id import is_sane_request_id
 from app.web.validation import load
-from app.worker.chat_model import ChatModel, Job, PromptTooLong
+from app.worker.chat_model import ChatModel, PromptTooLong
+from app.worker.generation import Job
 from app.worker.embedding_model import EmbeddingModel
 from app.worker.slots import Cancelled, Slots
 from schemas.worker import GenerationSchema, PromptSchema, WorkerEmbeddingSchema
