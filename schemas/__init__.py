@@ -39,4 +39,4 @@ class RequestSchemas:
         self.completion = CompletionSchema(max_inputs=self.max_inputs, **sampling)
         self.embedding = EmbeddingSchema(max_inputs=self.max_inputs)
         self.token_check = TokenCheckSchema(max_inputs=self.max_inputs)
-        self.responses = ResponsesSchema()
+        self.responses = ResponsesSchema(max_tokens_limit=self.max_tokens_limit)

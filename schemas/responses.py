@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, TypedDict
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
 
 from schemas.fields import Bool, Int, Number, Str, at_least, between
 
@@ -95,3 +95,15 @@ class ResponsesSchema(Schema):
     reasoning = JsonObject(allow_none=True, load_default=None)
     include = JsonList(allow_none=True, load_default=None)
     truncation = Str(allow_none=True, load_default=None)
+
+    def __init__(self, *, max_tokens_limit: int = 1_048_576, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_tokens_limit = max_tokens_limit
+
+    @validates_schema
+    def _check_limits(self, data: dict[str, Any], **kwargs: Any) -> None:
+        value = data.get("max_output_tokens")
+        if value is not None and value > self.max_tokens_limit:
+            raise ValidationError(f"{value} is greater than the maximum of "
+                                  f"{self.max_tokens_limit} - 'max_output_tokens'",
+                                  "max_output_tokens")

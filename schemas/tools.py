@@ -16,16 +16,26 @@ TOOL_CHOICES = ("none", "auto", "required")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 
-def _function(value: Any, where: str) -> None:
+def function_problem(value: Any) -> tuple[str, str] | None:
+    """(the field, what is wrong with it) for a function definition, or None if it is
+    fine. Shared with the Responses API's flat tools (``app.responses.translate``)."""
     if not isinstance(value, dict):
-        raise ValidationError(f"{where} must be an object")
+        return "", "must be an object"
     name = value.get("name")
     if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
-        raise ValidationError(f"{where}.name must be 1-64 letters, digits, '_' or '-'")
+        return "name", "must be 1-64 letters, digits, '_' or '-'"
     if "parameters" in value and not isinstance(value["parameters"], dict):
-        raise ValidationError(f"{where}.parameters must be a JSON Schema object")
+        return "parameters", "must be a JSON Schema object"
     if "description" in value and not isinstance(value["description"], str):
-        raise ValidationError(f"{where}.description must be a string")
+        return "description", "must be a string"
+    return None
+
+
+def _function(value: Any, where: str) -> None:
+    problem = function_problem(value)
+    if problem is not None:
+        field, what = problem
+        raise ValidationError(f"{where}.{field} {what}" if field else f"{where} {what}")
 
 
 class Tools(fields.Field[list[dict[str, Any]]]):

@@ -190,6 +190,10 @@ BAD_REQUESTS = [
      "tools[0].name"),
     ({"model": "fake-model", "input": "hi", "tool_choice": {"type": "file_search"}}, 400,
      "tool_choice"),
+    ({"model": "fake-model", "input": "hi", "tools": [{"type": "function", "name": "a b"}]},
+     400, "tools[0].name"),
+    ({"model": "fake-model", "input": "hi", "max_output_tokens": 10**9}, 400,
+     "max_output_tokens"),
     ({"model": "fake-model", "input": "hi", "background": True}, 400, "background"),
     ({"model": "fake-model", "input": "hi", "reasoning": {"effort": "high"}}, 400,
      "reasoning"),
@@ -240,6 +244,72 @@ def test_a_bad_responses_ttl_stops_the_server_at_start() -> None:
     started = cli("serve", "--port", "0", "--responses-ttl", "soon")
     assert started.returncode == 2 and "--responses-ttl" in started.stderr
     assert "Traceback" not in started.stderr
+
+
+# The chat request a Responses request becomes is made directly, not loaded by the chat
+# schema a second time: it must be what that load would give, for every kind of request.
+EQUIVALENT_REQUESTS = [
+    {"model": "m", "input": "hi"},
+    {"model": "m", "input": "hi", "stream": True, "instructions": "Be brief.",
+     "max_output_tokens": 7, "temperature": 1, "top_p": 0.5, "user": "u1"},
+    {"model": "m", "input": [{"role": "developer", "content": "rules"},
+                             {"role": "user", "content": [{"type": "input_text", "text": "a"},
+                                                          {"type": "input_text", "text": "b"}]},
+                             {"type": "function_call", "call_id": "c1", "name": "f",
+                              "arguments": "{}"},
+                             {"type": "function_call", "call_id": "c2", "name": "g",
+                              "arguments": "{}"},
+                             {"type": "function_call_output", "call_id": "c1", "output": "x"},
+                             {"type": "function_call_output", "call_id": "c2",
+                              "output": {"n": 1}},
+                             {"role": "assistant", "content": "done"}],
+     "tools": [TOOL, {"type": "function", "name": "g", "strict": False}],
+     "tool_choice": {"type": "function", "name": "g"}, "parallel_tool_calls": False},
+    {"model": "m", "input": "hi", "tools": [TOOL], "tool_choice": "required",
+     "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "object"},
+                         "strict": True}}},
+    {"model": "m", "input": "hi", "text": {"format": {"type": "json_object"}}},
+    {"model": "m", "input": "hi", "text": {"format": {"type": "text"}}, "stream": False},
+]
+
+
+@pytest.mark.parametrize("request_body", EQUIVALENT_REQUESTS)
+def test_the_chat_request_is_what_the_chat_schema_would_load(
+        request_body: dict[str, Any]) -> None:
+    from app.responses import translate
+    from app.web.validation import load
+    from schemas import RequestSchemas
+    schemas = RequestSchemas()
+    history: list[dict[str, Any]] = [{"role": "user", "content": "earlier"},
+                                     {"role": "assistant", "content": None, "tool_calls": [
+                                         {"id": "c0", "type": "function",
+                                          "function": {"name": "f", "arguments": "{}"}}]},
+                                     {"role": "tool", "tool_call_id": "c0", "content": "y"}]
+    body = load(schemas.responses, request_body)
+    payload, _, _ = translate.chat_request(body, history, schemas.max_messages)
+    assert translate.chat_body(payload) == load(schemas.chat, payload)
+
+
+def test_limits_apply_as_on_the_chat_route() -> None:
+    from app.errors import InvalidRequest
+    from app.responses import translate
+    from app.web.validation import load
+    from schemas import RequestSchemas
+    schemas = RequestSchemas(max_messages=2, max_tokens_limit=100)
+    with pytest.raises(InvalidRequest) as too_many:
+        body = load(schemas.responses, {"model": "m", "input": "hi", "instructions": "x"})
+        translate.chat_request(body, [{"role": "user", "content": "earlier"}], 2)
+    assert too_many.value.param == "input"
+    with pytest.raises(InvalidRequest) as too_long:
+        load(schemas.responses, {"model": "m", "input": "hi", "max_output_tokens": 101})
+    assert too_long.value.param == "max_output_tokens"
+    for tools, param in (([{"type": "function", "name": "bad name"}], "tools[0].name"),
+                         ([{"type": "function", "name": "f", "parameters": "{}"}],
+                          "tools[0].parameters")):
+        with pytest.raises(InvalidRequest) as bad_tool:
+            body = load(schemas.responses, {"model": "m", "input": "hi", "tools": tools})
+            translate.chat_request(body, [], 10)
+        assert bad_tool.value.param == param
 
 
 # ---- function tools, end to end against an upstream that supports them ---------------------

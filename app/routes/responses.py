@@ -8,7 +8,7 @@ from flask import Blueprint, current_app, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.errors import APIError, InvalidRequest, UpstreamUnavailable
+from app.errors import InvalidRequest, UpstreamUnavailable
 from app.responses import output, translate
 from app.responses.store import ResponseStore, new_response_id
 from app.responses.stream import EventChunks, ResponseEvents, direct
@@ -22,7 +22,6 @@ from app.web.context import call, schemas, upstream
 from app.web.handlers import error_response
 from app.web.json_io import json_response, read_json_object
 from app.web.validation import load
-from schemas import ChatRequest
 
 STORE = "flaskchat.responses_store"
 
@@ -55,7 +54,8 @@ def create_response() -> ResponseReturnValue:
     owner = _owner()
     history = store.context(body["previous_response_id"], owner) \
         if body["previous_response_id"] else []
-    payload, items, messages = translate.chat_request(body, history)
+    payload, items, messages = translate.chat_request(body, history,
+                                                      schemas().max_messages)
     model = body["model"]
     keep = body["store"] is not False
 
@@ -64,21 +64,22 @@ def create_response() -> ResponseReturnValue:
             store.save(response, owner, items, messages + output.context_of(response["output"]))
 
     response_id = new_response_id()
-    if serves(model):  # an OpenAI-compatible upstream: relayed as chat
-        if body["stream"]:
-            events, on_close = relay.open_stream(relay.CHAT, payload, model, upstream(),
-                                                 call())
-            translated = ResponseEvents(body, response_id, done)
-            return _stream(translate_stream(events, translated), on_close, translated)
-        completion = relay.complete(relay.CHAT, payload, model, upstream(), call())
-    else:
-        chat_body = _chat_body(payload)
-        if body["stream"]:
-            translated = ResponseEvents(body, response_id, done)
-            events, on_close = chat.open_stream(chat_body, upstream(), call(),
-                                                EventChunks(translated))
-            return _stream(direct(events, translated), on_close, translated)
-        completion = chat.complete(chat_body, upstream(), call())
+    with translate.responses_params():
+        if serves(model):  # an OpenAI-compatible upstream: relayed as chat
+            if body["stream"]:
+                events, on_close = relay.open_stream(relay.CHAT, payload, model, upstream(),
+                                                     call())
+                translated = ResponseEvents(body, response_id, done)
+                return _stream(translate_stream(events, translated), on_close, translated)
+            completion = relay.complete(relay.CHAT, payload, model, upstream(), call())
+        else:
+            chat_body = translate.chat_body(payload)
+            if body["stream"]:
+                translated = ResponseEvents(body, response_id, done)
+                events, on_close = chat.open_stream(chat_body, upstream(), call(),
+                                                    EventChunks(translated))
+                return _stream(direct(events, translated), on_close, translated)
+            completion = chat.complete(chat_body, upstream(), call())
     response = output.from_chat(body, response_id, completion)
     done(response)
     return json_response(response)
@@ -89,17 +90,6 @@ def _stream(events: Iterator[bytes | None], on_close: list[Callable[[], object]]
     """A failure after the first byte ends the stream with response.failed."""
     return sse.response(events, on_close, lambda error:
                         translated.fail({"code": error.code, "message": error.message}))
-
-
-def _chat_body(payload: dict[str, Any]) -> ChatRequest:
-    """The chat request checked as the chat route checks it; an error names the Responses
-    field the client sent."""
-    try:
-        checked: ChatRequest = load(schemas().chat, payload)
-        return checked
-    except APIError as exc:
-        exc.param = translate.param_of_chat(exc.param)
-        raise
 
 
 @bp.get("/v1/responses/<response_id>")
