@@ -18,6 +18,7 @@ import os  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -200,7 +201,8 @@ class Bench:
             python, "-m", "app.cli", "serve", "--fd", "{fd}", "--workers",
             str(self.args.workers), "--worker-connections", "20000", "--controller-address",
             self.controller, "--log-level", "warning",
-            "--openai-upstream", f"{RELAY_MODEL}={self.worker}/v1"])
+            "--openai-upstream", f"{RELAY_MODEL}={self.worker}/v1",
+            "--database-url", self.database_url()])
         self.processes.append(gateway)
         self.gateway_pid = gateway.pid
         self.gateway = f"http://127.0.0.1:{self.gateway_port}"
@@ -210,6 +212,14 @@ class Bench:
             if time.monotonic() > deadline:
                 raise SystemExit("the gateway never saw the worker")
             time.sleep(0.2)
+
+    def database_url(self) -> str:
+        """A new SQLite file for each run (stored responses from earlier runs would make
+        runs differ), unless --database-url names one (a full store, say)."""
+        if self.args.database_url:
+            return str(self.args.database_url)
+        self.scratch = tempfile.TemporaryDirectory(prefix="flaskchat-bench-")
+        return f"sqlite:///{self.scratch.name}/bench.db"
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -322,6 +332,8 @@ def main() -> None:
     parser.add_argument("--capacity-delay", type=float, default=1.0)
     parser.add_argument("--capacity-tokens", type=int, default=30)
     parser.add_argument("--ramp", type=float, default=1000.0, help="new streams per second")
+    parser.add_argument("--database-url", default="",
+                        help="the gateway's database (default: a new SQLite file)")
     parser.add_argument("--stock", action="store_true",
                         help="the worker does not check lengths (two calls per request)")
     args = parser.parse_args()

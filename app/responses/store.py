@@ -2,7 +2,9 @@
 owned by the key that made it: another key gets a 404, as if it did not exist. They
 expire after ``--responses-ttl`` (30 days), and at most ``--responses-max`` are kept: past
 that the oldest are deleted first (a store that refused new responses when full would
-break every client that stores by default).
+break every client that stores by default). The count is checked every hundredth of the
+cap (counting rows costs milliseconds at 100,000), so the store may pass the cap by that
+much between two checks.
 
 Saving is off the request's path: a background thread (a greenlet under gevent) writes
 what was saved every ``FLUSH`` seconds in one transaction, and a graceful stop writes what
@@ -28,7 +30,7 @@ from app.access.keys import now
 from app.access.tables import responses
 from app.errors import InvalidRequest, ObjectNotFound
 
-PRUNE_EVERY = 200  # saves between two prunes (expired rows, then the size cap)
+PRUNE_EVERY = 200  # the fewest saves between two prunes (expired rows, then the size cap)
 FLUSH = 0.05  # seconds between writes of the saved responses
 RECENT = 1.0  # a missing response younger than this may still be on its way
 MAX_PENDING = 10_000  # saved but unwritten responses kept while the database is down
@@ -58,10 +60,12 @@ class ResponseStore:
         self._engine = engine
         self._ttl = timedelta(seconds=ttl_seconds)
         self._max = max_stored
+        self._prune_every = max(PRUNE_EVERY, max_stored // 100)
         self._saves = 0
         self._insert = insert(responses)
         self._pending: dict[str, dict[str, Any]] = {}  # saved, not yet written
         self._writing = threading.Lock()
+        self._saved = threading.Event()  # set when something waits to be written
         self._writer: threading.Thread | None = None
         self._failing = False
 
@@ -78,15 +82,26 @@ class ResponseStore:
             oldest = next(iter(self._pending))
             del self._pending[oldest]
             log.error("stored responses cannot be written: dropped %s", oldest)
-        if self._writer is None or not self._writer.is_alive():
-            self._writer = threading.Thread(target=self._run, name="responses-writer",
-                                            daemon=True)
-            self._writer.start()
+        if not self._saved.is_set():
+            self._saved.set()
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._run, name="responses-writer",
+                                                daemon=True)
+                self._writer.start()
 
     def _run(self) -> None:
-        while self._pending:
+        """One writer for the process's life (a greenlet under gevent): it sleeps until a
+        response is saved, lets a flush's worth gather, and writes them in one go."""
+        while True:
+            self._saved.wait()
             time.sleep(FLUSH)
-            self.flush()
+            self._saved.clear()  # saves from now on wake the next round
+            try:
+                self.flush()
+            except Exception:  # pruning failed (the database is down): try again later
+                log.exception("cannot prune stored responses")
+            if self._pending:  # kept because the database is down
+                self._saved.set()
 
     def flush(self) -> None:
         """Writes what was saved (also called on a graceful stop)."""
@@ -107,7 +122,8 @@ class ResponseStore:
             for row in batch:
                 self._pending.pop(row["id"], None)
             self._saves += len(batch)
-        if self._saves // PRUNE_EVERY != (self._saves - len(batch)) // PRUNE_EVERY:
+        if self._saves // self._prune_every != \
+                (self._saves - len(batch)) // self._prune_every:
             self.prune()
 
     def prune(self) -> None:
