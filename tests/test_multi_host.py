@@ -185,10 +185,13 @@ def test_concurrent_creates_of_one_name_on_postgres(pg: Postgres) -> None:
 
 
 def test_a_stored_response_continues_on_the_other_host(hosts: list[Server]) -> None:
-    """Responses stored in PostgreSQL: a conversation started on host A goes on on host B."""
+    """Responses stored in PostgreSQL: a conversation started on host A goes on on host B,
+    asked at once. The first reply takes over a second (a response is saved when it ends,
+    long after its id was made: host B must not judge by the id's time)."""
     headers = {"Authorization": f"Bearer {make_key(hosts[0], name='responder')['secret']}"}
     first = requests.post(hosts[0].url + "/v1/responses", headers=headers, timeout=30,
-                          json={"model": "fake-model", "input": "[[reply:first answer]]"})
+                          json={"model": "fake-model",
+                                "input": "[[slow:0.7]][[reply:first answer]]"})
     assert first.status_code == 200, first.text
     response_id = first.json()["id"]
     again = requests.get(f"{hosts[1].url}/v1/responses/{response_id}", headers=headers,
