@@ -194,6 +194,9 @@ BAD_REQUESTS = [
      400, "tools[0].name"),
     ({"model": "fake-model", "input": "hi", "max_output_tokens": 10**9}, 400,
      "max_output_tokens"),
+    # A FastChat worker without the capability: the chat path's error, named as sent.
+    ({"model": "fake-model", "input": "hi", "text": {"format": {"type": "json_object"}}},
+     400, "text.format"),
     ({"model": "fake-model", "input": "hi", "background": True}, 400, "background"),
     ({"model": "fake-model", "input": "hi", "reasoning": {"effort": "high"}}, 400,
      "reasoning"),

@@ -27,8 +27,9 @@ class ResponseEvents:
         self._arguments: dict[int, list[str]] = {}
         self._finish_reason: str | None = None
         self._usage: dict[str, Any] | None = None
-        self._delta_head: bytes | None = None  # byte templates of the text delta event
-        self._delta_middle = b""
+        # The text delta event as a byte template (sequence number, delta), made when the
+        # message opens: the per-token path formats it and does nothing else.
+        self._delta_template: bytes | None = None
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         self._sequence += 1
@@ -57,12 +58,11 @@ class ResponseEvents:
 
     def text(self, text: str) -> bytes:
         """A text delta, from a byte template made once per message: the per-token path."""
-        if self._message is None or self._delta_head is None:
+        if self._delta_template is None:
             return self._text_delta(text)
         self._text.append(text)
         self._sequence += 1
-        return (self._delta_head + str(self._sequence).encode() + self._delta_middle
-                + orjson.dumps(text) + b',"logprobs":[]}\n\n')
+        return self._delta_template % (self._sequence, orjson.dumps(text))
 
     def finished(self, reason: str | None, usage: dict[str, Any] | None) -> None:
         self._finish_reason = reason or self._finish_reason
@@ -80,12 +80,12 @@ class ResponseEvents:
                                output_index=self._index(self._message), content_index=0,
                                part={"type": "output_text", "text": "", "annotations": []})
             kind = b"response.output_text.delta"
-            self._delta_head = (b"event: " + kind + b'\ndata: {"type":"' + kind
-                                + b'","sequence_number":')
-            self._delta_middle = (b',"item_id":' + orjson.dumps(self._message["id"])
-                                  + b',"output_index":'
-                                  + str(self._index(self._message)).encode()
-                                  + b',"content_index":0,"delta":')
+            item_id = orjson.dumps(self._message["id"]).replace(b"%", b"%%")
+            self._delta_template = (
+                b"event: " + kind + b'\ndata: {"type":"' + kind + b'","sequence_number":%d'
+                + b',"item_id":' + item_id + b',"output_index":'
+                + str(self._index(self._message)).encode()
+                + b',"content_index":0,"delta":%b,"logprobs":[]}\n\n')
         self._text.append(text)
         return out + self._event("response.output_text.delta", item_id=self._message["id"],
                                  output_index=self._index(self._message), content_index=0,

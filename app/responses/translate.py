@@ -3,8 +3,7 @@ usage, metrics and cancellation), and what of it cannot be served: a 400 naming 
 never a field silently dropped."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 
@@ -232,15 +231,11 @@ RENAMED_PARAMS = {"max_tokens": "max_output_tokens", "response_format": "text.fo
                   "messages": "input"}
 
 
-@contextmanager
-def responses_params() -> Iterator[None]:
+def with_responses_param(error: APIError) -> APIError:
     """An error raised on the chat path (a feature the worker lacks, a prompt too long for
     the context) names the field the client sent, not its chat name."""
-    try:
-        yield
-    except APIError as exc:
-        exc.param = RENAMED_PARAMS.get(exc.param or "", exc.param)
-        raise
+    error.param = RENAMED_PARAMS.get(error.param or "", error.param)
+    return error
 
 
 def chat_body(chat: dict[str, Any]) -> ChatRequest:

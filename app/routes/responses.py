@@ -8,7 +8,7 @@ from flask import Blueprint, current_app, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.errors import InvalidRequest, UpstreamUnavailable
+from app.errors import APIError, InvalidRequest, UpstreamUnavailable
 from app.responses import output, translate
 from app.responses.store import ResponseStore, new_response_id
 from app.responses.stream import EventChunks, ResponseEvents, direct
@@ -22,6 +22,7 @@ from app.web.context import call, schemas, upstream
 from app.web.handlers import error_response
 from app.web.json_io import json_response, read_json_object
 from app.web.validation import load
+from schemas import ResponsesRequest
 
 STORE = "flaskchat.responses_store"
 
@@ -56,7 +57,6 @@ def create_response() -> ResponseReturnValue:
         if body["previous_response_id"] else []
     payload, items, messages = translate.chat_request(body, history,
                                                       schemas().max_messages)
-    model = body["model"]
     keep = body["store"] is not False
 
     def done(response: dict[str, Any]) -> None:
@@ -64,22 +64,30 @@ def create_response() -> ResponseReturnValue:
             store.save(response, owner, items, messages + output.context_of(response["output"]))
 
     response_id = new_response_id()
-    with translate.responses_params():
-        if serves(model):  # an OpenAI-compatible upstream: relayed as chat
-            if body["stream"]:
-                events, on_close = relay.open_stream(relay.CHAT, payload, model, upstream(),
-                                                     call())
-                translated = ResponseEvents(body, response_id, done)
-                return _stream(translate_stream(events, translated), on_close, translated)
-            completion = relay.complete(relay.CHAT, payload, model, upstream(), call())
-        else:
-            chat_body = translate.chat_body(payload)
-            if body["stream"]:
-                translated = ResponseEvents(body, response_id, done)
-                events, on_close = chat.open_stream(chat_body, upstream(), call(),
-                                                    EventChunks(translated))
-                return _stream(direct(events, translated), on_close, translated)
-            completion = chat.complete(chat_body, upstream(), call())
+    try:
+        return _answer(body, payload, response_id, done)
+    except APIError as exc:  # from the chat path: named as the client named the field
+        raise translate.with_responses_param(exc) from None
+
+
+def _answer(body: ResponsesRequest, payload: dict[str, Any], response_id: str,
+            done: Callable[[dict[str, Any]], None]) -> ResponseReturnValue:
+    model = body["model"]
+    if serves(model):  # an OpenAI-compatible upstream: relayed as chat
+        if body["stream"]:
+            events, on_close = relay.open_stream(relay.CHAT, payload, model, upstream(),
+                                                 call())
+            translated = ResponseEvents(body, response_id, done)
+            return _stream(translate_stream(events, translated), on_close, translated)
+        completion = relay.complete(relay.CHAT, payload, model, upstream(), call())
+    else:
+        chat_body = translate.chat_body(payload)
+        if body["stream"]:
+            translated = ResponseEvents(body, response_id, done)
+            events, on_close = chat.open_stream(chat_body, upstream(), call(),
+                                                EventChunks(translated))
+            return _stream(direct(events, translated), on_close, translated)
+        completion = chat.complete(chat_body, upstream(), call())
     response = output.from_chat(body, response_id, completion)
     done(response)
     return json_response(response)
