@@ -9,7 +9,6 @@ from typing import Any, Callable, Iterator
 import orjson
 
 from app.responses.output import finish, function_call_item, message_item, skeleton
-from app.serving.events import DONE
 from app.serving.ids import new_id
 from schemas import ResponsesRequest
 
@@ -205,14 +204,15 @@ def _event(raw: bytes, events: ResponseEvents) -> tuple[bytes, bool] | None:
 class EventChunks:
     """The chat path's chunk format (``app.serving.stream_driver.ChunkFormat``) writing the
     Responses API's events directly, for streams from FastChat workers: no chat chunk is
-    made and parsed again per token. The driver's closing ``[DONE]`` is dropped by
-    ``without_done``."""
+    made and parsed again per token, and no generator wraps the driver's."""
+
+    closing = b""  # the Responses API sends no [DONE]
 
     def __init__(self, events: ResponseEvents) -> None:
         self._events = events
 
     def opening(self, index: int) -> bytes:
-        return b""  # the message item opens with its first text, as OpenAI's do
+        return self._events.start()  # the message item opens with its first text
 
     def delta(self, index: int, text: str, frame: Any) -> bytes:
         return self._events.text(text) if text else b""
@@ -224,14 +224,3 @@ class EventChunks:
     def usage(self, usage: dict[str, int]) -> bytes:
         self._events.finished(None, usage)
         return self._events.end()
-
-
-def direct(chat_events: Iterator[bytes | None], events: ResponseEvents
-           ) -> Iterator[bytes | None]:
-    """The events of an ``EventChunks`` stream: response.created first, and the chat
-    driver's closing ``[DONE]`` dropped (the Responses API does not send one)."""
-    yield events.start()
-    for piece in chat_events:
-        if piece is not None and piece.endswith(DONE):
-            piece = piece[:-len(DONE)]
-        yield piece

@@ -11,7 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.errors import APIError, InvalidRequest, UpstreamUnavailable
 from app.responses import output, translate
 from app.responses.store import ResponseStore, new_response_id
-from app.responses.stream import EventChunks, ResponseEvents, direct
+from app.responses.stream import EventChunks, ResponseEvents
 from app.responses.stream import translate as translate_stream
 from app.routes.relayed import serves
 from app.serving import chat, relay
@@ -86,7 +86,7 @@ def _answer(body: ResponsesRequest, payload: dict[str, Any], response_id: str,
             translated = ResponseEvents(body, response_id, done)
             events, on_close = chat.open_stream(chat_body, upstream(), call(),
                                                 EventChunks(translated))
-            return _stream(direct(events, translated), on_close, translated)
+            return _stream(events, on_close, translated)
         completion = chat.complete(chat_body, upstream(), call())
     response = output.from_chat(body, response_id, completion)
     done(response)

@@ -12,6 +12,7 @@ from app.errors import InvalidRequest, UpstreamError
 from app.protocol.capabilities import LOGPROBS, RENDERS_MESSAGES, RESPONSE_FORMAT, TOOLS
 from app.protocol.stop_strings import TextTracker, final_text
 from app.serving.call import Call
+from app.serving.events import DONE
 from app.serving.ids import new_id
 from app.serving.prompt import TemplateError, render, stop_strings
 from app.serving.stream_driver import ChunkFormat, drive
@@ -170,6 +171,8 @@ def _image_payload(url: str) -> str:
 
 class ChatChunks:
     """chat.completion.chunk events, built from byte templates prepared once per stream."""
+
+    closing = DONE
 
     def __init__(self, completion_id: str, created: int, model: str,
                  include_usage: bool) -> None:

@@ -16,6 +16,7 @@ import orjson
 from app.protocol.capabilities import RENDERS_MESSAGES
 from app.protocol.stop_strings import TextTracker, final_text
 from app.serving.call import Call
+from app.serving.events import DONE
 from app.serving.ids import new_id
 from app.serving.prompt import stop_strings
 from app.serving.stream_driver import drive
@@ -127,6 +128,8 @@ class CompletionChunks:
         self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
         self._with_logprobs = with_logprobs
         self._tokens_sent: dict[int, int] = {}
+
+    closing = DONE
 
     def opening(self, index: int) -> bytes:
         return b""

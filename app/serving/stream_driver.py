@@ -1,12 +1,13 @@
-"""Turns worker frames into SSE chunk bytes, for chat and text completions alike.
+"""Turns worker frames into SSE chunk bytes, for chat and text completions (and the
+Responses API's events) alike.
 
 The endpoint decides what a chunk looks like (a ChunkFormat); this module decides when
 chunks go out: deltas as text becomes releasable, one finish chunk per choice as soon as
-that choice ends, the usage chunk, then ``[DONE]``. Everything that one upstream read
-produced goes out as one write, and a tick of the workers' silence passes on as None (the
-SSE response's cue for a keep-alive). Errors end the stream through ``app.web.sse``'s
-guard (error event, then ``[DONE]``); a client that goes away ends it at once, which
-closes the worker streams and so cancels their generations.
+that choice ends, the usage chunk, then the format's closing (``[DONE]``). Everything
+that one upstream read produced goes out as one write, and a tick of the workers' silence
+passes on as None (the SSE response's cue for a keep-alive). Errors end the stream
+through ``app.web.sse``'s guard (error event, then ``[DONE]``); a client that goes away
+ends it at once, which closes the worker streams and so cancels their generations.
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from app.errors import APIError
 from app.protocol.frames import Frame
 from app.protocol.stop_strings import TextTracker, finish_reason
 from app.serving.call import Call
-from app.serving.events import DONE
 from app.serving.usage import UsageTally
 from app.serving.worker_streams import WorkerStreams
 
 
 class ChunkFormat(Protocol):
+    closing: bytes  # what ends the stream: [DONE] for chat and text completions
+
     def opening(self, index: int) -> bytes: ...
     def delta(self, index: int, text: str, frame: Frame) -> bytes: ...
     def finish(self, index: int, reason: str) -> bytes: ...
@@ -62,10 +64,10 @@ def drive(source: WorkerStreams, fmt: ChunkFormat, trackers: Sequence[TextTracke
             if out:
                 yield out[0] if len(out) == 1 else b"".join(out)
             if not remaining:
-                yield (fmt.usage(usage.total()) if include_usage else b"") + DONE
+                yield (fmt.usage(usage.total()) if include_usage else b"") + fmt.closing
                 drain(items)
                 return
-        yield DONE  # unreachable: every choice ends before its source does
+        yield fmt.closing  # unreachable: every choice ends before its source does
     finally:
         items.close()
         source.close()
