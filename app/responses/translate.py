@@ -240,8 +240,8 @@ def with_responses_param(error: APIError) -> APIError:
 
 def chat_body(chat: dict[str, Any]) -> ChatRequest:
     """``chat_request``'s request as the chat schema loads it, made directly: every field
-    in it was checked on the way in, and loading it again cost a Responses request a
-    tenth of its time in the gateway. tests/test_responses.py holds this equal to the
+    in it was checked on the way in, and loading it again cost a Responses request ~70 us
+    in the gateway (7% of it). tests/test_responses.py holds this equal to the
     chat schema's load for every kind of request."""
     stream = chat["stream"]
     return {"model": chat["model"], "messages": [_chat_message(m) for m in chat["messages"]],
