@@ -249,6 +249,15 @@ def test_a_bad_responses_ttl_stops_the_server_at_start() -> None:
     assert "Traceback" not in started.stderr
 
 
+def test_openapi_documents_the_endpoints(gateway: Server) -> None:
+    paths = requests.get(gateway.url + "/openapi.json", timeout=10).json()["paths"]
+    assert "post" in paths["/v1/responses"]
+    assert {"get", "delete"} <= set(paths["/v1/responses/{response_id}"])
+    assert "get" in paths["/v1/responses/{response_id}/input_items"]
+    body = paths["/v1/responses"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]
+
+
 # The chat request a Responses request becomes is made directly, not loaded by the chat
 # schema a second time: it must be what that load would give, for every kind of request.
 EQUIVALENT_REQUESTS = [
