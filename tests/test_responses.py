@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from tests.conftest import Server, Stack, start_fake, start_gateway, wait_for
-from tests.test_keys import FAST, assert_envelope, make_key
+from tests.test_keys import FAST, assert_envelope, make_key, wait_for_usage
 
 
 TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
@@ -29,7 +29,8 @@ def tool_upstream() -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def gateway(stack: Stack, tool_upstream: Server) -> Iterator[Server]:
     server = start_gateway(stack.controller.url, "--workers", "2", "--openai-upstream",
-                           f"tool-model={tool_upstream.url}/v1", env=FAST)
+                           f"tool-model={tool_upstream.url}/v1",
+                           env={**FAST, "FLASKCHAT_KEEPALIVE_INTERVAL": "0.5"})
     yield server
     server.stop()
 
@@ -407,6 +408,24 @@ def test_a_failure_after_the_first_byte_is_response_failed(client: openai.OpenAI
     assert "response.output_text.delta" in kinds  # it failed mid-stream, after two tokens
     failed = events[-1].response
     assert failed.status == "failed" and failed.error is not None and failed.error.message
+
+
+def test_a_quiet_stream_gets_keepalives_and_its_usage_is_counted(gateway: Server) -> None:
+    """As for chat streams: comments while the model is silent (after response.created),
+    and the key's usage records the stream's tokens."""
+    made = make_key(gateway, name="responses-usage")
+    with requests.post(gateway.url + "/v1/responses", stream=True, timeout=30,
+                       headers={"Authorization": f"Bearer {made['secret']}"},
+                       json={"model": "fake-model", "input": "[[slow:1.2]] hi",
+                             "max_output_tokens": 2, "stream": True, "store": False}) as got:
+        assert got.status_code == 200
+        body = b"".join(got.iter_content(None))
+    created = body.index(b"event: response.created")
+    first_delta = body.index(b"event: response.output_text.delta")
+    assert b": keepalive" in body[created:first_delta]
+    assert body.rstrip().endswith(b"}") and b"event: response.incomplete" in body
+    row = wait_for_usage(gateway, made["id"], 1)
+    assert row["completion_tokens"] == 2 and row["prompt_tokens"] > 0, row
 
 
 def test_leaving_a_stream_cancels_the_generation(
