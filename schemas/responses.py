@@ -29,6 +29,9 @@ class ResponsesRequest(TypedDict):
     reasoning: dict[str, Any] | None
     include: list[Any] | None
     truncation: str | None
+    conversation: Any
+    prompt: Any
+    top_logprobs: Any
 
 
 class Input(fields.Field[Any]):
@@ -70,6 +73,9 @@ class JsonList(fields.Field[list[Any]]):
         return value
 
 
+REFUSED = {"description": "Not supported: a request that sets it is a 400 naming it."}
+
+
 class ResponsesSchema(Schema):
     class Meta:
         unknown = EXCLUDE  # as elsewhere: fields we do not know are ignored
@@ -95,6 +101,11 @@ class ResponsesSchema(Schema):
     reasoning = JsonObject(allow_none=True, load_default=None)
     include = JsonList(allow_none=True, load_default=None)
     truncation = Str(allow_none=True, load_default=None)
+    # Read only to be refused (app.responses.translate.refuse_unsupported): ignored, each
+    # would change the answer without the client knowing.
+    conversation = fields.Raw(allow_none=True, load_default=None, metadata=REFUSED)
+    prompt = fields.Raw(allow_none=True, load_default=None, metadata=REFUSED)
+    top_logprobs = fields.Raw(allow_none=True, load_default=None, metadata=REFUSED)
 
     def __init__(self, *, max_tokens_limit: int = 1_048_576, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -32,6 +32,16 @@ def refuse_unsupported(body: ResponsesRequest) -> None:
         raise InvalidRequest("Only 'truncation': 'disabled' is supported: a conversation "
                              "longer than the model's context is an error, not cut.",
                              "truncation")
+    if body["conversation"] is not None:
+        raise InvalidRequest("Conversations are not supported: continue a conversation "
+                             "with 'previous_response_id'.", "conversation")
+    if body["prompt"] is not None:
+        raise InvalidRequest("Stored prompt templates are not supported: send the "
+                             "'instructions' and 'input' themselves.", "prompt")
+    if body["top_logprobs"]:
+        raise InvalidRequest("'top_logprobs' is not supported on /v1/responses; chat "
+                             "completions return logprobs where the model gives them.",
+                             "top_logprobs")
 
 
 def chat_request(body: ResponsesRequest, history: list[dict[str, Any]], max_messages: int
