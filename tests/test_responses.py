@@ -193,6 +193,14 @@ BAD_REQUESTS = [
      "tool_choice"),
     ({"model": "fake-model", "input": "hi", "tools": [{"type": "function", "name": "a b"}]},
      400, "tools[0].name"),
+    ({"model": "fake-model", "input": "hi",
+      "tools": [{"type": "function", "name": "f", "parameters": "{}"}]}, 400,
+     "tools[0].parameters"),
+    ({"model": "fake-model", "input": "hi", "tool_choice": {"type": "function", "name": "a b"}},
+     400, "tool_choice.name"),
+    # More messages than --max-messages (2048), as on the chat route.
+    ({"model": "fake-model", "input": [{"role": "user", "content": "x"}] * 2049}, 400,
+     "input"),
     ({"model": "fake-model", "input": "hi", "max_output_tokens": 10**9}, 400,
      "max_output_tokens"),
     # A FastChat worker without the capability: the chat path's error, named as sent.

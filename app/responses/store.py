@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from datetime import timedelta
@@ -38,17 +39,12 @@ log = logging.getLogger("flaskchat.responses")
 
 
 def new_response_id() -> str:
-    """``resp_`` + the creation time in ms (12 hex digits) + 128 random bits."""
+    """``resp_`` + the creation time in ms (12 hex digits, so ids sort by age) + 128 random
+    bits."""
     return f"resp_{int(time.time() * 1000):012x}{os.urandom(16).hex()}"
 
 
-def _created_ms(response_id: str) -> int | None:
-    stamp = response_id[5:17]
-    try:
-        return int(stamp, 16) if response_id.startswith("resp_") and len(stamp) == 12 \
-            else None
-    except ValueError:
-        return None
+_RESPONSE_ID = re.compile(r"resp_[0-9a-f]{44}")
 
 
 class ResponseNotFound(ObjectNotFound):
@@ -142,7 +138,7 @@ class ResponseStore:
                 return pending
             raise self._missing(response_id)
         row = self._read(response_id, owner)
-        if row is None and _created_ms(response_id) is not None:
+        if row is None and _RESPONSE_ID.fullmatch(response_id):
             # Saved by another process a moment ago? Its write is due within a few flushes.
             # (Not judged by the id's time: that is when the response started, and a long
             # generation is saved minutes later.)

@@ -212,7 +212,8 @@ class EventChunks:
         self._events = events
 
     def opening(self, index: int) -> bytes:
-        return self._events.start()  # the message item opens with its first text
+        # response.created and .in_progress; the message item opens with its first text
+        return self._events.start()
 
     def delta(self, index: int, text: str, frame: Any) -> bytes:
         return self._events.text(text) if text else b""

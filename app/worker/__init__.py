@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+
 from flask import Flask
 
 from app.config import WorkerSettings

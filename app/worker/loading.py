@@ -107,7 +107,8 @@ def transformers_folder(source: ModelSource) -> Path:
 
 def sampling_defaults(source: ModelSource, folder: Path) -> dict[str, float]:
     """What an omitted temperature / top_p / top_k means for this model, as vLLM does it:
-    the values its generation_config.json sets, then the embedded model's recommendation."""
+    the values its generation_config.json sets; an embedded model's recommendation (from
+    its card: its GGUF carries none) wins over them."""
     found: dict[str, float] = {}
     path = folder / "generation_config.json"
     if path.exists():
