@@ -22,11 +22,10 @@ def create_app(settings: "Settings | None" = None,
     from app.responses.store import ResponseStore
     from app.routes import (admin_api, chat, completions, embeddings, health, metrics, models,
                             openapi, responses)
-    from app.telemetry import access_log
     from app.telemetry.logs import configure_logging
     from app.telemetry.metrics import AccessMetrics, UpstreamFailures
     from app.upstream.clients import Upstream
-    from app.web import access, admission, calls, cors, handlers, lifecycle, sse
+    from app.web import access, admission, calls, cors, handlers, lifecycle, request_end, sse
     from app.web.context import SCHEMAS, UPSTREAM
     from schemas import RequestSchemas
 
@@ -41,7 +40,7 @@ def create_app(settings: "Settings | None" = None,
         max_messages=settings.max_messages, max_tokens_limit=settings.max_tokens_limit)
     lifecycle.init_app(app, settings.drain_seconds)
     calls.init_app(app)
-    access_log.init_app(app, settings.access_log, settings.metrics)
+    request_end.init_app(app, settings.access_log, settings.metrics)
     cors.init_app(app, settings)
     access_metrics = AccessMetrics(settings.metrics_key_labels) if settings.metrics else None
     keys_and_usage = open_access(settings, access_metrics)
@@ -54,13 +53,15 @@ def create_app(settings: "Settings | None" = None,
     handlers.init_app(app, on_server_error=failures.failed)
     sse.init_app(app, settings.keepalive_interval)
     stored_responses = ResponseStore(keys_and_usage.engine, settings.responses_ttl,
-                                     settings.responses_max)
+                                     settings.responses_max, settings.responses_max_bytes,
+                                     settings.responses_key_quota)
     app.extensions[responses.STORE] = stored_responses
-    lifecycle.lifecycle_of(app).on_stop(stored_responses.flush)  # nothing saved is lost
+    lifecycle.lifecycle_of(app).on_stop(stored_responses.stop)  # nothing saved is lost
     for module in (chat, completions, embeddings, responses, models, health, openapi,
                    admin_api):
         app.register_blueprint(module.bp)
     if settings.metrics:
+        app.extensions[metrics.ADMIN_ONLY] = settings.metrics_require_admin
         app.register_blueprint(metrics.bp)
     admin.init_app(app)
     if settings.demo:

@@ -254,17 +254,23 @@ def _name(text: str) -> str:
 
 
 def _duration(text: str) -> Any:
-    from schemas.admin import parse_duration
+    from schemas.admin import lifetime
 
     try:
-        return parse_duration(text)
+        return lifetime(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _database_url(args: argparse.Namespace) -> str:
+def _settings(args: argparse.Namespace) -> Settings:
+    """The server's settings as the environment (and --env-file) give them, with this
+    command's --database-url."""
     return Settings.from_args(argparse.Namespace(database_url=args.database_url,
-                                                 env_file=args.env_file)).database_url
+                                                 env_file=args.env_file))
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    return _settings(args).database_url
 
 
 def _keys_create(args: argparse.Namespace) -> int:
@@ -303,8 +309,10 @@ def _keys_revoke(args: argparse.Namespace) -> int:
 def _usage(args: argparse.Namespace) -> int:
     from app.access import commands
 
-    return commands.run(lambda: commands.show_usage(_database_url(args), args.by, args.since,
-                                                    args.json))
+    settings = _settings(args)
+    return commands.run(lambda: commands.show_usage(settings.database_url, args.by,
+                                                    args.since, args.json,
+                                                    settings.usage_retention))
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:

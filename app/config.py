@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
@@ -36,19 +37,39 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"expected a boolean, got {text!r}")
 
 
+_DURATION = re.compile(r"^(\d{1,9}(?:\.\d{1,6})?)([smhdw]?)$")
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+MAX_DURATION = 100 * 366 * 86400.0  # what a datetime can still add without overflowing
+
+
 def parse_duration(text: str) -> float:
-    """Seconds from ``30d``, ``12h``, ``90m``, ``45s`` or a plain number of seconds."""
-    text = text.strip()
-    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
-    scale = units.get(text[-1:], 1.0) if text else 1.0
-    number = text[:-1] if text[-1:] in units else text
-    try:
-        value = float(number) * scale
-    except ValueError:
-        raise ValueError(f"expected a duration such as 30d, 12h or 90m, got {text!r}") \
-            from None
-    if not value > 0:
-        raise ValueError(f"must be positive, got {text!r}")
+    """Seconds from ``45s``, ``90m``, ``12h``, ``30d``, ``2w`` or a plain number of seconds:
+    the one duration format of the flags, the environment, the CLI and the admin API."""
+    found = _DURATION.match(text.strip())
+    if not found:
+        raise ValueError(f"expected a duration such as 45s, 90m, 12h, 30d or 2w (or "
+                         f"seconds), not {text!r}")
+    value = float(found.group(1)) * _DURATION_UNITS[found.group(2)]
+    if not 0 < value <= MAX_DURATION:
+        raise ValueError(f"a duration must be more than 0 and at most 100 years, not "
+                         f"{text!r}")
+    return value
+
+
+_SIZE = re.compile(r"^(\d{1,15})\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2,
+               "mb": 1000**2, "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``512``, ``64KiB``, ``1MiB``, ``2GB`` (``k``/``m``/``g`` alone are
+    binary): the one size format of the flags and the environment."""
+    found = _SIZE.match(text.strip())
+    if not found:
+        raise ValueError(f"expected a size such as 65536, 64KiB, 1MiB or 2GB, not {text!r}")
+    value = int(found.group(1)) * _SIZE_UNITS[found.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"a size must be more than 0, not {text!r}")
     return value
 
 
@@ -132,17 +153,17 @@ class Settings:
         "seconds a stop (SIGTERM) or reload (SIGHUP) lets running streams finish; those "
         "still running then end with an error event")
     drain_seconds: float = _opt(
-        2.0, "--drain-seconds", _positive(float),
+        2.0, "--drain-seconds", parse_duration,
         "on a stop or reload: how long the old processes keep accepting (the new ones of a "
         "reload boot meanwhile), and how long an idle keep-alive connection may still "
         "bring a request (answered with Connection: close) before it is closed")
     worker_connections: int = _opt(
         10000, "--worker-connections", _positive(int),
         "open connections per worker process (each stream holds one)")
-    connect_timeout: float = _opt(5.0, "--connect-timeout", _positive(float),
+    connect_timeout: float = _opt(5.0, "--connect-timeout", parse_duration,
                                   "seconds to connect to a worker or the controller")
     read_timeout: float = _opt(
-        100.0, "--read-timeout", _positive(float),
+        100.0, "--read-timeout", parse_duration,
         "longest wait, in seconds, between two of a worker's tokens (not for a whole "
         "generation)", env=("FASTCHAT_WORKER_API_TIMEOUT",))
     first_token_timeout: float = _opt(
@@ -150,32 +171,32 @@ class Settings:
         "longest wait, in seconds, for a worker's first token (queueing and prompt "
         "included); 0: the read timeout")
     generation_timeout: float = _opt(
-        600.0, "--generation-timeout", _positive(float),
+        600.0, "--generation-timeout", parse_duration,
         "longest wait, in seconds, for a non-stream answer from a worker that sends "
         "nothing until it is done (stock FastChat workers)")
     embedding_batch_size: int = _opt(
         4, "--embedding-batch-size", _positive(int), "inputs per worker embedding call",
         env=("FASTCHAT_WORKER_API_EMBEDDING_BATCH_SIZE",))
-    max_body_bytes: int = _opt(16 * 1024 * 1024, "--max-body-bytes", _positive(int),
-                               "largest accepted request body")
+    max_body_bytes: int = _opt(16 * 1024 * 1024, "--max-body-bytes", parse_size,
+                               "largest accepted request body (bytes, or 16MiB...)")
     max_n: int = _opt(128, "--max-n", _positive(int),
                       "largest n (choices per prompt) a request may ask for")
     max_inputs: int = _opt(2048, "--max-inputs", _positive(int),
                            "most prompts or embedding inputs in one request")
-    models_ttl: float = _opt(3.0, "--models-ttl", _positive(float),
+    models_ttl: float = _opt(3.0, "--models-ttl", parse_duration,
                              "seconds before the cached model/worker list is refreshed "
                              "(in the background; requests never wait for it)")
     worker_info_ttl: float = _opt(
-        60.0, "--worker-info-ttl", _positive(float),
+        60.0, "--worker-info-ttl", parse_duration,
         "seconds before a worker's cached template and context length are refreshed")
     keepalive_interval: float = _opt(
-        10.0, "--keepalive-interval", _positive(float),
+        10.0, "--keepalive-interval", parse_duration,
         "seconds between SSE comment lines while a stream waits for its first token")
     max_in_flight: int = _opt(8192, "--max-in-flight", _positive(int),
                               "requests one process works on at once; more wait in a queue")
     max_queued: int = _opt(1024, "--max-queued", int,
                            "requests that may wait for a place; beyond it: 429")
-    queue_timeout: float = _opt(10.0, "--queue-timeout", _positive(float),
+    queue_timeout: float = _opt(10.0, "--queue-timeout", parse_duration,
                                 "longest wait, in seconds, for a place; then 429")
     max_worker_in_flight: int = _opt(
         0, "--max-worker-in-flight", int,
@@ -192,10 +213,14 @@ class Settings:
                             "one INFO line per request: route, model, status, latency, "
                             "TTFT, tokens (never keys or message content)")
     metrics: bool = _opt(True, "--metrics", parse_bool,
-                         "serve Prometheus metrics at /metrics (unauthenticated, like "
-                         "/health)")
+                         "serve Prometheus metrics at /metrics (open to anyone who can "
+                         "reach the server unless --metrics-require-admin)")
+    metrics_require_admin: bool = _opt(
+        False, "--metrics-require-admin", parse_bool,
+        "/metrics needs an admin key (Authorization: Bearer, as Prometheus' scrape "
+        "'authorization' sends it)", is_switch=True)
     demo: bool = _opt(True, "--demo", parse_bool, "serve the browser demo page at /demo")
-    demo_ticket_ttl: float = _opt(30.0, "--demo-ticket-ttl", _positive(float),
+    demo_ticket_ttl: float = _opt(30.0, "--demo-ticket-ttl", parse_duration,
                                   "seconds a demo stream ticket stays valid (single use)")
     openai_upstreams: tuple[str, ...] = _opt(
         (), "--openai-upstream", parse_list,
@@ -225,12 +250,25 @@ class Settings:
         "FLASKCHAT_ADMIN_KEYS (flags show in ps); none: /admin is closed")
     admin_keys_file: str = _opt("", "--admin-keys-file", str,
                                 "file with one admin key per line")
+    require_auth: bool = _opt(
+        False, "--require-auth", parse_bool,
+        "refuse every model request without a valid key, even when no key is configured "
+        "yet (recommended for a shared server: auth is otherwise off until a key exists)",
+        is_switch=True)
+    tpm_estimate: int = _opt(
+        256, "--tpm-estimate", _positive(int),
+        "completion tokens per choice a request without max_tokens reserves against its "
+        "key's tokens-per-minute limit (settled to what it used when it ends)")
+    usage_retention: float = _opt(
+        30 * 86400.0, "--usage-retention", parse_duration,
+        "how long usage records are kept one per request (30d, 12h...); older ones are "
+        "kept only as their per-day sums per key and model")
     keys_refresh: float = _opt(
-        2.0, "--keys-refresh", _positive(float),
+        2.0, "--keys-refresh", parse_duration,
         "seconds between reads of the API keys that changed (a revoked or changed key "
         "takes effect on every host within this)")
     usage_flush_interval: float = _opt(
-        1.0, "--usage-flush-interval", _positive(float),
+        1.0, "--usage-flush-interval", parse_duration,
         "seconds between writes of the usage records (what a SIGKILL can lose at most)")
     usage_buffer: int = _opt(
         100_000, "--usage-buffer", _positive(int),
@@ -246,6 +284,14 @@ class Settings:
     responses_max: int = _opt(
         100_000, "--responses-max", _positive(int),
         "stored responses kept at most; beyond it the oldest are deleted first")
+    responses_max_bytes: int = _opt(
+        1024 * 1024, "--responses-max-bytes", parse_size,
+        "largest stored response (its input, the turns it replays and its output); a "
+        "larger one is answered but not stored (its 'store' is false), or refused with "
+        "400 when the request asks for 'store': true")
+    responses_key_quota: int = _opt(
+        256 * 1024 * 1024, "--responses-key-quota", parse_size,
+        "stored responses' bytes each key may keep; past it its oldest are deleted first")
     env_file: str = _opt(
         "", "--env-file", str,
         "file of FLASKCHAT_* variables (KEY=VALUE lines) that beat the environment and are "
@@ -290,11 +336,11 @@ class ControllerSettings:
     dispatch_method: str = _opt("shortest_queue", "--dispatch-method", _dispatch,
                                 "shortest_queue or lottery")
     heart_beat_expiration: float = _opt(
-        90.0, "--heart-beat-expiration", _positive(float),
+        90.0, "--heart-beat-expiration", parse_duration,
         "seconds without a heartbeat before a worker is dropped",
         env=("FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION",))
     worker_api_timeout: float = _opt(
-        100.0, "--worker-api-timeout", _positive(float),
+        100.0, "--worker-api-timeout", parse_duration,
         "longest silence, in seconds, of a worker whose stream the controller proxies "
         "(FastChat's /worker_generate_stream on the controller)",
         env=("FASTCHAT_WORKER_API_TIMEOUT",))
@@ -349,7 +395,7 @@ class WorkerSettings:
                               "template (e.g. vicuna_v1.1, llama-2, chatml)")
     stream_interval: int = _opt(2, "--stream-interval", _positive(int),
                                 "tokens between streamed frames")
-    heart_beat_interval: float = _opt(45.0, "--heart-beat-interval", _positive(float),
+    heart_beat_interval: float = _opt(45.0, "--heart-beat-interval", parse_duration,
                                       "seconds between heartbeats",
                                       env=("FASTCHAT_WORKER_HEART_BEAT_INTERVAL",))
     controller_secret: str = _opt(

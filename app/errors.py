@@ -7,6 +7,7 @@ error as a Flask response is ``app.web.handlers``' job.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from app.protocol.error_codes import (CONTEXT_OVERFLOW, CONTROLLER_NO_WORKER,
@@ -26,6 +27,9 @@ class APIError(Exception):
     # request may be sent to another worker of the model instead.
     failover = False
     counted = False  # already in the upstream-errors metric (each failure counts once)
+    # What only the logs may say: which server failed (an upstream's address). A message
+    # a client sees never names one.
+    internal: str | None = None
 
     def __init__(self, message: str, param: str | None = None, *,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
@@ -72,6 +76,24 @@ class PermissionDenied(InvalidRequest):
 
 class ModelNotFound(InvalidRequest):
     status, code, fastchat_code = 404, "model_not_found", INVALID_MODEL
+
+    def __init__(self, message: str, param: str | None = None, *,
+                 available: tuple[str, ...] = ()) -> None:
+        """``available``: the models that do exist, of which a caller is told those it may
+        use (``for_caller``), never the others."""
+        super().__init__(message, param)
+        self.available = available
+
+    def for_caller(self, may_use: frozenset[str] | None) -> "ModelNotFound":
+        """This error as the caller may see it: the message lists only the models the
+        caller's key may use (``may_use``; None: every model)."""
+        if not self.available:
+            return self
+        shown = [m for m in self.available if may_use is None or m in may_use]
+        found = copy.copy(self)
+        found.message = f"{self.message} Available models: {', '.join(shown) or 'none'}."
+        found.available = ()
+        return found
 
 
 class RouteNotFound(InvalidRequest):

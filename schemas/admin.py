@@ -11,21 +11,17 @@ from typing import Any, Mapping, TypedDict
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validates_schema
 
+from app.config import parse_duration  # the one duration format (flags, CLI, this API)
 from schemas.fields import Int, Str
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._@:/+-]{0,199}$")
-DURATION = re.compile(r"^(\d{1,6})([mhdw])$")
-_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 PERIODS = ("day", "month")
 GROUPS = ("key", "team", "model", "day")
 
 
-def parse_duration(text: str) -> timedelta:
-    """``30d``, ``12h``, ``90m``, ``2w``."""
-    found = DURATION.match(text.strip())
-    if not found or int(found.group(1)) == 0:
-        raise ValueError(f"expected a duration such as 30d, 12h, 90m or 2w, not {text!r}")
-    return timedelta(**{_UNITS[found.group(2)]: int(found.group(1))})
+def lifetime(text: str) -> timedelta:
+    """A key's lifetime from now, in the duration format (``30d``, ``12h``, ``2w``...)."""
+    return timedelta(seconds=parse_duration(text))
 
 
 def check_name(text: str, what: str = "name") -> str:
@@ -41,7 +37,7 @@ class Duration(fields.Field[timedelta]):
         if not isinstance(value, str):
             raise ValidationError("must be a duration string such as 30d, 12h or 90m")
         try:
-            return parse_duration(value)
+            return lifetime(value)
         except ValueError as exc:
             raise ValidationError(str(exc)) from None
 

@@ -155,6 +155,14 @@ def at_most(maximum: float, name: str) -> Callable[[Any], None]:
     return check
 
 
+def at_most_chars(maximum: int, name: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value is not None and len(value) > maximum:
+            raise ValidationError(f"string too long: expected at most {maximum} "
+                                  f"characters, got {len(value)} - '{name}'")
+    return check
+
+
 def top_k_rule(value: Any) -> None:
     if value is not None and -1 < value < 1:
         raise ValidationError(f"{value} is out of Range. Either set top_k to -1 or >=1.")

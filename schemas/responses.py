@@ -6,7 +6,7 @@ from typing import Any, Mapping, TypedDict
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
 
-from schemas.fields import Bool, Int, Number, Str, at_least, between
+from schemas.fields import Bool, Int, Number, Str, at_least, at_most_chars, between
 
 
 class ResponsesRequest(TypedDict):
@@ -23,7 +23,9 @@ class ResponsesRequest(TypedDict):
     text: dict[str, Any] | None
     metadata: dict[str, str] | None
     user: str | None
-    store: bool
+    safety_identifier: str | None
+    prompt_cache_key: str | None
+    store: bool | None
     previous_response_id: str | None
     background: bool | None
     reasoning: dict[str, Any] | None
@@ -94,8 +96,13 @@ class ResponsesSchema(Schema):
     parallel_tool_calls = Bool(allow_none=True, load_default=None)
     text = JsonObject(allow_none=True, load_default=None)
     metadata = Metadata(allow_none=True, load_default=None)
-    user = Str(allow_none=True, load_default=None)
-    store = Bool(allow_none=True, load_default=True)
+    # Stored and echoed: bounded as OpenAI bounds them.
+    user = Str(allow_none=True, load_default=None, validate=at_most_chars(256, "user"))
+    safety_identifier = Str(allow_none=True, load_default=None,
+                            validate=at_most_chars(64, "safety_identifier"))
+    prompt_cache_key = Str(allow_none=True, load_default=None,
+                           validate=at_most_chars(64, "prompt_cache_key"))
+    store = Bool(allow_none=True, load_default=None)  # None: stored, as OpenAI's default
     previous_response_id = Str(allow_none=True, load_default=None)
     background = Bool(allow_none=True, load_default=None)
     reasoning = JsonObject(allow_none=True, load_default=None)

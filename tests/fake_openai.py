@@ -2,15 +2,19 @@
 over real HTTP for the tests.
 
 Run: ``python tests/fake_openai.py --models upstream-name[,other] [--api-key KEY]
-[--spaced]``; prints ``PORT <n>`` once listening. ``--spaced`` writes JSON with spaces
-after colons (as Python's json module and some servers do).
+[--spaced] [--no-usage]``; prints ``PORT <n>`` once listening. ``--spaced`` writes JSON with
+spaces after colons (as Python's json module and some servers do); ``--no-usage`` never
+reports usage (it ignores ``stream_options.include_usage``, as some servers do).
 
 Replies "Hi from NAME." word by word (NAME: the --name flag), unless the last user text
 holds a directive:
   [[reply:TEXT]]    reply TEXT
+  [[count:N]]       reply N words, "w0 w1 ..."
+  [[usage:N]]       report N completion tokens, whatever it sent
   [[slow:SECONDS]]  wait that long before each chunk
   [[http:STATUS]]   answer with that status and an OpenAI error envelope
   [[hang]]          no byte for a long time
+  [[late]]          non-stream: the headers at once, the answer after a long time
   [[drop]]          two chunks, then the connection is cut
   [[error]]         two chunks, then an error event (as vLLM sends)
   [[nodone]]        end the stream without [DONE] or a finish_reason
@@ -119,12 +123,27 @@ class FakeOpenAI:
         if body.get("stream"):
             return Response(self.stream(path, body, directives),
                             content_type="text/event-stream")
+        if "late" in directives:
+            return Response(self.late(self.complete(path, body, directives)),
+                            content_type="application/json")
         return self.json(self.complete(path, body, directives))
+
+    def late(self, answer: dict[str, Any]) -> Iterator[bytes]:
+        yield b" "  # the headers go out with it
+        try:
+            time.sleep(LONG_WAIT)
+            yield self.dumps(answer)
+        except GeneratorExit:
+            with self.lock:
+                self.cancelled += 1
+            raise
 
     # ---- answers ----------------------------------------------------------------------
 
     def words(self, directives: dict[str, str], body: dict[str, Any] | None = None
               ) -> list[str]:
+        if "count" in directives:
+            return [f"w{i} " for i in range(int(directives["count"]))]
         result = _tool_result(body or {})
         text = directives.get("reply") or (f"The tool said: {result}." if result is not None
                                            else f"Hi from {self.args.name}.")
@@ -133,8 +152,11 @@ class FakeOpenAI:
     def complete(self, path: str, body: dict[str, Any],
                  directives: dict[str, str]) -> dict[str, Any]:
         words = self.words(directives, body)
-        usage = {"prompt_tokens": 7, "completion_tokens": len(words),
-                 "total_tokens": 7 + len(words)}
+        made = int(directives.get("usage") or len(words))
+        usage: dict[str, int] | None = {"prompt_tokens": 7, "completion_tokens": made,
+                                        "total_tokens": 7 + made}
+        if self.args.no_usage:
+            usage = None
         if path == "/v1/completions":
             return {"id": "cmpl-fake", "object": "text_completion", "created": 1,
                     "model": body["model"], "usage": usage, "choices": [
@@ -170,7 +192,8 @@ class FakeOpenAI:
         base = {"id": "chatcmpl-fake" if chat else "cmpl-fake",
                 "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": 1, "model": body["model"]}
-        usage_on = bool((body.get("stream_options") or {}).get("include_usage"))
+        usage_on = bool((body.get("stream_options") or {}).get("include_usage")) \
+            and not self.args.no_usage
         sent = 0
         try:
             if chat:
@@ -211,9 +234,10 @@ class FakeOpenAI:
                 else {"index": 0, "text": "", "finish_reason": finish}
             yield self.event({**base, "choices": [last]})
             if usage_on:
+                made = int(directives.get("usage") or sent)
                 yield self.event({**base, "choices": [], "usage": {
-                    "prompt_tokens": 7, "completion_tokens": sent,
-                    "total_tokens": 7 + sent}})
+                    "prompt_tokens": 7, "completion_tokens": made,
+                    "total_tokens": 7 + made}})
             yield b"data: [DONE]\n\n"
         except GeneratorExit:
             with self.lock:
@@ -259,6 +283,7 @@ def main() -> None:
     parser.add_argument("--name", default="upstream")
     parser.add_argument("--api-key", default="")
     parser.add_argument("--spaced", action="store_true")
+    parser.add_argument("--no-usage", action="store_true")
     args = parser.parse_args()
     server = WSGIServer(("127.0.0.1", 0), FakeOpenAI(args), log=None, error_log=None)
     server.init_socket()

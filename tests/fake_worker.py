@@ -6,6 +6,7 @@ It prints ``PORT <n>`` once listening, registers with the controller and heartbe
 The reply is deterministic: "Hello! I am a fake model." one word per token, unless the last
 user text holds a directive:
   [[reply:TEXT]]    reply TEXT instead
+  [[count:N]]       reply N words, "w0 w1 ..."
   [[error:CODE]]    an error_code frame after two tokens
   [[hang]]          no byte at all for a long time (before the response headers)
   [[stall]]         two tokens, then a long silence
@@ -86,6 +87,8 @@ class FakeWorker:
         text = _last_user_text(params)
         directives = {m.group(1): m.group(2) or "" for m in _DIRECTIVE.finditer(text)}
         reply = directives.get("reply") or DEFAULT_REPLY
+        if "count" in directives:
+            reply = " ".join(f"w{i}" for i in range(int(directives["count"])))
         if "multibyte" in directives:
             reply = "héllo wörld"
         tokens = re.findall(r"\S+\s*|\s+", reply) if "multibyte" not in directives \
@@ -191,7 +194,7 @@ class FakeWorker:
             time.sleep(LONG_WAIT)
         if "garbage" in directives:
             return Response(b"{not json", mimetype="application/json")
-        if self.capabilities:  # like flaskchat's worker: headers at once, a space per token
+        if self.capabilities:  # like flaskchat's worker: headers at once, then whitespace
             def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
                 start_response("200 OK", [("Content-Type", "application/json")])
                 return self._spaced(params)
@@ -210,12 +213,14 @@ class FakeWorker:
         return last
 
     def _spaced(self, params: dict[str, Any]) -> Iterator[bytes]:
+        """Whitespace while it generates: with generate_progress a space per token (a
+        newline first), else a space per token as a bare keep-alive."""
         with self.lock:
             self.active += 1
         finished = False
         last: dict[str, Any] = {}
         try:
-            yield b" "
+            yield b"\n" if "generate_progress" in self.capabilities else b" "
             try:
                 for frame in self._frames(params):
                     last = frame

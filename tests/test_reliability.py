@@ -158,8 +158,10 @@ def test_garbage_frames_become_an_error_event(controller: Server, gateway: Serve
 
 def test_client_leaving_a_non_stream_request_cancels_the_generation(
         controller: Server, gateway: Server) -> None:
-    # --capabilities length_check: it answers /worker_generate like ours
-    with serving(controller, gateway, "abandoned", "--capabilities", "length_check") as worker:
+    # --capabilities ...,generate_progress: it answers /worker_generate like ours (and so
+    # stops when its request is closed)
+    with serving(controller, gateway, "abandoned", "--capabilities",
+                 "length_check,generate_progress") as worker:
         body = orjson.dumps({"model": "abandoned", "messages": [
             {"role": "user", "content": "[[slow:0.3]][[reply:a b c d e f g h i j k l]]"}]})
         host, port = gateway.url.removeprefix("http://").split(":")

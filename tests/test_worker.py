@@ -174,7 +174,7 @@ def test_worker_protocol_endpoints(http_stack: dict[str, Server]) -> None:
     assert status == {"model_names": ["tiny"], "speed": 1, "queue_length": 0}
     details = requests.post(worker + "/model_details", json={"model": "tiny"}).json()
     assert details == {"context_length": 2048, "capabilities": [
-        "length_check", "messages", "sampling_defaults"]}
+        "length_check", "messages", "sampling_defaults", "generate_progress"]}
     count = requests.post(worker + "/count_token", json={"model": "tiny", "prompt": "Hello"})
     assert count.json()["error_code"] == 0 and count.json()["count"] > 0
     conv = requests.post(worker + "/worker_get_conv_template", json={"model": "tiny"}).json()

@@ -12,7 +12,7 @@ from app.access.tables import usage_daily
 from app.access.usage import UsageRecord
 
 
-def period_start(period: str, at: datetime) -> str:
+def period_start(period: str | None, at: datetime) -> str:
     """The first day (YYYY-MM-DD) of the budget period that ``at`` (UTC) falls in."""
     return at.strftime("%Y-%m-01" if period == "month" else "%Y-%m-%d")
 

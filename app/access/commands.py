@@ -117,12 +117,13 @@ def _date(value: Any) -> str:
 
 # ---- usage --------------------------------------------------------------------------------
 
-def show_usage(url: str, group_by: str, since_text: str, as_json: bool) -> int:
+def show_usage(url: str, group_by: str, since_text: str, as_json: bool,
+               retention: float) -> int:
     since = parse_since(since_text)
-    rows = usage_report(prepared_engine(url), group_by, since)
+    rows, more = usage_report(prepared_engine(url), group_by, since, retention)
     if as_json:
         print(json.dumps({"group_by": group_by, "since": since.isoformat() + "Z",
-                          "data": rows}, indent=2))
+                          "data": rows, "has_more": more}, indent=2))
         return 0
     print(f"Usage since {since:%Y-%m-%d %H:%M} UTC, by {group_by}:")
     label = {"key": "KEY", "team": "TEAM", "model": "MODEL", "day": "DAY"}[group_by]
@@ -132,6 +133,8 @@ def show_usage(url: str, group_by: str, since_text: str, as_json: bool) -> int:
     total = [sum(row[i] for row in table) for i in range(1, 6)]
     _table([label, "REQUESTS", "ERRORS", "PROMPT", "COMPLETION", "TOTAL TOKENS",
             "MEAN MS"], table + ([["(total)", *total, ""]] if len(table) > 1 else []))
+    if more:
+        print(f"(only the {len(rows)} biggest; narrow --since or group otherwise)")
     return 0
 
 

@@ -7,18 +7,21 @@ SQLite by default (a file in the data directory: ``$XDG_DATA_HOME/flaskchat``, e
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-HEAD = "0002"
+REVISIONS = ("0001", "0002", "0003")  # this release's migrations, in order
+HEAD = REVISIONS[-1]
 MIGRATION_LOCK = 0x666C61736B  # any constant: the advisory lock's id
+log = logging.getLogger("flaskchat.database")
 
 
 class DatabaseError(Exception):
@@ -125,17 +128,49 @@ def revision(url: str) -> str | None:
 
 
 def check(url: str, upgrade_sqlite: bool = True) -> None:
-    """Ready to serve: reachable, and at the newest revision (an SQLite file is brought
-    there; PostgreSQL, shared by several hosts, is upgraded on purpose, by a person)."""
+    """Ready to serve: reachable, and at this release's revision (an SQLite file is
+    brought there; PostgreSQL, shared by several hosts, is upgraded on purpose, by a
+    person). A revision newer than this release's is fine when that revision says this
+    release can still run on it (an additive migration: a rolling deploy's hosts still on
+    the previous release, or a rollback), and refused otherwise."""
     url = normalized(url)
+    current = revision(url)
+    if current == HEAD:
+        return
+    if current is not None and current not in REVISIONS:
+        oldest = oldest_release(url, current)
+        if oldest is not None and oldest in REVISIONS:
+            log.warning("the database %s is at schema revision %s, newer than this "
+                        "release's %s, which can still run on it (upgrade this host soon)",
+                        _shown(url), current, HEAD)
+            return
+        raise DatabaseError(f"the database {_shown(url)} is at schema revision {current}, "
+                            f"newer than this release's {HEAD}, and this release cannot run "
+                            "on it: run a newer flaskchat")
     if url.startswith("sqlite") and upgrade_sqlite:
         upgrade(url)
         return
-    current = revision(url)
-    if current != HEAD:
-        raise DatabaseError(f"the database {_shown(url)} is at schema revision "
-                            f"{current or 'none'}, not {HEAD}: run `flaskchat db upgrade "
-                            "--database-url ...` first")
+    raise DatabaseError(f"the database {_shown(url)} is at schema revision "
+                        f"{current or 'none'}, not {HEAD}: run `flaskchat db upgrade "
+                        "--database-url ...` first")
+
+
+def oldest_release(url: str, at_revision: str) -> str | None:
+    """The oldest schema revision whose release can run on ``at_revision``, as that
+    revision's migration wrote it (None: it says nothing, so none can)."""
+    from app.access.tables import schema_releases
+
+    engine = engine_for(url)
+    try:
+        with engine.connect() as connection:
+            found: str | None = connection.execute(
+                select(schema_releases.c.oldest_release)
+                .where(schema_releases.c.revision == at_revision)).scalar()
+            return found
+    except SQLAlchemyError:
+        return None  # no such table: a schema from before revision 0003
+    finally:
+        engine.dispose()
 
 
 def _alembic_config(connection: Any) -> Any:
@@ -145,6 +180,19 @@ def _alembic_config(connection: Any) -> Any:
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
     return config
+
+
+def shown_url(url: str) -> str:
+    """The URL (the default one if empty) without its password, for messages and logs."""
+    return _shown(normalized(url)) if _parses(url) else _shown(url)
+
+
+def _parses(url: str) -> bool:
+    try:
+        normalized(url)
+    except DatabaseError:
+        return False
+    return True
 
 
 def _shown(url: str) -> str:

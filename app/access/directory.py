@@ -9,11 +9,15 @@ cannot be reached, the keys already known keep working; an unknown key is refuse
 503, never let in.
 
 Keys from ``--api-keys`` / ``--api-keys-file`` (FastChat's) are unlimited and compared in
-constant time. With none of those and no key in the database, auth is off (as
-``flaskchat up`` starts); the first key made turns it on.
+constant time; each owns what it stores under an id derived from it (never the key
+itself). With none of those and no key in the database, auth is off (as ``flaskchat up``
+starts): all traffic is one anonymous owner, and a warning says so at start and every few
+minutes; the first key made turns auth on. With ``require_auth`` it never is off: without
+a key every model request is refused.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import threading
@@ -34,6 +38,7 @@ FULL_RELOAD = 60.0  # seconds between reads of every key
 # A refresh reads the keys changed since the newest change it has seen, less this margin:
 # the timestamps come from the clocks of the hosts that wrote them, which may disagree.
 CLOCK_MARGIN = timedelta(seconds=30)
+AUTH_OFF_WARNING_EVERY = 300.0  # seconds between warnings while auth is off
 
 
 @dataclass(frozen=True)
@@ -45,27 +50,39 @@ class Principal:
     team: str | None
     models: frozenset[str] | None  # None: every model
     limits: KeyLimits
-    budget_tokens: int | None
-    budget_period: str | None
+    # Who owns what the request stores (stored responses): the key's id; for a
+    # --api-keys key an id derived from it; "" for the one anonymous owner (auth off).
+    owner: str
 
     @classmethod
     def of(cls, key: ApiKey) -> "Principal":
         return cls(key.id, key.name, key.team,
                    frozenset(key.models) if key.models is not None else None,
-                   KeyLimits(key.rpm, key.tpm, key.max_parallel), key.budget_tokens,
-                   key.budget_period)
+                   KeyLimits(key.rpm, key.tpm, key.max_parallel, key.budget_tokens,
+                             key.budget_period), key.id)
 
 
-ANONYMOUS = Principal(None, None, None, None, KeyLimits(), None, None)  # auth is off
-FLAG_KEY = Principal(None, "api-keys", None, None, KeyLimits(), None, None)  # --api-keys
+ANONYMOUS = Principal(None, None, None, None, KeyLimits(), "")  # auth is off
+
+
+def flag_key_principal(secret: str) -> Principal:
+    """A --api-keys key: unlimited, named "api-keys", its own owner (a hash of the key:
+    stable across restarts and hosts, and telling nothing of the key)."""
+    owner = "flag_" + hashlib.sha256(b"flaskchat-owner:" + secret.encode()).hexdigest()[:32]
+    return Principal(None, "api-keys", None, None, KeyLimits(), owner)
 
 
 class KeyDirectory:
     def __init__(self, store: KeyStore | None, static_keys: tuple[str, ...],
-                 refresh: float, budgets: Budgets,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 refresh: float, budgets: Budgets, require_auth: bool = False,
+                 where: str = "", clock: Callable[[], float] = time.monotonic) -> None:
+        """``where``: the key database as the auth-off warning names it."""
         self._store = store
         self._static = tuple(key.encode() for key in static_keys)
+        self._static_principals = tuple(flag_key_principal(key) for key in static_keys)
+        self._require_auth = require_auth
+        self._where = where
+        self._warned_at = float("-inf")
         self._refresh = refresh
         self._budgets = budgets
         self._clock = clock
@@ -80,16 +97,31 @@ class KeyDirectory:
     @property
     def auth_on(self) -> bool:
         # Until the keys could be read once, nobody can know that there are none.
-        return bool(self._static) or bool(self._keys) or \
+        return self._require_auth or bool(self._static) or bool(self._keys) or \
             (self._store is not None and self._read_at is None)
 
     def start(self) -> None:
         """Loads the keys now (a database that cannot be read is logged, not fatal: the
         process serves what it can), then keeps them fresh in the background."""
         if self._store is None:
+            self.warn_if_open()
             return
         self.reload()
+        self.warn_if_open()
         threading.Thread(target=self._keep_fresh, name="key-directory", daemon=True).start()
+
+    def warn_if_open(self) -> None:
+        """While auth is off, a warning at start and every few minutes: a server that
+        anyone can use, and charge to nobody, should not go unnoticed (a restored or empty
+        database, or another user's SQLite file, turns auth off)."""
+        if self.auth_on or self._clock() - self._warned_at < AUTH_OFF_WARNING_EVERY:
+            return
+        self._warned_at = self._clock()
+        log.warning("auth is off: no API key is configured (the key database %s has none, "
+                    "and no --api-keys is set), so anyone who can reach this server may use "
+                    "every model; make a key with `flaskchat keys create`, or start with "
+                    "--require-auth to refuse every request until one exists",
+                    self._where or "(none)")
 
     def authenticate(self, token: str) -> Principal:
         if not self.auth_on:
@@ -99,8 +131,10 @@ class KeyDirectory:
             raise AuthenticationFailed(
                 "You didn't provide an API key. Send it in the Authorization header as "
                 "'Authorization: Bearer YOUR_KEY'.")
-        if self._static and self._flag_key(token.encode()):
-            return FLAG_KEY
+        if self._static:
+            flag = self._flag_key(token.encode())
+            if flag is not None:
+                return flag
         hashed = secret_hash(token)
         key = self._keys.get(hashed) or self._look_up(hashed)
         if key is None:
@@ -113,10 +147,13 @@ class KeyDirectory:
             principal = self._principals[hashed] = Principal.of(key)
         return principal
 
-    def principal(self, key_id: str | None) -> Principal | None:
-        """The principal of a key by its id, if it is still active (demo tickets)."""
+    def principal(self, key_id: str | None, owner: str) -> Principal | None:
+        """The principal of a key by its id (a --api-keys key by its owner id), if it is
+        still active (demo tickets)."""
         if key_id is None:
-            return FLAG_KEY if self._static else None if self.auth_on else ANONYMOUS
+            if not owner:
+                return None if self.auth_on else ANONYMOUS
+            return next((p for p in self._static_principals if p.owner == owner), None)
         key = self._by_id.get(key_id)
         return Principal.of(key) if key is not None and key.status() == "active" else None
 
@@ -162,12 +199,14 @@ class KeyDirectory:
         while True:
             time.sleep(self._refresh)
             self.reload()
+            self.warn_if_open()
 
-    def _flag_key(self, candidate: bytes) -> bool:
+    def _flag_key(self, candidate: bytes) -> Principal | None:
         # Compare against every key so the time does not tell which one (or how many).
-        found = False
-        for key in self._static:
-            found |= hmac.compare_digest(candidate, key)
+        found = None
+        for key, principal in zip(self._static, self._static_principals):
+            if hmac.compare_digest(candidate, key):
+                found = principal
         return found
 
     def _first_key_made(self, token: str) -> bool:

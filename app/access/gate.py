@@ -1,26 +1,24 @@
 """The gate a model request passes: whose key it is, whether its limits and budget let it
-in (and on what terms, for the ``x-ratelimit-*`` headers), and, when it ends, what it used.
+in (and on what terms: what it holds, the reply's cap, the ``x-ratelimit-*`` headers), and,
+when it ends, what it used.
 
-Semantics as OpenAI's: a request counts toward rpm when it is admitted; toward tpm with an
-estimate of its prompt (a quarter of its body's bytes) when it is admitted, corrected to
-the prompt and completion tokens the worker counted when it ends (a stream that the client
-left is charged what was generated). A budget is checked when a request is admitted and
-charged when it ends, so the request that crosses it finishes and the next is refused.
+A request is admitted once its body is read: it reserves its worst case (its prompt,
+estimated from the bytes read, plus ``max_tokens × n``; see ``app.access.reservations``)
+and is settled to what it used when it ends, so the request that would cross a budget or
+a minute's tokens is refused before any model work, with OpenAI's 429s.
 """
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
 from app.access.budgets import Budgets
 from app.access.directory import KeyDirectory, Principal
 from app.access.limits import ALLOWED, Limiter, Verdict
+from app.access.reservations import Ask
 from app.access.usage import UsageLedger, UsageRecord
 from app.errors import QuotaExceeded, RateLimitExceeded
-
-BYTES_PER_TOKEN = 4  # OpenAI's rule of thumb for English text
 
 
 class GateObserver(Protocol):
@@ -34,66 +32,66 @@ class Pass:
     """An admitted request's terms, until it ends."""
 
     principal: Principal
-    estimate: int  # prompt tokens counted toward tpm at admission
-    lease: str | None  # its parallel slot, if the key limits parallel requests
+    ask: Ask
     verdict: Verdict
+
+    @property
+    def cap(self) -> int | None:
+        """Max tokens per choice its budget allows; sent to the model."""
+        return self.verdict.cap
 
     def headers(self) -> list[tuple[str, str]]:
         return rate_limit_headers(self.verdict)
 
+    def completion_ceiling(self, estimate: int) -> int:
+        """The most completion tokens it may have made: what is charged when an upstream
+        that could not say was cut off (``estimate`` per choice without max_tokens)."""
+        per_choice = self.ask.completion if self.ask.completion is not None else \
+            self.verdict.cap if self.verdict.cap is not None else estimate
+        return per_choice * self.ask.choices
+
 
 class Gate:
     def __init__(self, directory: KeyDirectory, limiter: Limiter, budgets: Budgets,
-                 ledger: UsageLedger | None, observer: GateObserver | None = None) -> None:
+                 ledger: UsageLedger | None, observer: GateObserver | None = None,
+                 tpm_estimate: int = 256) -> None:
         self.directory = directory
         self.limiter = limiter
         self._budgets = budgets
         self.ledger = ledger
         self._observer = observer
+        self.tpm_estimate = tpm_estimate
 
     def authenticate(self, token: str) -> Principal:
         return self.directory.authenticate(token)
 
-    def admit(self, principal: Principal, body_bytes: int) -> Pass:
-        """Raises QuotaExceeded or RateLimitExceeded (with Retry-After and the
-        x-ratelimit-* headers) when the key may not send this request now."""
+    def admit(self, principal: Principal, ask: Ask) -> Pass:
+        """Raises QuotaExceeded or RateLimitExceeded (with the x-ratelimit-* headers, and
+        Retry-After when waiting helps) when the key may not send this request now."""
         key_id = principal.key_id
-        if key_id is None:
-            return Pass(principal, 0, None, ALLOWED)
-        if principal.budget_tokens is not None \
-                and self._budgets.spent(key_id) >= principal.budget_tokens:
-            self._refused("budget")
-            raise QuotaExceeded(
-                f"The key '{principal.name}' has used its budget of "
-                f"{principal.budget_tokens} tokens for this {principal.budget_period} "
-                "(UTC); ask its owner to raise it, or wait for the next "
-                f"{principal.budget_period}.", headers={"x-should-retry": "false"})
         limits = principal.limits
-        if not limits:
-            return Pass(principal, 0, None, ALLOWED)
-        estimate = math.ceil(body_bytes / BYTES_PER_TOKEN) if limits.tpm else 0
-        lease = secrets.token_hex(8) if limits.max_parallel else None
-        verdict = self.limiter.admit(key_id, limits, estimate, lease or "")
+        if key_id is None or not limits:
+            return Pass(principal, ask, ALLOWED)
+        spent = self._budgets.spent(key_id) if limits.budget else 0
+        verdict = self.limiter.admit(key_id, limits, ask, spent)
         if not verdict.allowed:
             self._refused(verdict.reason or "requests")
-            raise RateLimitExceeded(_refusal(principal, verdict, estimate),
-                                    "tokens" if verdict.reason == "tokens" else "requests",
-                                    headers=_retry_headers(verdict))
-        return Pass(principal, estimate, lease, verdict)
+            raise _refusal(principal, ask, verdict)
+        return Pass(principal, ask, verdict)
 
     def finish(self, admitted: Pass, prompt_tokens: int, completion_tokens: int) -> None:
-        """The request ended: its tokens replace the estimate, its slot is given back and
-        its budget charged."""
+        """The request ended: its reservation is settled to what it used, its slots are
+        given back and its budget charged."""
         principal = admitted.principal
         key_id = principal.key_id
         if key_id is None:
             return
-        if principal.limits and (principal.limits.tpm or admitted.lease is not None):
-            self.limiter.settle(key_id, principal.limits,
-                                prompt_tokens - admitted.estimate + completion_tokens,
-                                admitted.lease)
-        if principal.budget_tokens is not None:
-            self._budgets.charge(key_id, prompt_tokens + completion_tokens)
+        used = prompt_tokens + completion_tokens
+        reservation = admitted.verdict.reservation
+        if reservation.counted or reservation.slots or reservation.budget:
+            self.limiter.settle(key_id, reservation, used)
+        if principal.limits.budget:
+            self._budgets.charge(key_id, used)
 
     def record(self, record: UsageRecord) -> None:
         if self.ledger is not None:
@@ -120,8 +118,11 @@ def rate_limit_headers(verdict: Verdict) -> list[tuple[str, str]]:
 
 
 def _retry_headers(verdict: Verdict) -> dict[str, str]:
+    headers = dict(rate_limit_headers(verdict))
+    if verdict.never:  # waiting will not help: the official clients then do not retry
+        return {**headers, "x-should-retry": "false"}
     wait = max(verdict.retry_after, 0.001)
-    return {**dict(rate_limit_headers(verdict)), "Retry-After": str(math.ceil(wait)),
+    return {**headers, "Retry-After": str(math.ceil(wait)),
             "retry-after-ms": str(math.ceil(wait * 1000))}
 
 
@@ -134,16 +135,47 @@ def duration(seconds: float) -> str:
     return f"{int(minutes)}m{text}" if minutes else text
 
 
-def _refusal(principal: Principal, verdict: Verdict, estimate: int) -> str:
+def _refusal(principal: Principal, ask: Ask,
+             verdict: Verdict) -> QuotaExceeded | RateLimitExceeded:
     limits = principal.limits
+    name = principal.name
+    if verdict.reason == "budget":
+        period = f"{limits.period or 'day'} (UTC)"
+        if verdict.spent_out:
+            return QuotaExceeded(
+                f"The key '{name}' has {verdict.left} of its budget of {limits.budget} "
+                f"tokens for this {period} left, and this request needs at least "
+                f"{verdict.asked} (its prompt, about {ask.prompt} tokens, and max_tokens × "
+                "n, or a token per choice): lower max_tokens or n, ask the key's owner to "
+                "raise the budget, or wait for the next period.",
+                headers={"x-should-retry": "false"})
+        return QuotaExceeded(
+            f"The key '{name}' has {verdict.left} of its budget of {limits.budget} tokens "
+            f"for this {period} left once its requests in flight end, and this request "
+            f"needs at least {verdict.asked}. Please try again when they have ended.",
+            headers={"Retry-After": "1", "retry-after-ms": "1000"})
     wait = f"Please try again in {duration(max(verdict.retry_after, 0.001))}."
     if verdict.reason == "tokens":
         window = verdict.tokens
         used = (window.limit - window.remaining) if window is not None else 0
-        return (f"Rate limit reached for key '{principal.name}' on tokens per min (TPM): "
-                f"Limit {limits.tpm}, Used {used}, Requested {estimate}. {wait}")
+        if verdict.never:
+            wait = ("It can never fit: lower max_tokens or n, or shorten the prompt "
+                    "(a request without max_tokens counts as its prompt plus an estimate "
+                    "per choice).")
+        return RateLimitExceeded(
+            f"Rate limit reached for key '{name}' on tokens per min (TPM): Limit "
+            f"{limits.tpm}, Used {used}, Requested {verdict.asked}. {wait}", "tokens",
+            headers=_retry_headers(verdict))
     if verdict.reason == "parallel":
-        return (f"Rate limit reached for key '{principal.name}' on parallel requests: "
-                f"Limit {limits.max_parallel}; one must finish first. {wait}")
-    return (f"Rate limit reached for key '{principal.name}' on requests per min (RPM): "
-            f"Limit {limits.rpm}. {wait}")
+        if verdict.never:
+            return RateLimitExceeded(
+                f"This request asks for {verdict.asked} generations at once (n), more than "
+                f"the key '{name}' may run in parallel ({limits.max_parallel}).", "requests",
+                headers=_retry_headers(verdict))
+        return RateLimitExceeded(
+            f"Rate limit reached for key '{name}' on parallel requests: Limit "
+            f"{limits.max_parallel}, Requested {verdict.asked}; one must finish first. "
+            f"{wait}", "requests", headers=_retry_headers(verdict))
+    return RateLimitExceeded(f"Rate limit reached for key '{name}' on requests per min "
+                             f"(RPM): Limit {limits.rpm}. {wait}", "requests",
+                             headers=_retry_headers(verdict))

@@ -11,11 +11,13 @@ from typing import Protocol
 from sqlalchemy import Engine
 
 from app.access.budgets import Budgets
-from app.access.database import engine_for
+from app.access.database import engine_for, shown_url
 from app.access.directory import KeyDirectory
 from app.access.gate import Gate
 from app.access.keys import KeyStore
-from app.access.limits import Limiter, MemoryLimiter, RedisLimiter
+from app.access.limits import Limiter, MemoryLimiter
+from app.access.redis_limits import RedisLimiter
+from app.access.retention import Pruner
 from app.access.usage import UsageLedger
 from app.config import Settings
 
@@ -28,6 +30,7 @@ class AccessObserver(Protocol):
     def refused(self, reason: str) -> None: ...
     def buffered(self, records: int) -> None: ...
     def dropped(self, records: int) -> None: ...
+    def rejected(self, records: int) -> None: ...
 
 
 @dataclass
@@ -36,11 +39,13 @@ class Access:
     keys: KeyStore
     gate: Gate
     admin_keys: tuple[bytes, ...]
+    pruner: Pruner
 
     def start(self) -> None:
         self.gate.directory.start()
         if self.gate.ledger is not None:
             self.gate.ledger.start()
+        self.pruner.start()
 
     def stop(self) -> None:
         """On a graceful stop, after the last request: what is left of the usage is
@@ -60,10 +65,13 @@ def open_access(settings: Settings, observer: AccessObserver | None = None) -> A
     engine = engine_for(settings.database_url)
     store = KeyStore(engine)
     budgets = Budgets()
-    directory = KeyDirectory(store, settings.api_keys, settings.keys_refresh, budgets)
-    limiter: Limiter = RedisLimiter(settings.redis_url) if settings.redis_url \
-        else MemoryLimiter(processes=settings.workers)
+    directory = KeyDirectory(store, settings.api_keys, settings.keys_refresh, budgets,
+                             settings.require_auth, shown_url(settings.database_url))
+    limiter: Limiter = RedisLimiter(settings.redis_url, settings.tpm_estimate) \
+        if settings.redis_url else MemoryLimiter(settings.workers, settings.tpm_estimate)
     ledger = UsageLedger(engine, settings.usage_flush_interval, settings.usage_buffer,
                          observer, written=budgets.written)
-    return Access(engine, store, Gate(directory, limiter, budgets, ledger, observer),
-                  tuple(key.encode() for key in settings.admin_keys))
+    return Access(engine, store, Gate(directory, limiter, budgets, ledger, observer,
+                                      settings.tpm_estimate),
+                  tuple(key.encode() for key in settings.admin_keys),
+                  Pruner(engine, settings.usage_retention))

@@ -1,6 +1,7 @@
-"""The database tables (SQLAlchemy Core): API keys, one usage row per request, and usage
-summed per day, key and model (what budgets, reports and the admin chart read), and the
-Responses API's stored responses."""
+"""The database tables (SQLAlchemy Core): API keys, one usage row per request (kept for
+``--usage-retention``), usage summed per day, key and model (kept for good: what budgets,
+reports and the admin chart read), the Responses API's stored responses, and which
+releases can run on this schema."""
 from __future__ import annotations
 
 from sqlalchemy import (BigInteger, Column, DateTime, Float, Index, Integer, MetaData, String,
@@ -57,6 +58,10 @@ usage_daily = Table(
     Column("requests", BigInteger, nullable=False),
     Column("prompt_tokens", BigInteger, nullable=False),
     Column("completion_tokens", BigInteger, nullable=False),
+    # Since revision 0003 (rows written before it count 0 errors and 0 ms).
+    Column("errors", BigInteger, nullable=False, server_default="0"),
+    Column("latency_ms", Float, nullable=False, server_default="0"),  # summed
+    Column("key_name", String(200)),
 )
 
 # The Responses API's stored responses (``store: true``), owned by the key that made them.
@@ -70,6 +75,20 @@ responses = Table(
     Column("input_items", Text, nullable=False),  # JSON: this request's input items
     Column("context", Text, nullable=False),  # JSON: the chat messages a follow-up replays
     Column("response", Text, nullable=False),  # JSON: the response object
+    # The three JSON texts' length (since revision 0003): what counts toward the owner's
+    # quota.
+    Column("bytes", BigInteger, nullable=False, server_default="0"),
     Index("ix_responses_expires_at", "expires_at"),
     Index("ix_responses_created_at", "created_at"),
+    Index("ix_responses_owner_created", "owner", "created_at"),
+)
+
+# One row per schema revision from 0003 on: the oldest schema revision whose release can
+# still run on it (an additive migration: the previous one). A release that finds its
+# database at a revision it does not know starts if that revision says so, which is what
+# a rolling deploy or a rollback needs (``app.access.database.check``).
+schema_releases = Table(
+    "flaskchat_schema", metadata,
+    Column("revision", String(32), primary_key=True),
+    Column("oldest_release", String(32), nullable=False),
 )

@@ -1,11 +1,14 @@
 """The usage ledger: one record per request, written in batches off the request's path.
 
 Requests append to a bounded buffer; a background thread (a greenlet under gevent) writes
-it every ``flush_interval`` seconds in one transaction: the rows, and the per-day sums that
-budgets and reports read. A graceful stop flushes what is left, so SIGTERM loses nothing;
-SIGKILL loses at most one interval. While the database cannot be written, records wait in
-the buffer (bounded: when it is full, the oldest are dropped, and that is logged and
-counted) and are written when it is back.
+it every ``flush_interval`` seconds in one transaction: the rows, and the per-day sums per
+key and model that budgets, reports and the admin chart read (kept for good, while the
+rows themselves are kept for ``retention``: see ``app.access.retention``). A graceful stop
+flushes what is left, so SIGTERM loses nothing; SIGKILL loses at most one interval. While
+the database cannot be written, records wait in the buffer (bounded: when it is full, the
+oldest are dropped, and that is logged and counted) and are written when it is back. A
+batch the database refuses while it answers holds a row it rejects: each row is then
+written alone, and only the rejected ones are dropped (logged and counted).
 """
 from __future__ import annotations
 
@@ -17,12 +20,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Iterable, Protocol
 
-from sqlalchemy import Engine, insert
+from sqlalchemy import Engine, insert, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app.access.tables import usage, usage_daily
 
 log = logging.getLogger("flaskchat.usage")
+MAX_INT = 2**31 - 1  # what an Integer column holds everywhere
+_LENGTHS: dict[str, int] = {column.name: getattr(column.type, "length")
+                            for column in usage.columns
+                            if getattr(column.type, "length", None)}
 
 
 @dataclass  # not frozen: a frozen dataclass's __init__ costs several times more per request
@@ -46,6 +53,7 @@ class LedgerObserver(Protocol):
 
     def buffered(self, records: int) -> None: ...
     def dropped(self, records: int) -> None: ...
+    def rejected(self, records: int) -> None: ...
 
 
 class UsageLedger:
@@ -86,7 +94,8 @@ class UsageLedger:
         return True
 
     def flush(self) -> bool:
-        """Writes everything buffered; False if the database refused (it stays buffered)."""
+        """Writes everything buffered; False if the database cannot be written (it stays
+        buffered)."""
         with self._flushing:
             batch = list(self._buffer)
             if not batch:
@@ -94,15 +103,11 @@ class UsageLedger:
             self._buffer.clear()  # records added while this writes wait for the next one
             try:
                 self._write(batch)
-            except Exception as exc:  # any database failure: keep the records, try again
-                self._buffer.extendleft(reversed(batch))
-                self._trim()
-                if not self._failing:
-                    log.error("cannot write usage (%d records kept for later): %s",
-                              len(batch), " ".join(str(exc).split())[:300])
-                self._failing = True
-                self._report()
-                return False
+            except Exception as exc:  # any database failure: see whether it is a row's
+                if not self._answers():
+                    self._keep(batch, exc)
+                    return False
+                batch = self._write_alone(batch, exc)
             if self._failing:
                 log.warning("usage written again (%d records)", len(batch))
                 self._failing = False
@@ -110,6 +115,47 @@ class UsageLedger:
         if self._written is not None:
             self._written(batch)
         return True
+
+    def _keep(self, batch: list[UsageRecord], exc: Exception) -> None:
+        """The database is down: the batch waits for the next try."""
+        self._buffer.extendleft(reversed(batch))
+        self._trim()
+        if not self._failing:
+            log.error("cannot write usage (%d records kept for later): %s", len(batch),
+                      _reason(exc))
+        self._failing = True
+        self._report()
+
+    def _write_alone(self, batch: list[UsageRecord], exc: Exception) -> list[UsageRecord]:
+        """The database answers but refused the batch: each record goes in alone, and
+        those it rejects are dropped. Returns the records written."""
+        written, rejected = [], []
+        for position, record in enumerate(batch):
+            try:
+                self._write([record])
+                written.append(record)
+            except Exception as alone:  # this record's fault, or the database's
+                if not self._answers():
+                    self._keep(batch[position:], alone)
+                    break
+                rejected.append(record)
+                log.error("the database rejected the usage record of request %s (dropped): "
+                          "%s", record.request_id, _reason(alone))
+        if rejected:
+            log.error("a usage batch held %d record(s) the database rejects (first error: "
+                      "%s); the other %d were written", len(rejected), _reason(exc),
+                      len(written))
+            if self._observer is not None:
+                self._observer.rejected(len(rejected))
+        return written
+
+    def _answers(self) -> bool:
+        try:
+            with self._engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            return True
+        except Exception:  # unreachable, whatever the driver says
+            return False
 
     def _trim(self) -> None:
         extra = len(self._buffer) - self._max
@@ -136,10 +182,24 @@ class UsageLedger:
     def _write(self, batch: list[UsageRecord]) -> None:
         # Two executemany calls of statements built once (SQLAlchemy caches their SQL):
         # a statement per row or per day would cost more CPU than the requests it counts.
-        rows = [vars(record) for record in batch]
+        rows = [_row(record) for record in batch]
         with self._engine.begin() as connection:
             connection.execute(self._insert_rows, rows)
-            connection.execute(self._add_to_days, _daily(batch))
+            connection.execute(self._add_to_days, _daily(rows))
+
+
+def _row(record: UsageRecord) -> dict[str, Any]:
+    """The record as the table holds it: counts within an Integer, text within its column
+    and without NUL (which PostgreSQL refuses), whatever a worker or upstream reported."""
+    row = vars(record).copy()
+    for name in ("prompt_tokens", "completion_tokens", "status"):
+        value = row[name]
+        row[name] = value if 0 <= value <= MAX_INT else (0 if value < 0 else MAX_INT)
+    for name, length in _LENGTHS.items():
+        value = row[name]
+        if value is not None and (len(value) > length or "\0" in value):
+            row[name] = value.replace("\0", "")[:length]
+    return row
 
 
 def _add_to_days(dialect_name: str) -> Any:
@@ -147,27 +207,36 @@ def _add_to_days(dialect_name: str) -> Any:
     dialect = postgresql if dialect_name == "postgresql" else sqlite
     statement = dialect.insert(usage_daily)
     table = usage_daily.c
+    added = statement.excluded
     return statement.on_conflict_do_update(
         index_elements=[table.day, table.key_id, table.model],
-        set_={"requests": table.requests + statement.excluded.requests,
-              "prompt_tokens": table.prompt_tokens + statement.excluded.prompt_tokens,
-              "completion_tokens": table.completion_tokens
-              + statement.excluded.completion_tokens,
-              "team": statement.excluded.team})
+        set_={"requests": table.requests + added.requests,
+              "errors": table.errors + added.errors,
+              "prompt_tokens": table.prompt_tokens + added.prompt_tokens,
+              "completion_tokens": table.completion_tokens + added.completion_tokens,
+              "latency_ms": table.latency_ms + added.latency_ms,
+              "team": added.team, "key_name": added.key_name})
 
 
-def _daily(batch: Iterable[UsageRecord]) -> list[dict[str, Any]]:
-    """The batch summed per (day, key, model)."""
+def _daily(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows summed per (day, key, model)."""
     sums: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for record in batch:
-        day = record.created_at.strftime("%Y-%m-%d")
-        group = (day, record.key_id or "", record.model or "")
+    for row in rows:
+        day = row["created_at"].strftime("%Y-%m-%d")
+        group = (day, row["key_id"] or "", row["model"] or "")
         entry = sums.get(group)
         if entry is None:
             entry = sums[group] = {"day": day, "key_id": group[1], "model": group[2],
-                                   "team": record.team, "requests": 0, "prompt_tokens": 0,
-                                   "completion_tokens": 0}
+                                   "team": row["team"], "key_name": row["key_name"],
+                                   "requests": 0, "errors": 0, "prompt_tokens": 0,
+                                   "completion_tokens": 0, "latency_ms": 0.0}
         entry["requests"] += 1
-        entry["prompt_tokens"] += record.prompt_tokens
-        entry["completion_tokens"] += record.completion_tokens
+        entry["errors"] += row["status"] >= 400
+        entry["prompt_tokens"] += row["prompt_tokens"]
+        entry["completion_tokens"] += row["completion_tokens"]
+        entry["latency_ms"] += row["latency_ms"]
     return list(sums.values())
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]

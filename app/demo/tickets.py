@@ -11,6 +11,9 @@ listening socket, and a ticket bound to the worker that issued it would fail whe
 kernel hands the next connection to another. A rename is the single-use lock: of two
 redeemers, exactly one wins. (Several gateway hosts behind a load balancer need sticky
 sessions for /demo, or a shared directory: see docs/deploy.md.)
+
+Storage is bounded: at most ``MAX_TICKETS`` wait at once (each body is capped by the
+route), and unredeemed ones are swept after their ttl.
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ from typing import Any, Callable
 
 import orjson
 
+from app.errors import Overloaded
+
+MAX_TICKETS = 512  # waiting at once, over every process; with 1 MiB bodies, 512 MiB at most
 _TICKET = re.compile(r"^[A-Za-z0-9_-]{32}$")  # token_urlsafe(24); claimed/partial files have dots
 
 
@@ -31,6 +37,7 @@ class Ticket:
     request: dict[str, Any]  # the chat request as the client sent it (already validated)
     request_id: str
     key_id: str | None  # the database key that asked (None: a --api-keys key, or no key)
+    owner: str  # the key's owner id (how a --api-keys key is found again)
 
 
 class TicketStore:
@@ -41,16 +48,21 @@ class TicketStore:
         self._clock = clock
         self._next_sweep = 0.0
 
-    def issue(self, request: dict[str, Any], request_id: str, key_id: str | None) -> str:
+    def issue(self, request: dict[str, Any], request_id: str, key_id: str | None,
+              owner: str) -> str:
         now = self._clock()
         self._sweep(now)
+        if self._waiting() >= MAX_TICKETS:
+            raise Overloaded("Too many demo streams are waiting to start; retry in a few "
+                             "seconds.", headers={"Retry-After": str(max(int(self.ttl), 1))})
         ticket = secrets.token_urlsafe(24)
         path = os.path.join(self._dir, ticket)
         partial = f"{path}.{os.getpid()}.partial"
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(orjson.dumps({"expires": now + self.ttl, "request": request,
-                                       "request_id": request_id, "key_id": key_id}))
+                                       "request_id": request_id, "key_id": key_id,
+                                       "owner": owner}))
         os.rename(partial, path)  # complete before it can be found
         return ticket
 
@@ -71,7 +83,14 @@ class TicketStore:
             os.remove(claimed)
         if data["expires"] < self._clock():
             return None
-        return Ticket(data["request"], data["request_id"], data.get("key_id"))
+        return Ticket(data["request"], data["request_id"], data.get("key_id"),
+                      data.get("owner") or "")
+
+    def _waiting(self) -> int:
+        try:
+            return len(os.listdir(self._dir))
+        except FileNotFoundError:
+            return 0
 
     def _sweep(self, now: float) -> None:
         """Removes tickets nobody redeemed; at most twice per ttl, when one is issued."""

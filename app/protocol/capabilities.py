@@ -10,6 +10,10 @@ RENDERS_MESSAGES = "messages"
 # request without temperature, top_p or top_k; the gateway then leaves them out instead of
 # sending FastChat's defaults.
 SAMPLING_DEFAULTS = "sampling_defaults"
+# /worker_generate says how far it got: before its JSON answer it sends a space for each
+# token made (a newline when it only keeps the connection alive), and it stops generating
+# when its request is closed. A gateway whose client left can then charge what was made.
+GENERATE_PROGRESS = "generate_progress"
 # An embedding model: chat and completions get a 400 at once instead of a failed try.
 EMBEDDING_ONLY = "embedding_only"
 # OpenAI chat features a worker may support; without the capability, asking for one is a

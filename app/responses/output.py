@@ -31,6 +31,8 @@ def skeleton(body: ResponsesRequest, response_id: str, status: str) -> dict[str,
                   for tool in body["tools"] or []],
         "top_p": body["top_p"] if body["top_p"] is not None else 1.0,
         "truncation": "disabled", "usage": None, "user": body["user"],
+        "safety_identifier": body["safety_identifier"],
+        "prompt_cache_key": body["prompt_cache_key"],
         "metadata": body["metadata"] or {},
     }
 

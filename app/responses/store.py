@@ -1,17 +1,24 @@
 """Stored responses (``store: true``, OpenAI's default), in the gateway's database, each
-owned by the key that made it: another key gets a 404, as if it did not exist. They
-expire after ``--responses-ttl`` (30 days), and at most ``--responses-max`` are kept: past
-that the oldest are deleted first (a store that refused new responses when full would
-break every client that stores by default). The count is checked every hundredth of the
-cap (counting rows costs milliseconds at 100,000), so the store may pass the cap by that
-much between two checks.
+owned by the key that made it (``Principal.owner``: a --api-keys key owns its own too):
+another key gets a 404, as if it did not exist. They expire after ``--responses-ttl`` (30
+days), and at most ``--responses-max`` are kept: past that the oldest are deleted first (a
+store that refused new responses when full would break every client that stores by
+default). The count is checked every hundredth of the cap (counting rows costs
+milliseconds at 100,000), so the store may pass the cap by that much between two checks.
+
+Bounded in bytes too: a response larger than ``--responses-max-bytes`` (its input items,
+the turns it replays and the response) is not stored (``save`` says so, and the response
+object's ``store`` is false), each owner keeps at most ``--responses-key-quota`` bytes
+(``app.responses.quota``), and what waits to be written is bounded in count and bytes.
 
 Saving is off the request's path: a background thread (a greenlet under gevent) writes
 what was saved every ``FLUSH`` seconds in one transaction, and a graceful stop writes what
-is left. The process that saved a response reads it from memory until it is written; any
-other process or host that is asked for a response it does not find looks again for a few
-flushes (0.3 s) before its 404. So a client may continue a conversation at once, wherever
-its next request lands."""
+is left, retrying for a while if the database refuses. A batch the database refuses
+while it answers holds a row it rejects: each is then written alone and only the rejected
+ones are dropped. The process that saved a response reads it from memory until it is
+written; any other process or host that is asked for a response it does not find looks
+again for a few flushes (0.3 s) before its 404. So a client may continue a conversation at
+once, wherever its next request lands."""
 from __future__ import annotations
 
 import json
@@ -24,18 +31,25 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, delete, func, insert, select
+from sqlalchemy import Engine, delete, func, insert, select, text
 
 from app.access.keys import now
 from app.access.tables import responses
 from app.errors import InvalidRequest, ObjectNotFound
+from app.responses.quota import OwnerQuota
 
 PRUNE_EVERY = 200  # the fewest saves between two prunes (expired rows, then the size cap)
 # Seconds between writes of the saved responses: at 0.05 a stored stream cost the gateway
 # 50-180 us more than an unstored one (bench/run.py), at 0.1 20-40 us.
 FLUSH = 0.1
 MAX_PENDING = 10_000  # saved but unwritten responses kept while the database is down
+MAX_PENDING_BYTES = 64 * 1024 * 1024  # and their bytes
+STOP_RETRY = 10.0  # seconds a graceful stop keeps trying to write what is left
 log = logging.getLogger("flaskchat.responses")
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
 
 
 def new_response_id() -> str:
@@ -52,10 +66,14 @@ class ResponseNotFound(ObjectNotFound):
 
 
 class ResponseStore:
-    def __init__(self, engine: Engine, ttl_seconds: float, max_stored: int) -> None:
+    def __init__(self, engine: Engine, ttl_seconds: float, max_stored: int,
+                 max_bytes: int = 1024 * 1024, owner_quota: int = 256 * 1024 * 1024) -> None:
         self._engine = engine
         self._ttl = timedelta(seconds=ttl_seconds)
         self._max = max_stored
+        self.max_bytes = max_bytes
+        self._quota = OwnerQuota(owner_quota)
+        self._pending_bytes = 0
         self._prune_every = max(PRUNE_EVERY, max_stored // 100)
         self._saves = 0
         self._insert = insert(responses)
@@ -66,17 +84,27 @@ class ResponseStore:
         self._failing = False
 
     def save(self, response: dict[str, Any], owner: str, input_items: list[dict[str, Any]],
-             context: list[dict[str, Any]]) -> None:
+             context: list[dict[str, Any]]) -> bool:
+        """Stores the response, unless it is larger than ``max_bytes``: False then (its
+        ``store`` is set to false, which the client sees in the response object)."""
+        items = orjson.dumps(input_items).decode()
+        replay = orjson.dumps(context).decode()
+        saved = orjson.dumps(response).decode()
+        size = len(items) + len(replay) + len(saved)
+        if size > self.max_bytes:
+            response["store"] = False
+            log.info("response %s not stored: %d bytes, more than --responses-max-bytes "
+                     "(%d)", response["id"], size, self.max_bytes)
+            return False
         created = now()
         self._pending[response["id"]] = {
             "id": response["id"], "owner": owner, "model": response["model"],
             "created_at": created, "expires_at": created + self._ttl,
-            "input_items": orjson.dumps(input_items).decode(),
-            "context": orjson.dumps(context).decode(),
-            "response": orjson.dumps(response).decode()}
-        if len(self._pending) > MAX_PENDING:
+            "input_items": items, "context": replay, "response": saved, "bytes": size}
+        self._pending_bytes += size
+        while len(self._pending) > MAX_PENDING or self._pending_bytes > MAX_PENDING_BYTES:
             oldest = next(iter(self._pending))
-            del self._pending[oldest]
+            self._pending_bytes -= self._pending.pop(oldest)["bytes"]
             log.error("stored responses cannot be written: dropped %s", oldest)
         if not self._saved.is_set():
             self._saved.set()
@@ -84,6 +112,11 @@ class ResponseStore:
                 self._writer = threading.Thread(target=self._run, name="responses-writer",
                                                 daemon=True)
                 self._writer.start()
+        return True
+
+    def fits(self, input_bytes: int) -> bool:
+        """Whether a response whose input alone is ``input_bytes`` could be stored."""
+        return input_bytes <= self.max_bytes
 
     def _run(self) -> None:
         """One writer for the process's life (a greenlet under gevent): it sleeps until a
@@ -99,28 +132,64 @@ class ResponseStore:
             if self._pending:  # kept because the database is down
                 self._saved.set()
 
-    def flush(self) -> None:
-        """Writes what was saved (also called on a graceful stop)."""
+    def stop(self, timeout: float = STOP_RETRY) -> bool:
+        """On a graceful stop: what is left is written, retried for up to ``timeout``
+        seconds if the database refuses (as the usage ledger does)."""
+        deadline = time.monotonic() + timeout
+        while not self.flush():
+            if time.monotonic() > deadline:
+                log.error("stopping with %d stored responses unwritten", len(self._pending))
+                return False
+            time.sleep(0.2)
+        return True
+
+    def flush(self) -> bool:
+        """Writes what was saved; False if the database cannot be written (it is kept)."""
         with self._writing:
             batch = list(self._pending.values())
             if not batch:
-                return
+                return True
             try:
-                with self._engine.begin() as connection:
-                    connection.execute(self._insert, batch)
-            except Exception as exc:  # the database's failures: keep them, try again
-                if not self._failing:
-                    log.error("cannot write %d stored responses (kept for later): %s",
-                              len(batch), " ".join(str(exc).split())[:300])
-                self._failing = True
-                return
+                self._write(batch)
+            except Exception as exc:  # the database's failures, or a row it rejects
+                if not self._answers():
+                    if not self._failing:
+                        log.error("cannot write %d stored responses (kept for later): %s",
+                                  len(batch), _reason(exc))
+                    self._failing = True
+                    return False
+                for row in batch:  # it answers: a row it rejects; each goes alone
+                    try:
+                        self._write([row])
+                    except Exception as alone:  # that row's fault: dropped
+                        self._forget(row)
+                        log.error("the database rejected stored response %s (not stored): "
+                                  "%s", row["id"], _reason(alone))
             self._failing = False
             for row in batch:
-                self._pending.pop(row["id"], None)
+                self._forget(row)
             self._saves += len(batch)
         if self._saves // self._prune_every != \
                 (self._saves - len(batch)) // self._prune_every:
             self.prune()
+        return True
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        with self._engine.begin() as connection:
+            connection.execute(self._insert, rows)
+            self._quota.written(connection, ((row["owner"], row["bytes"]) for row in rows))
+
+    def _forget(self, row: dict[str, Any]) -> None:
+        if self._pending.pop(row["id"], None) is not None:
+            self._pending_bytes -= row["bytes"]
+
+    def _answers(self) -> bool:
+        try:
+            with self._engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            return True
+        except Exception:  # unreachable, whatever the driver says
+            return False
 
     def prune(self) -> None:
         with self._engine.begin() as connection:
@@ -163,19 +232,22 @@ class ResponseStore:
         stored: dict[str, Any] = json.loads(self._row(response_id, owner)["response"])
         return stored
 
-    def context(self, response_id: str, owner: str) -> list[dict[str, Any]]:
-        """The chat messages a follow-up of this response replays, its output included."""
+    def context(self, response_id: str, owner: str) -> tuple[list[dict[str, Any]], int]:
+        """The chat messages a follow-up of this response replays, its output included,
+        and their size in bytes (as stored)."""
         try:
             row = self._row(response_id, owner)
         except ResponseNotFound:
             raise ResponseNotFound(f"Previous response with id '{response_id}' not found.",
                                    "previous_response_id") from None
         replay: list[dict[str, Any]] = json.loads(row["context"])
-        return replay
+        return replay, len(row["context"])
 
     def delete(self, response_id: str, owner: str) -> dict[str, Any]:
-        self._row(response_id, owner)
-        self._pending.pop(response_id, None)
+        row = self._row(response_id, owner)
+        if response_id in self._pending:
+            self._forget(row)
+        self._quota.forget(owner)
         with self._engine.begin() as connection:
             connection.execute(delete(responses).where(responses.c.id == response_id,
                                                        responses.c.owner == owner))

@@ -71,9 +71,11 @@ def get_usage() -> ResponseReturnValue:
         since = parse_since(query["since"])
     except ValueError as exc:
         raise InvalidRequest(f"Invalid 'since': {exc}", "since") from None
-    rows = usage_report(access().engine, query["group_by"], since)
+    found = access()
+    rows, more = usage_report(found.engine, query["group_by"], since, found.pruner.retention)
     return json_response({"object": "list", "group_by": query["group_by"],
-                          "since": since.isoformat(timespec="seconds") + "Z", "data": rows})
+                          "since": since.isoformat(timespec="seconds") + "Z", "data": rows,
+                          "has_more": more})
 
 
 @bp.get("/usage/daily")

@@ -33,7 +33,8 @@ def _chat(schema: Schema) -> ResponseReturnValue:
     payload = read_json_object()
     body = load(schema, payload)
     if serves(body["model"]):
-        return relayed(relay.CHAT, payload, body["model"], body["stream"])
+        return relayed(relay.CHAT, payload, body["model"], body["stream"], body["max_tokens"],
+                       body["n"])
     if body["stream"]:
         events, on_close = chat.open_stream(body, upstream(), call())
         return sse.response(events, on_close)

@@ -23,7 +23,8 @@ def create_completion() -> ResponseReturnValue:
     payload = read_json_object()
     body = load(schemas().completion, payload)
     if serves(body["model"]):
-        return relayed(relay.COMPLETIONS, payload, body["model"], body["stream"])
+        return relayed(relay.COMPLETIONS, payload, body["model"], body["stream"],
+                       body["max_tokens"], body["n"] * len(body["prompt"]))
     if body["stream"]:
         events, on_close = completions.open_stream(body, upstream(), call())
         return sse.response(events, on_close)

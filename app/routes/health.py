@@ -1,14 +1,19 @@
-"""GET /health (the process is up) and GET /ready (a model can be served). No auth."""
+"""GET /health (the process is up: cheap, no key) and GET /ready (a model can be served:
+no key, for load balancers). ``/health?verbose=1`` walks the garbage collector's objects,
+which holds the event loop for as long (every open stream waits): it takes an admin key,
+and is computed at most once a second per process."""
 from __future__ import annotations
 
 import gc
 import os
+import time
 from collections import Counter
 
-from flask import Blueprint, request
+from flask import Blueprint, current_app, request
 from flask.typing import ResponseReturnValue
 
 from app.errors import APIError, ServerStopping, UpstreamUnavailable
+from app.web.access import require_admin_key
 from app.web.admission import admission
 from app.web.context import upstream
 from app.web.handlers import error_response
@@ -16,25 +21,38 @@ from app.web.lifecycle import lifecycle
 from app.web.json_io import json_response
 
 bp = Blueprint("health", __name__)
+VERBOSE = "flaskchat.health_verbose"  # (when computed, what)
+VERBOSE_EVERY = 1.0  # seconds a verbose answer is reused
 
 
 @bp.get("/health")
 def health() -> ResponseReturnValue:
-    """The process is up. ``?verbose=1`` adds what a leak check needs (slower: it walks
-    the garbage collector's objects)."""
+    """The process is up. ``?verbose=1`` (admin key) adds what a leak check needs."""
     places = admission()
     body: dict[str, object] = {"status": "ok", "in_flight": places.in_flight,
                                "queued": places.queued}
     if request.args.get("verbose"):
-        body["fds"] = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") \
-            else None
-        gc.collect()
-        alive = [o for o in gc.get_objects() if type(o).__name__ in ("greenlet", "Greenlet")
-                 and getattr(o, "dead", True) is False]
-        body["greenlets"] = len(alive)
-        body["greenlets_waiting_in"] = dict(Counter(_where(g) for g in alive).most_common(8))
-        body["workers_probed"] = upstream().health.probing
+        require_admin_key()
+        body.update(_verbose())
     return json_response(body)
+
+
+def _verbose() -> dict[str, object]:
+    cached = current_app.extensions.get(VERBOSE)
+    if cached is not None and time.monotonic() - cached[0] < VERBOSE_EVERY:
+        found: dict[str, object] = cached[1]
+        return found
+    body: dict[str, object] = {}
+    body["fds"] = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") \
+        else None
+    gc.collect()
+    alive = [o for o in gc.get_objects() if type(o).__name__ in ("greenlet", "Greenlet")
+             and getattr(o, "dead", True) is False]
+    body["greenlets"] = len(alive)
+    body["greenlets_waiting_in"] = dict(Counter(_where(g) for g in alive).most_common(8))
+    body["workers_probed"] = upstream().health.probing
+    current_app.extensions[VERBOSE] = (time.monotonic(), body)
+    return body
 
 
 def _where(greenlet: object) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
+import orjson
 from flask import Blueprint, current_app, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import SQLAlchemyError
@@ -44,7 +45,7 @@ def database_unavailable(error: SQLAlchemyError) -> ResponseReturnValue:
 
 
 def _owner() -> str:
-    return call().key_id or ""
+    return call().owner
 
 
 @bp.post("/v1/responses")
@@ -53,15 +54,18 @@ def create_response() -> ResponseReturnValue:
     translate.refuse_unsupported(body)
     store = response_store()
     owner = _owner()
-    history = store.context(body["previous_response_id"], owner) \
-        if body["previous_response_id"] else []
+    history, history_bytes = store.context(body["previous_response_id"], owner) \
+        if body["previous_response_id"] else ([], 0)
+    call().extra_prompt_bytes = history_bytes  # the key pays for the turns replayed
     payload, items, messages = translate.chat_request(body, history,
                                                       schemas().max_messages)
-    keep = body["store"] is not False
+    keep = body["store"] is not False and _fits(store, body, items, messages)
 
     def done(response: dict[str, Any]) -> None:
         if keep:
             store.save(response, owner, items, messages + output.context_of(response["output"]))
+        else:
+            response["store"] = False
 
     response_id = new_response_id()
     try:
@@ -70,16 +74,32 @@ def create_response() -> ResponseReturnValue:
         raise translate.with_responses_param(exc) from None
 
 
+def _fits(store: ResponseStore, body: ResponsesRequest, items: list[dict[str, Any]],
+          messages: list[dict[str, Any]]) -> bool:
+    """Whether the request's input leaves room to store its response: if not, a request
+    that asked for ``store: true`` is refused before any model work; one that stores by
+    default is answered, not stored (its ``store`` is false)."""
+    if store.fits(len(orjson.dumps(items)) + len(orjson.dumps(messages))):
+        return True
+    if body["store"]:
+        raise InvalidRequest(f"This response cannot be stored: its input is larger than the "
+                             f"server's limit of {store.max_bytes} bytes for a stored "
+                             "response. Send 'store': false (and no previous_response_id "
+                             "next time), or a shorter input.", "store")
+    return False
+
+
 def _answer(body: ResponsesRequest, payload: dict[str, Any], response_id: str,
             done: Callable[[dict[str, Any]], None]) -> ResponseReturnValue:
     model = body["model"]
     if serves(model):  # an OpenAI-compatible upstream: relayed as chat
         if body["stream"]:
             events, on_close = relay.open_stream(relay.CHAT, payload, model, upstream(),
-                                                 call())
+                                                 call(), body["max_output_tokens"])
             translated = ResponseEvents(body, response_id, done)
             return _stream(translate_stream(events, translated), on_close, translated)
-        completion = relay.complete(relay.CHAT, payload, model, upstream(), call())
+        completion = relay.complete(relay.CHAT, payload, model, upstream(), call(),
+                                    body["max_output_tokens"])
     else:
         chat_body = translate.chat_body(payload)
         if body["stream"]:

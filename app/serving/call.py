@@ -1,13 +1,15 @@
 """Call: what the serving layer knows about the request it works for.
 
-Generators outlive Flask's request context, so the request id and the timing travel in
-this object instead of ``flask.g``.
+Generators outlive Flask's request context, so the request id, the timing and the usage
+travel in this object instead of ``flask.g``. Every path hands what its request used to
+``call.meter``; one step reads it when the request ends (``app.web.request_end``), so no
+path charges, records or counts anything itself.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Callable, FrozenSet
+from typing import Any, Callable, FrozenSet
 
 from app.errors import ModelNotFound
 
@@ -15,6 +17,41 @@ from app.errors import ModelNotFound
 def _never_gone() -> bool:
     """For calls made outside a client's request (tests, background work)."""
     return False
+
+
+class Meter:
+    """What the request used, as its upstreams said or as the gateway saw it pass."""
+
+    __slots__ = ("prompt_tokens", "completion_tokens", "counted", "unseen")
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0  # as the worker or upstream counted them (0: not known)
+        self.completion_tokens = 0  # likewise
+        self.counted = 0  # completion tokens seen passing, where no usage came
+        # An upstream was generating when the client left and could not say how much it
+        # had made (a non-stream OpenAI-compatible answer): its ceiling is charged.
+        self.unseen = False
+
+    def report(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """The usage a worker or upstream reported (the whole request's, so far)."""
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+
+    def add(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """One of the request's generations reported what it made: its prompt is the
+        request's (each choice reads the same one), its completion adds up."""
+        self.prompt_tokens = max(self.prompt_tokens, prompt_tokens)
+        self.completion_tokens += completion_tokens
+
+    def completion(self) -> int:
+        """What the request made: its upstreams' count, else what was seen passing."""
+        return self.completion_tokens or self.counted
+
+
+# The admission step serving calls once it knows the model and the reply's size:
+# (call, max_tokens per choice or None, choices, the model's context or None) -> the
+# budget's cap on max_tokens per choice, or None.
+Admission = Callable[["Call", "int | None", int, "int | None"], "int | None"]
 
 
 @dataclass
@@ -25,11 +62,16 @@ class Call:
     upstream_seconds: float = 0.0  # time spent waiting on the controller and workers
     model: str = ""  # as the client named it, once the request is read
     first_token_at: float | None = None  # streams: when the first generated text went out
-    prompt_tokens: int = 0  # as the worker counted them (0: not known)
-    completion_tokens: int = 0
+    meter: Meter = field(default_factory=Meter)
     # The models the request's key may use (None: every model).
     allowed_models: FrozenSet[str] | None = None
     key_id: str | None = None  # the request's key (None: no key, or a --api-keys key)
+    owner: str = ""  # who owns what the request stores ("": the anonymous owner)
+    # Set for model requests by app.web.access: checks the key's limits and reserves.
+    admission: Admission | None = None
+    admitted: Any = None  # what admission granted (an app.access.gate.Pass)
+    prompt_bytes: int | None = None  # the prompt's size, where not the body's
+    extra_prompt_bytes: int = 0  # replayed from earlier turns (previous_response_id)
 
     def use_model(self, model: str) -> None:
         """The request is for ``model``; a model its key may not use is, as OpenAI answers,
@@ -38,6 +80,20 @@ class Call:
         if self.allowed_models is not None and model not in self.allowed_models:
             raise ModelNotFound(f"The model '{model}' does not exist or you do not have "
                                 "access to it.", "model")
+
+    def admit(self, model: str, max_tokens: int | None = None, choices: int = 1,
+              context: int | None = None) -> int | None:
+        """The request is for ``model`` and asks for up to ``max_tokens`` per choice: its
+        key's limits are checked and its worst case reserved (a 429 if they do not let it
+        in). Returns the most tokens per choice its budget allows, for the model, or None
+        (as asked). Once per request: a second call returns the first's answer."""
+        self.use_model(model)
+        if self.admission is None:
+            return None
+        if self.admitted is not None:
+            cap: int | None = self.admitted.cap
+            return cap
+        return self.admission(self, max_tokens, choices, context)
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
@@ -55,6 +111,11 @@ class Call:
         total = perf_counter() - self.started
         own = max(total - self.upstream_seconds, 0.0)
         return f"gateway;dur={own * 1000:.2f}, upstream;dur={self.upstream_seconds * 1000:.2f}"
+
+
+def capped(max_tokens: int | None, cap: int | None) -> int | None:
+    """The max_tokens to send: the client's, or the budget's cap when it set none."""
+    return max_tokens if cap is None else cap
 
 
 class _Waiting:

@@ -34,7 +34,7 @@ class ChatPlan:
 
 
 def complete(body: ChatRequest, upstream: Upstream, call: Call) -> dict[str, Any]:
-    call.use_model(body["model"])
+    _admit(body, upstream, call)
 
     def attempt(address: str) -> tuple[ChatPlan, list[dict[str, Any]]]:
         plan = _plan(body, upstream, call, address)
@@ -50,8 +50,7 @@ def complete(body: ChatRequest, upstream: Upstream, call: Call) -> dict[str, Any
         choices.append({"index": index, "message": {"role": "assistant", "content": text},
                         "logprobs": None, "finish_reason": reason})
     totals = usage.total()
-    call.prompt_tokens, call.completion_tokens = totals["prompt_tokens"], \
-        totals["completion_tokens"]
+    call.meter.report(totals["prompt_tokens"], totals["completion_tokens"])
     return {"id": new_id("chatcmpl-"), "object": "chat.completion",
             "created": int(time.time()), "model": body["model"], "choices": choices,
             "usage": totals}
@@ -63,7 +62,7 @@ def open_stream(body: ChatRequest, upstream: Upstream, call: Call,
     """Everything that can fail with a status happens here, before the first byte; the
     returned events and close callbacks go to ``sse.response``. ``fmt``: how the events
     are written (default: chat.completion.chunk events)."""
-    call.use_model(body["model"])
+    _admit(body, upstream, call)
     n = body["n"]
     address, (plan, source) = on_worker(upstream, body["model"],
                                         partial(_start, body, upstream, call))
@@ -74,6 +73,14 @@ def open_stream(body: ChatRequest, upstream: Upstream, call: Call,
     events = drive(source, fmt, trackers, UsageTally(n, [plan.prompt_tokens]), call,
                    body["include_usage"])
     return events, [source.close, release]
+
+
+def _admit(body: ChatRequest, upstream: Upstream, call: Call) -> None:
+    """The key's limits let the request in (its reply capped by its budget)."""
+    cap = call.admit(body["model"], body["max_tokens"], body["n"],
+                     upstream.context_length(body["model"]))
+    if cap is not None:
+        body["max_tokens"] = cap
 
 
 def _start(body: ChatRequest, upstream: Upstream, call: Call,

@@ -38,7 +38,7 @@ class PromptPlan:
 
 
 def complete(body: CompletionRequest, upstream: Upstream, call: Call) -> dict[str, Any]:
-    call.use_model(body["model"])
+    _admit(body, upstream, call)
     n = body["n"]
 
     def attempt(address: str) -> tuple[list[PromptPlan], list[dict[str, Any]]]:
@@ -57,15 +57,14 @@ def complete(body: CompletionRequest, upstream: Upstream, call: Call) -> dict[st
                         "logprobs": frame.get("logprobs") if with_logprobs else None,
                         "finish_reason": reason})
     totals = usage.total()
-    call.prompt_tokens, call.completion_tokens = totals["prompt_tokens"], \
-        totals["completion_tokens"]
+    call.meter.report(totals["prompt_tokens"], totals["completion_tokens"])
     return {"id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()),
             "model": body["model"], "choices": choices, "usage": totals}
 
 
 def open_stream(body: CompletionRequest, upstream: Upstream,
                 call: Call) -> tuple[Iterator[bytes | None], list[Callable[[], object]]]:
-    call.use_model(body["model"])
+    _admit(body, upstream, call)
     n = body["n"]
     address, (plans, source) = on_worker(upstream, body["model"],
                                          partial(_start, body, upstream, call))
@@ -75,6 +74,15 @@ def open_stream(body: CompletionRequest, upstream: Upstream,
     usage = UsageTally(n, [p.prompt_tokens for p in plans])
     events = drive(source, fmt, _trackers(body, plans), usage, call, body["include_usage"])
     return events, [source.close, release]
+
+
+def _admit(body: CompletionRequest, upstream: Upstream, call: Call) -> None:
+    """The key's limits let the request in: each prompt's ``n`` choices generate at once
+    (its reply capped by its budget)."""
+    cap = call.admit(body["model"], body["max_tokens"], body["n"] * len(body["prompt"]),
+                     upstream.context_length(body["model"]))
+    if cap is not None:
+        body["max_tokens"] = cap
 
 
 def _start(body: CompletionRequest, upstream: Upstream, call: Call,

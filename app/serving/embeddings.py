@@ -19,7 +19,7 @@ def embed(body: EmbeddingRequest, path_model: str | None, upstream: Upstream,
     model = body["model"] or path_model
     if not model:
         raise InvalidRequest("Missing required parameter: 'model'.", "model")
-    call.use_model(model)
+    call.admit(model, max_tokens=0)  # nothing is generated: the key pays for its inputs
     upstream.controller.require_model(model)
     size = upstream.settings.embedding_batch_size
     inputs = body["input"]
@@ -38,7 +38,7 @@ def embed(body: EmbeddingRequest, path_model: str | None, upstream: Upstream,
                          "embedding": _encode(vector, body["encoding_format"])})
         token_num = result.get("token_num")
         tokens += token_num if isinstance(token_num, int) else 0
-    call.prompt_tokens = tokens
+    call.meter.report(tokens, 0)
     return {"object": "list", "data": data, "model": model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 

@@ -14,14 +14,14 @@ from typing import Any, Callable, Iterator
 
 import orjson
 
-from app.errors import APIError, UpstreamError
+from app.errors import APIError, ClientClosedRequest
 from app.serving.call import Call
 from app.serving.events import DONE
 from app.serving.stream_driver import drain
-from app.serving.usage import completion_tokens, prompt_tokens
+from app.serving.usage import answer_tokens, completion_tokens, prompt_tokens
 from app.upstream.clients import Upstream
 from app.upstream.failover import releaser, with_failover
-from app.upstream.openai_client import OpenAIClient
+from app.upstream.openai_client import OpenAIClient, upstream_error
 from app.upstream.openai_config import OpenAITarget
 from app.upstream.stream import Timing, UpstreamStream, follow
 
@@ -31,30 +31,40 @@ EMBEDDINGS = "/embeddings"
 
 
 def complete(path: str, payload: dict[str, Any], model: str, upstream: Upstream,
-             call: Call) -> dict[str, Any]:
+             call: Call, max_tokens: int | None = None, choices: int = 1) -> dict[str, Any]:
     """A non-stream answer (chat, completion or embeddings), ``model`` as the client named
-    it."""
-    call.use_model(model)
+    it; ``max_tokens`` and ``choices`` as the client's request (validated) asks."""
+    payload = _admit(path, payload, model, upstream, call, max_tokens, choices)
     client = upstream.openai.client
 
     def attempt(target: OpenAITarget) -> dict[str, Any]:
         with call.waiting_upstream():
             response = client.post(target, path, _outgoing(payload, target), call.request_id)
-            return client.read_json(response, target, call.client_gone, upstream.timing.tick)
+            try:
+                return client.read_json(response, target, call.client_gone,
+                                        upstream.timing.tick)
+            except ClientClosedRequest:
+                # Closing the request stops the upstream, which says nothing of what it
+                # made by then: the request's ceiling is charged.
+                call.meter.unseen = path != EMBEDDINGS
+                raise
 
     target, answer = with_failover(upstream.openai, model, attempt, upstream.failures)
     upstream.openai.release(target)
     if "model" in answer:
         answer["model"] = model
-    call.prompt_tokens, call.completion_tokens = prompt_tokens(answer), \
-        completion_tokens(answer)
+    # An upstream that gives no usage is charged what its answer holds (a token per four
+    # characters).
+    call.meter.report(prompt_tokens(answer),
+                      completion_tokens(answer) or answer_tokens(answer))
     return answer
 
 
 def open_stream(path: str, payload: dict[str, Any], model: str, upstream: Upstream,
-                call: Call) -> tuple[Iterator[bytes | None], list[Callable[[], object]]]:
+                call: Call, max_tokens: int | None = None, choices: int = 1
+                ) -> tuple[Iterator[bytes | None], list[Callable[[], object]]]:
     """The relayed events and the close callbacks, for ``sse.response``."""
-    call.use_model(model)
+    payload = _admit(path, payload, model, upstream, call, max_tokens, choices)
     client = upstream.openai.client
     # The usage is asked for whether the client wants it or not: it is what the key is
     # charged. A client that did not ask does not get the usage chunk.
@@ -71,6 +81,17 @@ def open_stream(path: str, payload: dict[str, Any], model: str, upstream: Upstre
     events = _relay(stream, target, _Events(model, target, call, hide_usage=not asked),
                     call, timing)
     return events, [stream.close, releaser(upstream.openai, target)]
+
+
+def _admit(path: str, payload: dict[str, Any], model: str, upstream: Upstream, call: Call,
+           max_tokens: int | None, choices: int) -> dict[str, Any]:
+    """The key's limits let the request in; the payload to send, with the budget's cap on
+    max_tokens when the client set none."""
+    if path == EMBEDDINGS:
+        call.admit(model, max_tokens=0)  # nothing is generated: the key pays for its inputs
+        return payload
+    cap = call.admit(model, max_tokens, choices, upstream.context_length(model))
+    return payload if cap is None else {**payload, "max_tokens": cap}
 
 
 def _outgoing(payload: dict[str, Any], target: OpenAITarget) -> dict[str, Any]:
@@ -106,8 +127,8 @@ def _relay(stream: UpstreamStream[bytes], target: OpenAITarget, events: "_Events
             if done:
                 break
         if not done and not events.finished:
-            raise UpstreamError(f"The upstream {target.base_url} ended the stream before "
-                                "it was complete.")
+            raise upstream_error("The upstream server ended the stream before it was "
+                                 "complete.", target)
         yield DONE
         if done:
             drain(items)
@@ -117,7 +138,10 @@ def _relay(stream: UpstreamStream[bytes], target: OpenAITarget, events: "_Events
 
 class _Events:
     """Turns an upstream's event data into our ``data:`` events: the client's model name,
-    one line each, errors as ours; notes the first token and the usage on ``call``."""
+    one line each, errors as ours; notes the first token and the usage on ``call``. Where
+    no usage comes (an upstream that ignores ``include_usage``, or a stream cut short),
+    the completion tokens are counted as they pass: one per event that carries output
+    (what vLLM, llama.cpp's server and Ollama send per token)."""
 
     def __init__(self, model: str, target: OpenAITarget, call: Call,
                  hide_usage: bool = False) -> None:
@@ -131,37 +155,42 @@ class _Events:
     def relayed(self, data: bytes) -> bytes:
         # find, not "in": on bytes, "in" raises and clears an error before it searches.
         call = self._call
-        if (call.first_token_at is None or data.find(b"\n") >= 0
-                or data.find(self._as_sent) < 0 or data.find(b'"completion_tokens"') >= 0
-                or data.find(b'"error"') >= 0):
-            data = self._checked(data)
+        fast = not (call.first_token_at is None or data.find(b"\n") >= 0
+                    or data.find(self._as_sent) < 0 or data.find(b'"completion_tokens"') >= 0
+                    or data.find(b'"error"') >= 0)
+        if not fast:
+            data = self._checked(data)  # counts its own output
             if not data:
                 return b""
         if data.find(b'"finish_reason":"') >= 0 or data.find(b'"finish_reason": "') >= 0:
             self.finished = True
+        elif fast:
+            call.meter.counted += 1  # mid-stream, not a finish: a chunk of output
         return b"data: " + data + b"\n\n"
 
     def _checked(self, data: bytes) -> bytes:
         try:
             event = orjson.loads(data)
         except orjson.JSONDecodeError:
-            raise UpstreamError(f"The upstream {self._target.base_url} sent an event that "
-                                "is not JSON.") from None
+            raise upstream_error("The upstream server sent an event that is not JSON.",
+                                 self._target) from None
         if not isinstance(event, dict):
-            raise UpstreamError(f"The upstream {self._target.base_url} sent an event that "
-                                "is not a JSON object.")
+            raise upstream_error("The upstream server sent an event that is not a JSON "
+                                 "object.", self._target)
         if "error" in event or event.get("object") == "error":
             error = event.get("error")
             message = (error.get("message") if isinstance(error, dict) else error) \
                 or event.get("message") or "unknown error"
-            raise UpstreamError(f"The upstream {self._target.base_url} failed: "
-                                f"{' '.join(str(message).split())[:1000]}")
-        if self._call.first_token_at is None and _has_output(event):
-            self._call.first_token()
+            raise upstream_error("The upstream server failed: "
+                                 f"{' '.join(str(message).split())[:1000]}", self._target)
+        outputs = _outputs(event)
+        if outputs:
+            self._call.meter.counted += outputs
+            if self._call.first_token_at is None:
+                self._call.first_token()
         tokens = completion_tokens(event)
         if tokens:
-            self._call.completion_tokens = tokens
-            self._call.prompt_tokens = prompt_tokens(event)
+            self._call.meter.report(prompt_tokens(event), tokens)
         if self._hide_usage and event.get("usage"):
             if not event.get("choices"):
                 return b""  # the usage chunk the client did not ask for
@@ -173,14 +202,16 @@ class _Events:
         return data
 
 
-def _has_output(event: dict[str, Any]) -> bool:
+def _outputs(event: dict[str, Any]) -> int:
+    """How many of the event's choices carry output."""
+    found = 0
     for choice in event.get("choices") or ():
         if not isinstance(choice, dict):
             continue
         delta = choice.get("delta")
         if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls")
                                         or delta.get("reasoning_content")):
-            return True
-        if choice.get("text"):
-            return True
-    return False
+            found += 1
+        elif choice.get("text"):
+            found += 1
+    return found

@@ -72,8 +72,7 @@ def drive(source: WorkerStreams, fmt: ChunkFormat, trackers: Sequence[TextTracke
         items.close()
         source.close()
         totals = usage.total()
-        call.prompt_tokens = totals["prompt_tokens"]
-        call.completion_tokens = totals["completion_tokens"]
+        call.meter.report(totals["prompt_tokens"], totals["completion_tokens"])
 
 
 def _advance(tracker: TextTracker, frames: list[Frame] | None, usage: UsageTally,

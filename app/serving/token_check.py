@@ -24,6 +24,8 @@ def check_tokens(body: TokenCheckRequest, upstream: Upstream, call: Call) -> dic
                 "by an OpenAI-compatible upstream, which has no token counting endpoint.",
                 f"prompts[{index}].model")
         upstream.controller.require_model(item["model"])
+    if body["prompts"]:
+        call.admit(body["prompts"][0]["model"], max_tokens=0)  # a request; none generated
     with call.waiting_upstream():
         results = run_all([partial(_check_one, upstream, call, item)
                            for item in body["prompts"]])

@@ -40,8 +40,36 @@ def prompt_tokens(payload: dict[str, Any]) -> int:
     return _count(usage if isinstance(usage, dict) else None, "prompt_tokens")
 
 
+CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English text
+
+
+def answer_tokens(answer: dict[str, Any]) -> int:
+    """A non-stream answer's completion tokens estimated from its text (a token per four
+    characters, rounded up per answer), for an upstream that gives no usage."""
+    chars = 0
+    for choice in answer.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        if isinstance(message, dict):
+            content = message.get("content")
+            chars += len(content) if isinstance(content, str) else 0
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") if isinstance(call, dict) else None
+                arguments = function.get("arguments") if isinstance(function, dict) else None
+                chars += len(arguments) if isinstance(arguments, str) else 0
+        text = choice.get("text")
+        chars += len(text) if isinstance(text, str) else 0
+    return -(-chars // CHARS_PER_TOKEN)
+
+
 def _count(usage: dict[str, Any] | None, key: str) -> int:
     if not usage:
         return 0
     value = usage.get(key)
-    return value if isinstance(value, int) and value >= 0 else 0
+    return value if isinstance(value, int) and 0 <= value < MAX_TOKENS else 0
+
+
+# A count past this is not one a model made (a broken or hostile upstream): it is ignored,
+# and the tokens seen passing are charged instead. (2^31: what a usage column holds.)
+MAX_TOKENS = 2**31

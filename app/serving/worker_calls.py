@@ -6,9 +6,10 @@ from functools import partial
 from typing import Any, Callable, Sequence, TypeVar
 
 from app.errors import InvalidRequest
-from app.protocol.capabilities import EMBEDDING_ONLY, SAMPLING_DEFAULTS
+from app.protocol.capabilities import EMBEDDING_ONLY, GENERATE_PROGRESS, SAMPLING_DEFAULTS
 from app.serving.call import Call
 from app.serving.concurrency import run_all
+from app.serving.usage import completion_tokens, prompt_tokens
 from app.serving.worker_streams import WorkerStreams
 from app.upstream.clients import Upstream
 from app.upstream.failover import with_failover
@@ -68,9 +69,14 @@ def sampling_params(body: SamplingRequest, stop: Sequence[str], stop_token_ids: 
 def generate_all(upstream: Upstream, call: Call, address: str,
                  params: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     """The final frame of every prompt's ``n`` choices (non-stream), generated at once.
-    Nothing has reached the client yet, so any worker failure here may still fail over."""
+    Nothing has reached the client yet, so any worker failure here may still fail over.
+    A client that leaves is charged what each generation made by then."""
     generate = upstream.workers.generate
-    calls = [partial(generate, address, p, call.request_id, call.client_gone)
+    progress = GENERATE_PROGRESS in upstream.workers.details(address, call.model).capabilities
+
+    def left(frame: dict[str, Any]) -> None:
+        call.meter.add(prompt_tokens(frame), completion_tokens(frame))
+    calls = [partial(generate, address, p, call.request_id, call.client_gone, left, progress)
              for p in params for _ in range(n)]
     with call.waiting_upstream():
         return run_all(calls)

@@ -59,6 +59,9 @@ USAGE_BUFFERED = Gauge("flaskchat_usage_buffered_records",
 USAGE_DROPPED = Counter("flaskchat_usage_dropped_records",
                         "Usage records dropped because the buffer was full while the "
                         "database could not be written.")
+USAGE_REJECTED = Counter("flaskchat_usage_rejected_records",
+                         "Usage records the database rejected (written alone, logged, "
+                         "dropped); the rest of their batch was written.")
 OTHER_KEYS = "_other"
 NO_KEY = "_none"
 
@@ -86,6 +89,9 @@ class AccessMetrics:
 
     def dropped(self, records: int) -> None:
         USAGE_DROPPED.inc(records)
+
+    def rejected(self, records: int) -> None:
+        USAGE_REJECTED.inc(records)
 
     def used(self, key_name: str | None, prompt_tokens: int, completion_tokens: int) -> None:
         if not self._room:

@@ -49,5 +49,12 @@ class Upstream:
                                    settings.connect_timeout)
         self.openai = OpenAIUpstreams(targets, OpenAIClient(self.session), self.health)
 
+    def context_length(self, model: str) -> int | None:
+        """The model's context length as last seen (its upstreams' configuration, or its
+        workers' /model_details), without asking anyone: None if not known yet."""
+        if self.openai.serves(model):
+            return self.openai.context_length(model)
+        return self.workers.context_length(model)
+
     def close(self) -> None:
         self.session.close()

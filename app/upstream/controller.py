@@ -102,9 +102,8 @@ class ControllerClient:
                     raise  # nothing known at all: the controller's failure is the answer
             if model in directory.models:
                 return directory
-        raise ModelNotFound(
-            f"The model '{model}' does not exist. Available models: "
-            f"{', '.join(directory.models) or 'none'}.", "model")
+        raise ModelNotFound(f"The model '{model}' does not exist.", "model",
+                            available=tuple(directory.models))
 
     def knows(self, model: str) -> bool:
         """Whether the last view listed ``model``; never waits for the controller."""

@@ -4,7 +4,9 @@ upstream streams of ``data:`` payloads.
 
 An upstream's 4xx about the request reaches the client as our 400 with the upstream's
 message and ``param``; a refused key, an unknown model name or a 5xx is the gateway's
-problem (502/503, and a 5xx or 429 may go to another upstream of the model).
+problem (502/503, and a 5xx or 429 may go to another upstream of the model). A message a
+client sees says "the upstream server", never its address: that goes to the logs only
+(``APIError.internal``).
 """
 from __future__ import annotations
 
@@ -33,10 +35,13 @@ class OpenAIClient:
         headers = {"X-Request-ID": request_id}
         if target.api_key:
             headers["Authorization"] = f"Bearer {target.api_key}"
-        with mapped_errors(_what(target)):
-            response = post_json(self._session, target.base_url + path, payload,
-                                 (target.connect_timeout, target.read_timeout), stream=True,
-                                 headers=headers)
+        try:
+            with mapped_errors(WHAT):
+                response = post_json(self._session, target.base_url + path, payload,
+                                     (target.connect_timeout, target.read_timeout),
+                                     stream=True, headers=headers)
+        except errors.APIError as exc:
+            raise tagged(exc, target)
         if response.status_code != 200:
             try:
                 raise status_error(response, target)
@@ -47,7 +52,7 @@ class OpenAIClient:
     @staticmethod
     def events(response: requests.Response, target: OpenAITarget) -> UpstreamStream[bytes]:
         """A streamed answer as batches of SSE ``data:`` payloads."""
-        return UpstreamStream(response, SseData(_what(target)), _what(target))
+        return UpstreamStream(response, SseData(WHAT), WHAT)
 
     @staticmethod
     def read_json(response: requests.Response, target: OpenAITarget,
@@ -55,19 +60,21 @@ class OpenAIClient:
         """A non-stream answer. While the upstream generates (silent until it is done), the
         client is looked at every ``tick``: one that left closes the request, which makes
         the upstream stop."""
-        what = _what(target)
         timing = Timing(tick, first_token=target.read_timeout,
                         between_tokens=target.read_timeout)
-        body = collect(UpstreamStream(response, RawChunks(), what), timing, client_gone,
-                       MAX_BODY)
+        try:
+            body = collect(UpstreamStream(response, RawChunks(), WHAT), timing, client_gone,
+                           MAX_BODY)
+        except errors.APIError as exc:
+            raise tagged(exc, target)
         try:
             answer = orjson.loads(body)
         except orjson.JSONDecodeError:
-            raise errors.UpstreamError(f"The upstream {target.base_url} answered with "
-                                       "invalid JSON.") from None
+            raise upstream_error("The upstream server answered with invalid JSON.",
+                                 target) from None
         if not isinstance(answer, dict):
-            raise errors.UpstreamError(f"The upstream {target.base_url} answered with JSON "
-                                       "that is not an object.")
+            raise upstream_error("The upstream server answered with JSON that is not an "
+                                 "object.", target)
         return answer
 
     def answers(self, target: OpenAITarget) -> bool:
@@ -97,7 +104,7 @@ class SseData:
             self._parts.append(data)
             self._size += len(data)
             if self._size > MAX_BODY:
-                raise errors.UpstreamError(f"The upstream {self._what} sent an SSE event "
+                raise errors.UpstreamError(f"{self._what.capitalize()} sent an SSE event "
                                            f"over {MAX_BODY} bytes.")
             return None
         if self._parts:
@@ -136,8 +143,19 @@ def _event_data(block: bytes) -> bytes | None:
     return b"\n".join(lines)
 
 
-def _what(target: OpenAITarget) -> str:
-    return f"the upstream {target.base_url}"
+WHAT = "the upstream server"  # as messages name it: never its address
+
+
+def tagged(error: errors.APIError, target: OpenAITarget) -> errors.APIError:
+    """``error`` with the upstream's address for the logs (a client never sees it)."""
+    if error.internal is None:
+        error.internal = f"upstream {target.base_url}, model {target.model!r}"
+    return error
+
+
+def upstream_error(message: str, target: OpenAITarget,
+                   kind: type[errors.APIError] = errors.UpstreamError) -> errors.APIError:
+    return tagged(kind(message), target)
 
 
 def status_error(response: requests.Response, target: OpenAITarget) -> errors.APIError:
@@ -147,7 +165,7 @@ def status_error(response: requests.Response, target: OpenAITarget) -> errors.AP
     except requests.RequestException:
         body = b""
     message, param, code = _explanation(body)
-    where = f"the upstream {target.base_url}"
+    where = WHAT.capitalize()
     error: errors.APIError
     if status in (400, 422):
         error = errors.InvalidRequest(message or f"{where} refused the request.", param)
@@ -161,8 +179,7 @@ def status_error(response: requests.Response, target: OpenAITarget) -> errors.AP
         error = errors.UpstreamError(f"{where} refused the gateway's credentials (HTTP "
                                      f"{status}); check its api_key_env.")
     elif status == 404:
-        error = errors.UpstreamError(f"{where} answered 404 for model '{target.model}'"
-                                     + detail)
+        error = errors.UpstreamError(f"{where} answered 404 for the model" + detail)
     elif status == 429:
         error = errors.Overloaded(f"{where} is at capacity" + detail)
         retry_after = response.headers.get("Retry-After")
@@ -175,7 +192,7 @@ def status_error(response: requests.Response, target: OpenAITarget) -> errors.AP
     else:
         error = errors.UpstreamError(f"{where} answered with HTTP {status}" + detail)
     error.failover = status >= 500 or status == 429  # the server's trouble, not the request's
-    return error
+    return tagged(error, target)
 
 
 def _explanation(body: bytes) -> tuple[str, str | None, str | None]:

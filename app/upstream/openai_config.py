@@ -13,6 +13,9 @@ From ``--openai-upstream NAME=BASE_URL`` (repeatable) and ``--upstreams FILE``:
     read_timeout = 600.0                      # longest silence: between stream chunks, or
                                               # for a whole non-stream answer
     weight = 2                                # share of traffic among upstreams of a name
+    context_length = 8192                     # optional: the model's context, which bounds
+                                              # what a budgeted key's request reserves
+
 
 Mistakes stop the server at start with a message naming the entry and the key.
 """
@@ -30,7 +33,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 DEFAULT_READ_TIMEOUT = 600.0
-_KEYS = {"base_url", "models", "api_key_env", "connect_timeout", "read_timeout", "weight"}
+_KEYS = {"base_url", "models", "api_key_env", "connect_timeout", "read_timeout", "weight",
+         "context_length"}
 
 
 class UpstreamConfigError(ValueError):
@@ -47,6 +51,7 @@ class OpenAITarget:
     read_timeout: float = DEFAULT_READ_TIMEOUT
     weight: float = 1.0
     api_key: str = field(default="", repr=False)  # never printed
+    context_length: int | None = None  # as the upstreams file gives it
 
     @property
     def server(self) -> str:
@@ -131,8 +136,13 @@ def _entry_targets(entry: Any, where: str, connect_timeout: float,
                 for name, default in (("connect_timeout", connect_timeout),
                                       ("read_timeout", DEFAULT_READ_TIMEOUT),
                                       ("weight", 1.0))}
+    context = entry.get("context_length")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int)
+                                or context <= 0):
+        raise UpstreamConfigError(f"{where}: context_length must be a positive whole "
+                                  f"number, got {context!r}")
     return [(name, OpenAITarget(url, upstream_name, timeouts["connect_timeout"],
-                                timeouts["read_timeout"], timeouts["weight"], key))
+                                timeouts["read_timeout"], timeouts["weight"], key, context))
             for name, upstream_name in names.items()]
 
 

@@ -29,6 +29,12 @@ class OpenAIUpstreams:
     def serves(self, model: str) -> bool:
         return model in self._targets
 
+    def context_length(self, model: str) -> int | None:
+        """The least context length its upstreams' entries give (None: none gives one)."""
+        lengths = [t.context_length for t in self._targets.get(model, ())
+                   if t.context_length is not None]
+        return min(lengths) if lengths else None
+
     def healthy_models(self) -> list[str]:
         return [model for model, targets in self._targets.items()
                 if any(self._health.healthy(t.server) for t in targets)]

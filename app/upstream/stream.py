@@ -131,7 +131,8 @@ class RawChunks:
 
 
 def follow(stream: Readable[T], timing: Timing,
-           client_gone: Callable[[], bool] | None = None) -> Iterator[list[T] | None]:
+           client_gone: Callable[[], bool] | None = None,
+           watch_throughout: bool = False) -> Iterator[list[T] | None]:
     """The stream's non-empty batches as they arrive, and None for a tick that brought
     none before the first (so that a caller can send keep-alives).
 
@@ -140,7 +141,9 @@ def follow(stream: Readable[T], timing: Timing,
     upstream is alive but do not end that wait. After it, each read may wait
     ``timing.between_tokens``. ``client_gone`` is asked at most once a tick, before and
     after the first batch; a client that left raises ClientClosedRequest, and closing the
-    stream (the caller's ``finally``) makes the upstream stop.
+    stream (the caller's ``finally``) makes the upstream stop. After the first batch it is
+    asked when a read brings something, or, ``watch_throughout``, every tick however long
+    the upstream is silent (an answer whose bytes may pause for long: a non-stream one).
     """
     clock = time.monotonic
     deadline = clock() + timing.first_token
@@ -165,6 +168,9 @@ def follow(stream: Readable[T], timing: Timing,
         yield None
     stream.set_read_timeout(timing.between_tokens)
     yield batch
+    if watch_throughout and client_gone is not None:
+        yield from _watched(stream, items, timing, client_gone)
+        return
     for batch in items:
         if client_gone is not None:
             now = clock()
@@ -176,6 +182,30 @@ def follow(stream: Readable[T], timing: Timing,
             yield batch
 
 
+def _watched(stream: Readable[T], items: Iterator[list[T]], timing: Timing,
+             client_gone: Callable[[], bool]) -> Iterator[list[T]]:
+    """``follow`` after the first batch, looking at the client every tick."""
+    clock = time.monotonic
+    deadline = clock() + timing.between_tokens
+    asked = clock()
+    while True:
+        if stream.wait(timing.tick):
+            batch = next(items, None)
+            if batch is None:
+                return
+            deadline = clock() + timing.between_tokens
+            if batch:
+                yield batch
+        elif clock() > deadline:
+            stream.close()
+            raise UpstreamTimeout(f"{_sentence(stream.what)} went silent for "
+                                  f"{timing.between_tokens:g} s.")
+        if clock() - asked >= timing.tick:
+            asked = clock()
+            if client_gone():
+                raise ClientClosedRequest("The client closed the connection.")
+
+
 def collect(stream: UpstreamStream[bytes], timing: Timing, client_gone: Callable[[], bool],
             limit: int = MAX_BODY) -> bytes:
     """A whole answer, waited for with ``follow`` (so a client that leaves meanwhile
@@ -183,7 +213,7 @@ def collect(stream: UpstreamStream[bytes], timing: Timing, client_gone: Callable
     body: list[bytes] = []
     size = 0
     try:
-        for batch in follow(stream, timing, client_gone):
+        for batch in follow(stream, timing, client_gone, watch_throughout=True):
             for data in batch or ():
                 body.append(data)
                 size += len(data)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import requests
 
@@ -18,7 +18,7 @@ from app.protocol import error_codes
 from app.protocol.frames import Frame, FrameDecoder, FrameError, decode_frame
 from app.upstream.cache import RefreshingCache
 from app.upstream.session import mapped_errors, post_json
-from app.upstream.stream import RawChunks, Timing, UpstreamStream, collect
+from app.upstream.stream import MAX_BODY, RawChunks, Timing, UpstreamStream, follow
 
 WORKER = "the model worker"
 Key = tuple[str, str]  # (worker address, model)
@@ -45,10 +45,14 @@ class WorkerClient:
         # queues before answering), so it may take as long as the first token.
         self._stream_timeouts = (timeouts[0], timing.first_token)
         self._generate_timeouts = (timeouts[0], generation_timeout)
+        # Reading a generation nobody waits for any more (its client left): as long as a
+        # stock worker may take to answer.
+        self._unattended = Timing(timing.tick, generation_timeout, generation_timeout)
         self._templates: RefreshingCache[Key, dict[str, Any]] = RefreshingCache(
             self._fetch_template, info_ttl, clock)
         self._details: RefreshingCache[Key, WorkerDetails] = RefreshingCache(
             self._fetch_details, info_ttl, clock)
+        self._context_lengths: dict[str, int] = {}  # model -> as its workers last said
 
     # ---- cached facts ---------------------------------------------------------------
 
@@ -57,6 +61,10 @@ class WorkerClient:
 
     def details(self, address: str, model: str) -> WorkerDetails:
         return self._details.get((address, model))
+
+    def context_length(self, model: str) -> int | None:
+        """The model's context length as a worker of it last said (None: not asked yet)."""
+        return self._context_lengths.get(model)
 
     def forget(self, address: str, model: str) -> None:
         """Drops what is cached about a worker that failed (it may come back different)."""
@@ -79,6 +87,7 @@ class WorkerClient:
             raise errors.UpstreamError("The worker's /model_details has no context_length.") \
                 from None
         capabilities = body.get("capabilities") or ()
+        self._context_lengths[key[1]] = context_length
         return WorkerDetails(context_length, frozenset(str(c) for c in capabilities))
 
     # ---- per-request calls ------------------------------------------------------------
@@ -94,21 +103,36 @@ class WorkerClient:
                 from None
 
     def generate(self, address: str, params: dict[str, Any], request_id: str,
-                 client_gone: Callable[[], bool]) -> Frame:
-        """/worker_generate's final frame. Read as a stream: flaskchat's worker sends a space
-        every quarter second while it generates, so a client that left is noticed (and the
-        request closed, which cancels the generation) and a silent worker times out."""
+                 client_gone: Callable[[], bool], left: Callable[[Frame], None],
+                 progress: bool = False) -> Frame:
+        """/worker_generate's final frame, read as a stream: flaskchat's worker sends its
+        headers at once and whitespace while it generates, so a client that left is
+        noticed, and a silent worker times out.
+
+        When the client leaves, ``left`` hears what the generation made (a frame with its
+        usage) before ClientClosedRequest is raised: a worker with ``progress``
+        (GENERATE_PROGRESS) stops when the request is closed and has said how many tokens
+        it made (a space each); any other goes on generating whatever we do (a stock
+        FastChat worker), so its answer is read to the end and its usage is what it made.
+        """
         response = self._open(address + "/worker_generate", params, self._generate_timeouts,
                               request_id)
-        body = collect(UpstreamStream(response, RawChunks(), WORKER), self.timing,
-                       client_gone)
+        stream = UpstreamStream(response, RawChunks(), WORKER)
+        body = bytearray()
         try:
-            frame = decode_frame(body)
-        except FrameError:
-            raise errors.UpstreamError("The model worker answered /worker_generate with "
-                                       "invalid JSON.") from None
-        raise_for_frame(frame)
-        return frame
+            try:
+                _read_into(body, follow(stream, self.timing, client_gone,
+                                        watch_throughout=True))
+            except errors.ClientClosedRequest:
+                if progress:
+                    left({"usage": {"completion_tokens": _progress(body)}})
+                    raise
+                _read_into(body, follow(stream, self._unattended))
+                left(_final_frame(bytes(body)))
+                raise
+        finally:
+            stream.close()
+        return _final_frame(bytes(body))
 
     def embeddings(self, address: str, payload: dict[str, Any],
                    request_id: str) -> dict[str, Any]:
@@ -149,6 +173,31 @@ class WorkerClient:
             except FrameError:
                 raise errors.UpstreamError(f"The model worker answered {path} with invalid "
                                            "JSON.") from None
+
+
+def _read_into(body: bytearray, batches: Iterator[list[bytes] | None]) -> None:
+    for batch in batches:
+        for data in batch or ():
+            body += data
+            if len(body) > MAX_BODY:
+                raise errors.UpstreamError(f"The model worker sent an answer over {MAX_BODY} "
+                                           "bytes.")
+
+
+def _progress(body: bytearray) -> int:
+    """Tokens a GENERATE_PROGRESS worker said it made: the spaces before its answer."""
+    answer = body.lstrip()
+    return body[:len(body) - len(answer)].count(b" ")
+
+
+def _final_frame(body: bytes) -> Frame:
+    try:
+        frame = decode_frame(body)
+    except FrameError:
+        raise errors.UpstreamError("The model worker answered /worker_generate with invalid "
+                                   "JSON.") from None
+    raise_for_frame(frame)
+    return frame
 
 
 class WorkerFrames:
@@ -201,8 +250,8 @@ def frame_error(frame: Frame) -> errors.APIError:
     error: errors.APIError
     if code == error_codes.CONTEXT_OVERFLOW:
         error = errors.ContextLengthExceeded(text, "messages")
-    elif code == error_codes.INVALID_MODEL:
-        error = errors.ModelNotFound(text, "model")
+    elif code == error_codes.INVALID_MODEL:  # its text may list the worker's models
+        error = errors.ModelNotFound("The model worker does not serve this model.", "model")
     elif 40000 <= code < 41000 and code != error_codes.INVALID_AUTH_KEY:
         error = errors.InvalidRequest(text)
     elif code in (error_codes.RATE_LIMIT, 42902):

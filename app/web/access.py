@@ -1,23 +1,26 @@
-"""Keys on the way in, usage on the way out.
+"""Keys on the way in, their charge on the way out.
 
 ``require_api_key`` (before every model route): ``Authorization: Bearer <key>`` names the
-principal; a POST (a request for a model) must also pass its key's limits and budget, and
-its response carries the ``x-ratelimit-*`` headers. When the response is closed (a stream
-when it ends), the request's tokens settle its limits and budget and its usage record goes
-to the ledger. ``require_admin_key`` guards the admin API: admin keys only; an ordinary
-key is a 403. Keys are never logged or echoed.
+principal. A POST (a request for a model) gets its admission step on the request's Call:
+serving calls it once it knows the model and the reply's size, and the key's limits and
+budget then decide whether it may go on (a 429 if not) and reserve its worst case; the
+response carries the ``x-ratelimit-*`` headers. When the response is closed (a stream
+when it ends), ``charge`` settles the reservation to what the request used, charges the
+budget and writes the usage record (``app.web.request_end`` calls it).
+``require_admin_key`` guards the admin API and the operator views: admin keys only; an
+ordinary key is a 403. Keys are never logged or echoed.
 """
 from __future__ import annotations
 
 from datetime import timedelta
 from functools import partial
-from time import perf_counter
 from typing import TYPE_CHECKING
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, current_app, g, request
 
+from app.access.reservations import Ask, estimate_tokens
 from app.errors import AuthenticationFailed, PermissionDenied
-from app.web.context import call, upstream
+from app.web.context import call
 
 if TYPE_CHECKING:
     from app.access.directory import Principal
@@ -25,7 +28,6 @@ if TYPE_CHECKING:
     from app.access.service import Access
     from app.serving.call import Call
     from app.telemetry.metrics import AccessMetrics
-    from app.upstream.clients import Upstream
 
 EXTENSION = "flaskchat.access"
 METRICS = "flaskchat.access_metrics"
@@ -34,8 +36,6 @@ METRICS = "flaskchat.access_metrics"
 def init_app(app: Flask, access: "Access", metrics: "AccessMetrics | None") -> None:
     app.extensions[EXTENSION] = access
     app.extensions[METRICS] = metrics
-    app.after_request(_hand_over)
-    app.teardown_request(_finish_unless_handed_over)
 
 
 def access() -> "Access":
@@ -50,32 +50,54 @@ def bearer_token() -> str:
 
 def authenticate() -> "Principal | None":
     """Who the request is from (None for a CORS preflight, which carries no
-    credentials); the models its key may use go on the request's Call."""
+    credentials); the models its key may use and its owner go on the request's Call."""
     if request.method == "OPTIONS":
         return None
     principal = access().gate.authenticate(bearer_token())
-    current = call()
+    identify(call(), principal)
+    return principal
+
+
+def identify(current: "Call", principal: "Principal") -> None:
     current.allowed_models = principal.models
     current.key_id = principal.key_id
-    return principal
+    current.owner = principal.owner
 
 
 def require_api_key() -> None:
     """A before_request hook for the model blueprints."""
     principal = authenticate()
     if principal is not None and request.method == "POST":
-        admit_key(principal, request.content_length or 0)
+        charge_to(principal)
 
 
-def admit_key(principal: "Principal", body_bytes: int) -> None:
-    """The request is for a model: it is recorded, and its key's limits decide whether it
-    may go on (a 429 if not)."""
+def charge_to(principal: "Principal", counts_request: bool = True) -> None:
+    """The request is for a model: it is recorded and charged to ``principal``, and its
+    admission waits on its Call for serving to call (``counts_request``: False for a demo
+    stream, whose ticket was counted as the request)."""
     g.usage_principal = principal
-    g.access_pass = access().gate.admit(principal, body_bytes)
+    call().admission = partial(_admit, access().gate, principal, counts_request)
+
+
+def _admit(gate: "Gate", principal: "Principal", counts_request: bool, current: "Call",
+           max_tokens: int | None, choices: int, context: int | None) -> int | None:
+    size = current.prompt_bytes if current.prompt_bytes is not None \
+        else len(request.get_data(cache=True))  # bytes read: a chunked body counts too
+    ask = Ask(estimate_tokens(size + current.extra_prompt_bytes), max_tokens, choices,
+              context, counts_request)
+    admitted = gate.admit(principal, ask)
+    current.admitted = admitted
+    return admitted.cap
+
+
+def admit_ticket(principal: "Principal", body_bytes: int) -> None:
+    """A demo ticket counts as a request of its key (rpm) and is refused as its stream
+    would be, but holds nothing: its stream reserves when it opens."""
+    access().gate.admit(principal, Ask(estimate_tokens(body_bytes), None, reserves=False))
 
 
 def require_admin_key() -> None:
-    """A before_request hook for the admin API."""
+    """A before_request hook for the admin API (and a check for operator views)."""
     if request.method == "OPTIONS":
         return
     found = access()
@@ -93,51 +115,46 @@ def require_admin_key() -> None:
                            "(--admin-keys-file).")
 
 
-def _hand_over(response: Response) -> Response:
-    admitted: Pass | None = g.pop("access_pass", None)
-    principal: Principal | None = g.pop("usage_principal", None)
-    if admitted is not None:
-        response.headers.extend(admitted.headers())  # new names: no look-up for old ones
-    if principal is not None:
-        route = request.url_rule.rule if request.url_rule is not None else request.path
-        response.call_on_close(partial(
-            _finished, access().gate, current_app.extensions[METRICS], upstream(), admitted,
-            principal, call(), route, response.status_code))
-    return response
-
-
-def _finish_unless_handed_over(error: BaseException | None) -> None:
-    admitted: Pass | None = g.pop("access_pass", None)
-    if admitted is not None:
-        access().gate.finish(admitted, 0, 0)
-
-
-def _finished(gate: "Gate", metrics: "AccessMetrics | None", served: "Upstream",
-              admitted: "Pass | None", principal: "Principal", current: "Call", route: str,
-              status: int) -> None:
+def charge(gate: "Gate", metrics: "AccessMetrics | None", current: "Call",
+           principal: "Principal", route: str, status: int, model: str | None,
+           latency: float, ttft: float | None) -> tuple[int, int]:
+    """The request ended: what it used, settled, charged and recorded; returns the
+    (prompt, completion) tokens charged. Where an upstream did not count the prompt, the
+    estimate made at admission is charged for a request that reached the model. Runs
+    when the response closes, after the request context is gone."""
     from app.access.keys import now
     from app.access.usage import UsageRecord
 
-    latency = perf_counter() - current.started
-    prompt, completion = current.prompt_tokens, current.completion_tokens
+    admitted: Pass | None = current.admitted
+    current.admitted = None  # settled once
+    meter = current.meter
+    prompt, completion = meter.prompt_tokens, meter.completion()
     if admitted is not None:
-        # A prompt the worker did not count (an upstream without usage) is charged, and
-        # recorded, as estimated, unless the request failed.
-        prompt = prompt or (admitted.estimate if status < 400 else 0)
+        if meter.unseen and not completion:
+            completion = admitted.completion_ceiling(gate.tpm_estimate)
+        if not prompt and (status < 400 or completion):
+            prompt = admitted.ask.prompt
         gate.finish(admitted, prompt, completion)
-    ttft = current.first_token_at - current.started if current.first_token_at else None
     gate.record(UsageRecord(
         created_at=now() - timedelta(seconds=latency), key_id=principal.key_id,
-        key_name=principal.name, team=principal.team, model=_known(served, current.model),
-        route=route, status=status, prompt_tokens=prompt, completion_tokens=completion,
+        key_name=principal.name, team=principal.team, model=model, route=route,
+        status=status, prompt_tokens=prompt, completion_tokens=completion,
         latency_ms=latency * 1000, ttft_ms=ttft * 1000 if ttft is not None else None,
         request_id=current.request_id))
     if metrics is not None:
         metrics.used(principal.name, prompt, completion)
+    return prompt, completion
 
 
-def _known(served: "Upstream", model: str) -> str | None:
-    """Only names the gateway serves are recorded: a client's made-up model name does not
-    become a row of every report."""
-    return model if model and (served.controller.knows(model)
-                               or served.openai.serves(model)) else None
+def key_metrics() -> "AccessMetrics | None":
+    found: AccessMetrics | None = current_app.extensions.get(METRICS)
+    return found
+
+
+def release_unfinished(current: "Call") -> None:
+    """A request that ended before its response was handed over: what it reserved is
+    given back (it made nothing)."""
+    admitted: Pass | None = current.admitted
+    if admitted is not None:
+        current.admitted = None
+        access().gate.finish(admitted, 0, 0)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from flask import Flask, Response, current_app
+from flask import Flask, Response, current_app, g
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from app.errors import (APIError, InvalidRequest, MethodNotAllowed, PayloadTooLarge,
-                        RouteNotFound, UnsupportedMediaType, envelope)
+from app.errors import (APIError, InvalidRequest, MethodNotAllowed, ModelNotFound,
+                        PayloadTooLarge, RouteNotFound, UnsupportedMediaType, envelope)
 from app.web.json_io import json_response
 
 log = logging.getLogger("flaskchat")
@@ -40,7 +40,17 @@ def _ignore(error: APIError) -> None:
     pass
 
 
+def for_caller(error: APIError) -> APIError:
+    """``error`` as the request's caller may see it: a 404 lists only the models its key
+    may use."""
+    if isinstance(error, ModelNotFound):
+        current = g.get("call")
+        return error.for_caller(current.allowed_models if current is not None else None)
+    return error
+
+
 def error_response(error: APIError) -> Response:
+    error = for_caller(error)
     response = json_response(envelope(error), error.status)
     response.headers.update(error.headers)
     return response
@@ -54,7 +64,8 @@ def init_app(app: Flask, on_server_error: ServerErrorHook | None = None) -> None
     @app.errorhandler(APIError)
     def handle_api_error(error: APIError) -> Response:
         if error.status >= 500:
-            log.warning("%s %s: %s", error.status, error.code, error.message)
+            log.warning("%s %s: %s%s", error.status, error.code, error.message,
+                        f" ({error.internal})" if error.internal else "")
             hook(error)
         return error_response(error)
 

@@ -66,7 +66,8 @@ def _guarded(events: Iterable[bytes | None], interval: float, hook: ServerErrorH
     except ClientClosedRequest:
         return  # nobody is reading; closing the events closed the upstream
     except APIError as exc:
-        log.warning("stream ended by %s: %s", type(exc).__name__, exc.message)
+        log.warning("stream ended by %s: %s%s", type(exc).__name__, exc.message,
+                    f" ({exc.internal})" if exc.internal else "")
         hook(exc)
         yield failed(exc)
     except Exception:

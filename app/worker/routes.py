@@ -20,8 +20,8 @@ from flask.typing import ResponseReturnValue
 
 from app.config import WorkerSettings
 from app.errors import InvalidRequest
-from app.protocol.capabilities import (EMBEDDING_ONLY, LENGTH_CHECK, RENDERS_MESSAGES,
-                                       SAMPLING_DEFAULTS)
+from app.protocol.capabilities import (EMBEDDING_ONLY, GENERATE_PROGRESS, LENGTH_CHECK,
+                                       RENDERS_MESSAGES, SAMPLING_DEFAULTS)
 from app.protocol.error_codes import CUDA_OUT_OF_MEMORY, INTERNAL_ERROR
 from app.protocol.frames import DELIMITER, encode_frame
 from app.web.json_io import json_response, read_json_object
@@ -38,7 +38,8 @@ log = logging.getLogger("flaskchat.worker")
 bp = Blueprint("worker", __name__)
 STATE = "flaskchat.worker"
 PROBE_INTERVAL = 1.0
-SPACE_INTERVAL = 0.25  # a non-stream answer's keep-alive while tokens are being made
+SPACE_INTERVAL = 0.25  # a non-stream answer's progress while tokens are being made
+KEEPALIVE = b"\n"  # a non-stream answer's byte while nothing was made (progress: spaces)
 
 _generation = GenerationSchema()
 _embedding = WorkerEmbeddingSchema()
@@ -83,9 +84,11 @@ def generate_stream() -> ResponseReturnValue:
 
 @bp.post("/worker_generate")
 def generate() -> ResponseReturnValue:
-    """The final frame as JSON. The headers go out at once and a space every second until
-    it is ready (JSON allows leading whitespace): a failed write tells that the caller
-    left, and the generation stops."""
+    """The final frame as JSON. The headers go out at once, then whitespace until it is
+    ready (JSON allows it before a value): every quarter second a space for each token
+    made since (GENERATE_PROGRESS: a caller whose client left can charge what was made),
+    and a newline each second nothing was. A failed write tells that the caller left,
+    and the generation stops."""
     job = _prepare()
     if isinstance(job, Response):
         return job
@@ -134,7 +137,7 @@ def model_details() -> ResponseReturnValue:
     else:
         if worker.chat.has_chat_template:
             capabilities.append(RENDERS_MESSAGES)
-        capabilities.append(SAMPLING_DEFAULTS)
+        capabilities += [SAMPLING_DEFAULTS, GENERATE_PROGRESS]
     return json_response({"context_length": model.context_length,
                           "capabilities": capabilities})
 
@@ -173,17 +176,22 @@ def _stream(worker: WorkerState, job: Job, request_id: str) -> Iterator[bytes]:
 
 
 def _final(worker: WorkerState, job: Job, request_id: str) -> Iterator[bytes]:
-    yield b" "
+    yield KEEPALIVE
     last: dict[str, Any] = {}
     written = time.monotonic()
-    for frame in _frames(worker, job, request_id, probe=b" "):
+    told = 0  # tokens the caller was told of
+    for frame in _frames(worker, job, request_id, probe=KEEPALIVE):
         if isinstance(frame, bytes):
             yield frame
-        else:
-            last = frame
-            if time.monotonic() - written >= SPACE_INTERVAL:
-                written = time.monotonic()
-                yield b" "  # lets the caller look at its client, and us notice it left
+            continue
+        last = frame
+        if time.monotonic() - written >= SPACE_INTERVAL:
+            # Lets the caller look at its client (and us notice it left), and says how far
+            # the generation got.
+            written = time.monotonic()
+            made = (frame.get("usage") or {}).get("completion_tokens") or 0
+            yield b" " * (made - told) or KEEPALIVE
+            told = max(made, told)
     yield orjson.dumps(last)
 
 

@@ -1,0 +1,293 @@
+"""Per-key limits counted in Redis, shared by every process and host that uses it: one Lua
+script checks and reserves all of a request's limits in one round trip (the rules of
+``app.access.reservations`` and ``app.access.limits.decide``, line for line), and another
+settles it when the request ends.
+
+Keys, all in one hash slot per API key (``fc:{key}:...``): the requests and tokens of the
+current and previous minute (expire after two minutes), the parallel slots (a sorted set
+of leases that expire, so a killed process cannot hold them for ever), the budget spent
+this period (made from the database's sums by the first request of the period that finds
+it missing), and the budget held by requests in flight (leases again, each with its
+amount).
+
+Not the ``limits`` library: it checks one limit per call, which with Redis is a round trip
+per limit, and a request here checks up to four at once and settles when it ends.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from app.access.budgets import period_start
+from app.access.limits import (ALLOWED, TPM_ESTIMATE, KeyLimits, MemoryLimiter, Reservation,
+                               Verdict, budget_refusal, decide)
+from app.access.reservations import Ask, Plan, completion_room
+
+REDIS_WAIT = 2.5  # seconds an admission waits for Redis before letting the request in
+REDIS_RETRY_DOWN = 1.0  # seconds between tries while Redis is unreachable
+LEASE_SECONDS = 900.0  # a slot or budget hold its request never gave back (a killed process)
+log = logging.getLogger("flaskchat.limits")
+
+_ADMIT = """
+local now, frac = tonumber(ARGV[1]), tonumber(ARGV[2])
+local rl, tl, pl, bl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local prompt, completion, choices = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local ctxroom, estimate = tonumber(ARGV[10]), tonumber(ARGV[11])
+local counts, reserves = ARGV[12] == '1', ARGV[13] == '1'
+local lease, expiry, ttl = ARGV[14], ARGV[15], ARGV[16]
+local function pair(cur, prev)
+  return tonumber(redis.call('GET', prev) or '0'), tonumber(redis.call('GET', cur) or '0')
+end
+local rp, rc, tp, tc, inflight = 0, 0, 0, 0, 0
+if rl > 0 then rp, rc = pair(KEYS[1], KEYS[2]) end
+if tl > 0 then tp, tc = pair(KEYS[3], KEYS[4]) end
+if pl > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+  inflight = redis.call('ZCARD', KEYS[5])
+end
+local room, unheld, held, cap, short = 0, 0, 0, -1, false
+if bl > 0 then
+  local spent = redis.call('GET', KEYS[6])
+  if not spent then
+    spent = ARGV[17]
+    redis.call('SET', KEYS[6], spent, 'EX', ARGV[18])
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
+  local holds = 0
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[7], 0, -1)) do
+    holds = holds + tonumber(string.match(member, '|(%d+)$'))
+  end
+  unheld = bl - tonumber(spent)
+  room = unheld - holds
+  if completion >= 0 then
+    held = prompt + completion * choices
+    short = held > room
+  else
+    local per = math.floor((room - prompt) / choices)
+    if per < 1 then short = true; held = prompt + choices
+    elseif per < ctxroom then cap = per; held = prompt + per * choices
+    else held = prompt + ctxroom * choices end
+  end
+end
+local per_choice = completion
+if completion < 0 then
+  per_choice = estimate
+  local bound = ctxroom
+  if cap >= 0 then bound = cap end
+  if bound < per_choice then per_choice = bound end
+  if tl > 0 then
+    local fits = math.floor((tl - prompt) / choices)
+    if fits < per_choice then per_choice = fits end
+    if per_choice < 0 then per_choice = 0 end
+  end
+end
+local tokens = prompt + per_choice * choices
+local reason = ''
+if short then reason = 'budget'
+elseif counts and rl > 0 and rp * (1 - frac) + rc + 1 > rl then reason = 'requests'
+elseif tl > 0 and tp * (1 - frac) + tc + tokens > tl then reason = 'tokens'
+elseif pl > 0 and inflight + choices > pl then reason = 'parallel' end
+if reason == '' then
+  if counts and rl > 0 then redis.call('INCR', KEYS[1]); redis.call('EXPIRE', KEYS[1], 130) end
+  if reserves then
+    if tl > 0 and tokens > 0 then
+      redis.call('INCRBY', KEYS[3], tokens); redis.call('EXPIRE', KEYS[3], 130)
+    end
+    if pl > 0 then
+      for i = 1, choices do redis.call('ZADD', KEYS[5], expiry, lease .. ':' .. i) end
+      redis.call('EXPIRE', KEYS[5], ttl)
+    end
+    if bl > 0 then
+      redis.call('ZADD', KEYS[7], expiry, lease .. '|' .. string.format('%d', held))
+      redis.call('EXPIRE', KEYS[7], ttl)
+    end
+  end
+end
+return {tostring(rp), tostring(rc), tostring(tp), tostring(tc), inflight, reason,
+        string.format('%d', cap), string.format('%d', held), string.format('%d', tokens),
+        string.format('%d', room), string.format('%d', unheld)}
+"""
+
+_SETTLE = """
+if tonumber(ARGV[1]) ~= 0 then
+  local left = redis.call('INCRBY', KEYS[1], ARGV[1])
+  if left < 0 then redis.call('SET', KEYS[1], 0) end
+  redis.call('EXPIRE', KEYS[1], 130)
+end
+for i = 1, tonumber(ARGV[3]) do redis.call('ZREM', KEYS[2], ARGV[2] .. ':' .. i) end
+if ARGV[4] ~= '' then
+  redis.call('ZREM', KEYS[4], ARGV[2] .. '|' .. ARGV[4])
+  if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('INCRBY', KEYS[3], ARGV[5]) end
+end
+return 0
+"""
+
+
+@dataclass
+class _Call:
+    """One script call on its way to Redis; ``done`` is set when its answer is in."""
+
+    script: Any
+    keys: list[str]
+    args: list[Any]
+    done: threading.Event | None
+    result: Any = None
+
+
+def _period_seconds_left(period: str | None, at: datetime) -> int:
+    day = at.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "month":
+        following = (day.replace(day=28) + timedelta(days=4)).replace(day=1)
+    else:
+        following = day + timedelta(days=1)
+    return int((following - at).total_seconds()) + 86400  # a day's margin
+
+
+class RedisLimiter:
+    """If Redis cannot be reached, the rates go unlimited (and it is logged): they protect
+    the workers, and are not worth taking every team offline. Budgets are money: they are
+    then kept by this process alone, from what it knows was spent.
+
+    The calls of concurrent requests share round trips: while one pipeline is on the
+    wire, the admissions and settlements that arrive queue up and go out together in the
+    next (no timer: a lone request goes out at once)."""
+
+    def __init__(self, url: str, tpm_estimate: int = TPM_ESTIMATE) -> None:
+        import redis
+
+        self._redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._admit = self._redis.register_script(_ADMIT)
+        self._settle = self._redis.register_script(_SETTLE)
+        self._estimate = tpm_estimate
+        self._local = MemoryLimiter(tpm_estimate=tpm_estimate)  # budgets while Redis is down
+        self._queue: list[_Call] = []
+        self._wakeup = threading.Event()
+        self._sender: threading.Thread | None = None
+        self._failing_since: float | None = None
+        self._tried_at = 0.0
+
+    def admit(self, key: str, limits: KeyLimits, ask: Ask, spent: int) -> Verdict:
+        now = time.time()
+        minute, fraction = int(now // 60), (now % 60) / 60
+        at = datetime.fromtimestamp(now, timezone.utc)
+        lease = secrets.token_hex(8)
+        period = period_start(limits.period, at)
+        call = _Call(self._admit, _keys(key, minute, period), [
+            now, fraction, limits.rpm or 0, limits.tpm or 0, limits.max_parallel or 0,
+            limits.budget or 0, ask.prompt,
+            ask.completion if ask.completion is not None else -1, ask.choices,
+            completion_room(ask), self._estimate, int(ask.counts_request), int(ask.reserves),
+            lease, now + LEASE_SECONDS, int(LEASE_SECONDS) + 60, spent,
+            _period_seconds_left(limits.period, at)], threading.Event())
+        self._send(call)
+        assert call.done is not None
+        if not call.done.wait(REDIS_WAIT) or isinstance(call.result, Exception):
+            # Redis is slow or down (logged by the sender): rates go unchecked, budgets
+            # are checked here alone.
+            if not limits.budget:
+                return ALLOWED
+            decided = self._local.admit(key, KeyLimits(budget=limits.budget), ask, spent)
+            decided.reservation.local = True
+            return decided
+        return self._verdict(call.result, limits, ask, fraction, lease, period)
+
+    def _verdict(self, raw: Any, limits: KeyLimits, ask: Ask, fraction: float,
+                 lease: str, period: str) -> Verdict:
+        rp, rc, tp, tc = (float(value) for value in raw[:4])
+        reason = raw[5].decode() if isinstance(raw[5], bytes) else str(raw[5])
+        cap, held, tokens, room, unheld = (int(value) for value in raw[6:11])
+        planned = Plan(tokens, held, cap if cap >= 0 else None, reason == "budget")
+        decided = decide(limits, fraction, (rp, rc), (tp, tc), int(raw[4]), ask, planned)
+        if reason == "budget":
+            return budget_refusal(decided, ask, room, unheld)
+        if not decided.allowed or not ask.reserves:
+            return decided
+        reservation = decided.reservation
+        reservation.lease = lease
+        if limits.tpm:
+            reservation.tokens, reservation.counted = tokens, tokens > 0
+        if limits.max_parallel:
+            reservation.slots = ask.choices
+        if limits.budget:
+            reservation.budget, reservation.period = held, period
+        return decided
+
+    def settle(self, key: str, reservation: Reservation, used: int) -> None:
+        """Queued, not waited for: the request is over."""
+        if reservation.local:
+            self._local.settle(key, reservation, used)
+            return
+        tokens = used - reservation.tokens if reservation.counted else 0
+        if not tokens and not reservation.slots and not reservation.budget:
+            return
+        # The budget of the period the request was admitted in: one that ends after
+        # midnight is charged to the day it began, as the ledger's row is.
+        keys = _keys(key, int(time.time() // 60), reservation.period)
+        self._send(_Call(self._settle, [keys[2], keys[4], keys[5], keys[6]],
+                         [tokens, reservation.lease, reservation.slots,
+                          str(reservation.budget) if reservation.budget else "", used],
+                         None))
+
+    def _send(self, call: _Call) -> None:
+        self._queue.append(call)
+        if self._sender is None or not self._sender.is_alive():
+            self._sender = threading.Thread(target=self._run, name="redis-limits",
+                                            daemon=True)
+            self._sender.start()
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                batch, self._queue = self._queue, []
+                self._round_trip(batch)
+
+    def _round_trip(self, batch: list[_Call]) -> None:
+        results: list[Any]
+        if self._failing_since is not None and \
+                time.monotonic() - self._tried_at < REDIS_RETRY_DOWN:
+            # Down a moment ago: no connect timeout for every request while it stays down.
+            results = [ConnectionError("Redis is unreachable")] * len(batch)
+        else:
+            self._tried_at = time.monotonic()
+            pipe = self._redis.pipeline(transaction=False)
+            for call in batch:
+                call.script(keys=call.keys, args=call.args, client=pipe)
+            try:
+                results = pipe.execute(raise_on_error=False)
+            except Exception as exc:  # redis' errors, whatever their kind
+                results = [exc] * len(batch)
+            failed = next((r for r in results if isinstance(r, Exception)), None)
+            if failed is not None:
+                self._failed(failed)
+            else:
+                self._recovered()
+        for call, result in zip(batch, results):
+            if call.done is not None:
+                call.result = result
+                call.done.set()
+
+    def _failed(self, exc: Exception) -> None:
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.error("Redis is unreachable; rate limits are not enforced and budgets are "
+                      "kept by each process alone until it is back: %s", exc)
+
+    def _recovered(self) -> None:
+        if self._failing_since is not None:
+            log.warning("Redis is back after %.1f s; rate limits are enforced again",
+                        time.monotonic() - self._failing_since)
+            self._failing_since = None
+
+
+def _keys(key: str, minute: int, period: str) -> list[str]:
+    base = f"fc:{{{key}}}"
+    return [f"{base}:r:{minute}", f"{base}:r:{minute - 1}", f"{base}:t:{minute}",
+            f"{base}:t:{minute - 1}", f"{base}:p", f"{base}:b:{period}", f"{base}:bh"]
