@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
@@ -55,6 +57,37 @@ def test_bad_flag_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None
         with pytest.raises(SystemExit) as exit_info:
             main(["worker", flag, value])
         assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_one_duration_format_for_flags_the_cli_and_the_admin_api(tmp_path: Path) -> None:
+    """``--responses-ttl 2w`` used to be refused while ``--expires 2w`` worked."""
+    from app.access.reports import parse_since
+    from app.config import parse_duration, parse_size
+    from schemas.admin import KeyCreateSchema
+
+    for text, seconds in (("2w", 1209600), ("30d", 2592000), ("12h", 43200), ("90m", 5400),
+                          ("45s", 45), ("30", 30), ("1.5h", 5400)):
+        assert parse_duration(text) == seconds
+        assert parse([], {"FLASKCHAT_RESPONSES_TTL": text}).responses_ttl == seconds
+        assert parse(["--usage-retention", text], {}).usage_retention == seconds
+        loaded = KeyCreateSchema().load({"name": "k", "expires_in": text})
+        assert loaded["expires_in"].total_seconds() == seconds
+    assert parse([], {"FLASKCHAT_READ_TIMEOUT": "2m"}).read_timeout == 120
+    assert (datetime(2026, 1, 15) - parse_since("2w", datetime(2026, 1, 15))).days == 14
+    for bad in ("0", "-1d", "soon", "1y", "2 weeks", "1e9d"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+        with pytest.raises(SystemExit):
+            parse([], {"FLASKCHAT_RESPONSES_TTL": bad})
+    made = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "--name",
+                           "two-weeks", "--expires", "2w", "--json", "--database-url",
+                           f"sqlite:///{tmp_path}/keys.db"], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    assert parse_size("1MiB") == parse_size("1048576") == 1 << 20
+    assert parse([], {"FLASKCHAT_RESPONSES_MAX_BYTES": "64KiB"}).responses_max_bytes == 65536
+    for bad in ("0", "1TB", "-5", "lots"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
 
 
 @pytest.fixture(scope="module")

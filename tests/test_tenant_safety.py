@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
+import tempfile
 import threading
 import time
 from typing import Any, Iterator
@@ -20,6 +22,7 @@ from sqlalchemy import create_engine, select
 from app.access.tables import usage
 from tests.conftest import (Server, new_database_url, start_controller, start_fake,
                             start_fake_worker, start_gateway, wait_for)
+from tests.nginx import free_port
 from tests.test_keys import ADMIN_KEY, FAST, admin, assert_envelope, make_key
 
 STATIC_A, STATIC_B = "static-key-alpha-1f2e", "static-key-beta-9c8d"
@@ -58,6 +61,7 @@ def gateway(servers: dict[str, Server], database_url: str) -> Iterator[Server]:
         servers["controller"].url, "--workers", "1", "--api-keys", f"{STATIC_A},{STATIC_B}",
         "--openai-upstream", f"relay-model={servers['relay'].url}/v1",
         "--openai-upstream", f"quiet-model={servers['quiet'].url}/v1",
+        "--openai-upstream", f"dead-model=http://127.0.0.1:{free_port()}/v1",
         env={**FAST, "FLASKCHAT_DATABASE_URL": database_url,
              "FLASKCHAT_RESPONSES_MAX_BYTES": str(MAX_STORED_BYTES),
              "FLASKCHAT_RESPONSES_KEY_QUOTA": str(KEY_QUOTA),
@@ -319,6 +323,24 @@ def test_demo_tickets_count_against_rpm_and_are_capped(gateway: Server) -> None:
     assert_envelope(huge, 413)
 
 
+def test_demo_ticket_storage_is_bounded(tmp_path: Any) -> None:
+    from app.demo.tickets import TicketStore
+    from app.errors import Overloaded
+
+    clock = [1000.0]
+    store = TicketStore(str(tmp_path), ttl=30, clock=lambda: clock[0], max_waiting=3)
+    made = [store.issue({"model": "m"}, f"req-{n}", None, "") for n in range(3)]
+    with pytest.raises(Overloaded):
+        store.issue({"model": "m"}, "req-4", None, "")
+    assert store.redeem(made[0]) is not None  # one redeemed: room for one more
+    store.issue({"model": "m"}, "req-5", None, "")
+    clock[0] += 31  # unredeemed ones expire and are swept
+    for path in tmp_path.iterdir():
+        os.utime(path, (clock[0] - 31, clock[0] - 31))
+    store.issue({"model": "m"}, "req-6", None, "")
+    assert len(list(tmp_path.iterdir())) == 1
+
+
 # ---- 7. operator endpoints -------------------------------------------------------------
 
 def test_verbose_health_and_metrics_need_an_admin_key(gateway: Server) -> None:
@@ -355,3 +377,56 @@ def test_a_chunked_body_is_counted_as_one_with_a_length(gateway: Server) -> None
     connection.close()
     assert chunked.status == 429 and payload["error"]["code"] == "rate_limit_exceeded"
     assert admin(gateway, "GET", "/keys/chunky").status_code == 200
+
+
+# ---- also found ------------------------------------------------------------------------
+
+def test_no_upstream_address_reaches_a_client(gateway: Server,
+                                              servers: dict[str, Server]) -> None:
+    """Failures of an OpenAI-compatible upstream, before and after the first byte, and
+    of one that is down: their messages say "the upstream server", never where it is."""
+    hidden = [servers["relay"].url.removeprefix("http://"), "127.0.0.1"]
+    answers = [
+        post(gateway, STATIC_A, "/v1/chat/completions", ask("relay-model", "[[http:500]]")),
+        post(gateway, STATIC_A, "/v1/chat/completions", ask("relay-model", "[[http:401]]")),
+        post(gateway, STATIC_A, "/v1/chat/completions", ask("dead-model", "hi")),
+        post(gateway, STATIC_A, "/v1/chat/completions",
+             ask("relay-model", "[[drop]]", stream=True)),
+        post(gateway, STATIC_A, "/v1/chat/completions",
+             ask("relay-model", "[[error]]", stream=True)),
+        post(gateway, STATIC_A, "/v1/chat/completions",
+             ask("relay-model", "[[nodone]]", stream=True)),
+    ]
+    for answer in answers[:3]:
+        assert answer.status_code >= 500 and "upstream server" in answer.text, answer.text
+    for answer in answers[3:]:
+        assert answer.status_code == 200 and b'"error"' in answer.content, answer.text
+    for answer in answers:
+        for secret in hidden:
+            assert secret not in answer.text, answer.text
+
+
+def test_require_auth_refuses_everyone_until_a_key_exists(servers: dict[str, Server]) -> None:
+    url = new_database_url()
+    with tempfile.TemporaryFile() as log:
+        open_server = start_gateway(servers["controller"].url, "--workers", "1", stderr=log,
+                                    env={"FLASKCHAT_DATABASE_URL": url})
+        try:
+            assert post(open_server, "", "/v1/chat/completions",
+                        ask("fake-model", "hi")).status_code == 200
+        finally:
+            open_server.stop()
+        log.seek(0)
+        warned = log.read().decode()
+    # Auth is off with an empty key database: said at start, naming the database.
+    assert "auth is off" in warned and url.removeprefix("sqlite:///") in warned
+    closed = start_gateway(servers["controller"].url, "--workers", "1", "--require-auth",
+                           env={"FLASKCHAT_DATABASE_URL": url})
+    try:
+        for key in ("", "made-up-key"):
+            assert_envelope(post(closed, key, "/v1/chat/completions",
+                                 ask("fake-model", "hi")), 401, "invalid_api_key")
+        assert_envelope(requests.get(closed.url + "/v1/models", timeout=10), 401)
+        assert requests.get(closed.url + "/health", timeout=10).status_code == 200
+    finally:
+        closed.stop()

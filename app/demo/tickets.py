@@ -41,10 +41,11 @@ class Ticket:
 
 
 class TicketStore:
-    def __init__(self, directory: str, ttl: float,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, directory: str, ttl: float, clock: Callable[[], float] = time.time,
+                 max_waiting: int = MAX_TICKETS) -> None:
         self._dir = directory
         self.ttl = ttl
+        self._max = max_waiting
         self._clock = clock
         self._next_sweep = 0.0
 
@@ -52,7 +53,7 @@ class TicketStore:
               owner: str) -> str:
         now = self._clock()
         self._sweep(now)
-        if self._waiting() >= MAX_TICKETS:
+        if self._waiting() >= self._max:
             raise Overloaded("Too many demo streams are waiting to start; retry in a few "
                              "seconds.", headers={"Retry-After": str(max(int(self.ttl), 1))})
         ticket = secrets.token_urlsafe(24)
