@@ -17,7 +17,7 @@ from app.access.database import HEAD, engine_for, upgrade
 from app.access.keys import now
 from app.access.tables import responses, schema_releases, usage, usage_daily
 from app.access.usage import UsageLedger, UsageRecord
-from tests.conftest import (Server, Stack, new_database_url, start_fake_worker,
+from tests.conftest import (Stack, new_database_url, start_fake_worker,
                             start_gateway, wait_for)
 from tests.databases import Postgres, postgres
 from tests.test_keys import ADMIN_KEY, FAST, admin, cli, make_key
