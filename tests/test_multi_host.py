@@ -203,3 +203,31 @@ def test_a_stored_response_continues_on_the_other_host(hosts: list[Server]) -> N
                                     "previous_response_id": response_id})
     assert follow_up.status_code == 200, follow_up.text
     assert follow_up.json()["previous_response_id"] == response_id
+
+
+def test_a_budget_holds_across_hosts_and_processes(hosts: list[Server], pg: Postgres) -> None:
+    """Reservations in Redis: 16 concurrent n=2 requests over two hosts of two processes
+    each against a 40-token budget spend at most one reservation past it."""
+    made = make_key(hosts[0], name="shared-budget", budget_tokens=40, budget_period="day")
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def send(host: Server) -> None:
+        status = fresh_chat(host, made["secret"], n=2,
+                            messages=[{"role": "user", "content": "[[count:50]]"}])
+        with lock:
+            statuses.append(status)
+    threads = [threading.Thread(target=send, args=(hosts[i % 2],)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(set(statuses)) == [200, 429], statuses
+    wait_for(lambda: rows_for(pg, made["id"]) == 16, 20, "every usage record")
+    engine = create_engine(pg.url)
+    with engine.connect() as connection:
+        spent = connection.execute(select(func.sum(usage.c.prompt_tokens
+                                                   + usage.c.completion_tokens))
+                                   .where(usage.c.key_id == made["id"])).scalar_one()
+    engine.dispose()
+    assert 0 < spent <= 40 + 40
