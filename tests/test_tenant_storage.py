@@ -70,7 +70,8 @@ class Observer:
 
 def test_a_rejected_usage_row_is_isolated_and_the_rest_written(pg: Postgres) -> None:
     observer = Observer()
-    ledger = UsageLedger(engine_for(pg.url), observer=observer)
+    engine = engine_for(pg.url)
+    ledger = UsageLedger(engine, observer=observer)
     for number in range(5):
         ledger.add(record(f"isolate-{number}"))
     ledger.add(record("isolate-bad", route=None))  # NOT NULL: PostgreSQL refuses it
@@ -80,15 +81,14 @@ def test_a_rejected_usage_row_is_isolated_and_the_rest_written(pg: Postgres) -> 
     assert ledger.flush()
     assert count(pg.url, usage, usage.c.request_id.like("isolate-%")) == 6
     assert observer.rejected_records == 1 and ledger.buffered == 0
-    engine = create_engine(pg.url)
     with engine.connect() as connection:
         clamped = connection.execute(select(usage).where(
             usage.c.request_id == "isolate-clamped")).mappings().one()
-    engine.dispose()
     assert clamped["completion_tokens"] == 2**31 - 1 and len(clamped["model"]) == 200
     # The next batch goes in as usual.
     ledger.add(record("isolate-after"))
     assert ledger.flush() and count(pg.url, usage, usage.c.request_id == "isolate-after")
+    engine.dispose()
 
 
 def test_a_model_name_longer_than_its_column_does_not_stop_the_ledger(
@@ -212,13 +212,15 @@ def test_the_previous_release_writes_fit_the_new_schema(pg: Postgres) -> None:
 def test_old_usage_rows_are_pruned_and_their_days_still_reported(stack: Stack) -> None:
     url = new_database_url()
     upgrade(url)
-    ledger = UsageLedger(engine_for(url))
+    engine = engine_for(url)
+    ledger = UsageLedger(engine)
     old = now() - timedelta(days=40)
     for number in range(30):
         ledger.add(record(f"old-{number}", created_at=old, key_id="key_old",
                           key_name="old-timer", status=500 if number == 0 else 200))
     ledger.add(record("recent", key_id="key_old", key_name="old-timer"))
     assert ledger.flush()
+    engine.dispose()
     gateway = start_gateway(stack.controller.url, "--workers", "1",
                             env={**FAST, "FLASKCHAT_DATABASE_URL": url,
                                  "FLASKCHAT_USAGE_RETENTION": "7d"})
