@@ -12,6 +12,7 @@ import pytest
 from app.access.limits import KeyLimits, MemoryLimiter, Verdict
 from app.access.redis_limits import RedisLimiter
 from app.access.reservations import Ask
+from tests.conftest import wait_for
 from tests.databases import Redis, redis_server
 from tests.nginx import free_port
 
@@ -97,3 +98,41 @@ def test_without_redis_rates_go_unchecked_but_budgets_hold() -> None:
     assert limiter.admit("key_x", limits, Ask(10, None, 1, 2048), 12).cap == 8
     assert limiter.admit("key_y", KeyLimits(rpm=1), Ask(1, 1), 0).allowed
     assert limiter.admit("key_y", KeyLimits(rpm=1), Ask(1, 1), 0).allowed  # unchecked
+
+
+def pause(redis: Redis, seconds: float) -> None:
+    import redis as client
+
+    connection = client.Redis(port=redis.port)
+    connection.client_pause(int(seconds * 1000))
+    connection.close()
+
+
+def checked_and_free(limiter: RedisLimiter, key: str, limits: KeyLimits) -> bool:
+    """Redis answered (an unchecked admission has no windows) and the slot is free."""
+    verdict = limiter.admit(key, limits, Ask(1, None, reserves=False), 0)
+    return verdict.allowed and verdict.requests is not None
+
+
+def test_a_reservation_answered_too_late_is_given_back(redis: Redis) -> None:
+    limiter = RedisLimiter(redis.url)
+    key = "key_" + secrets.token_hex(4)
+    limits = KeyLimits(rpm=10_000, max_parallel=1)
+    pause(redis, 4.0)  # longer than an admission waits
+    unchecked = limiter.admit(key, limits, Ask(1, None), 0)
+    assert unchecked.allowed and unchecked.requests is None
+    # Once Redis answers, the slot the late admission took is freed again.
+    wait_for(lambda: checked_and_free(limiter, key, limits), 20,
+             "the late slot to be given back")
+
+
+def test_a_settlement_during_a_blip_is_retried(redis: Redis) -> None:
+    limiter = RedisLimiter(redis.url)
+    key = "key_" + secrets.token_hex(4)
+    limits = KeyLimits(rpm=10_000, max_parallel=1)
+    held = limiter.admit(key, limits, Ask(1, None), 0)
+    assert held.allowed and held.reservation.slots == 1
+    pause(redis, 3.0)  # the settlement times out once, and is sent again
+    limiter.settle(key, held.reservation, 5)
+    wait_for(lambda: checked_and_free(limiter, key, limits), 20,
+             "the settlement to reach Redis")

@@ -52,8 +52,9 @@ def test_without_max_tokens_the_budget_caps_the_reply_and_the_context_bounds_it(
     ample = plan(Ask(prompt=10, completion=None, choices=1, context=2048), 1_000_000, 256)
     # The context binds: nothing to send, and the reservation is what the context allows.
     assert ample.cap is None and ample.budget == 10 + 2038
+    # A context not known yet (an upstream without context_length): capped all the same.
     unknown = plan(Ask(prompt=10, completion=None), 1_000_000, 256)
-    assert unknown.cap is None and unknown.budget == 10 + UNKNOWN_CONTEXT
+    assert unknown.cap == UNKNOWN_CONTEXT and unknown.budget == 10 + UNKNOWN_CONTEXT
     spent = plan(Ask(prompt=10, completion=None, choices=4), 13, 256)
     assert spent.short
 
@@ -169,7 +170,7 @@ def test_keys_without_limits_pass_untouched() -> None:
     gate, principal, _ = gate_for(KeyLimits())
     admitted = gate.admit(principal, Ask(prompt=10, completion=None, choices=128))
     assert admitted.cap is None and admitted.headers() == []
-    assert admitted.completion_ceiling(256) == 256 * 128
+    assert admitted.completion_ceiling() == UNKNOWN_CONTEXT * 128
 
 
 # ---- retention -------------------------------------------------------------------------
@@ -179,3 +180,21 @@ def test_retention_cuts_whole_days() -> None:
     assert cutoff(at, 30 * 86400) == datetime(2026, 11, 6)
     assert cutoff(at, 3600) == datetime(2026, 12, 6)
     assert cutoff(datetime(2026, 12, 6, 0, 30), 3600) == datetime(2026, 12, 5)
+
+
+def test_a_refund_lands_in_the_minute_it_was_reserved_in() -> None:
+    """A request admitted last minute that used less than it reserved gives the rest back
+    to that minute, not by erasing what this minute's requests hold."""
+    clock = Clock(1_000_070.0)  # 50 s into a minute
+    gate, principal, _ = gate_for(KeyLimits(tpm=1000), clock=clock)
+    long_one = gate.admit(principal, Ask(prompt=0, completion=900))
+    clock.now += 20  # the next minute, 10 s in
+    with pytest.raises(RateLimitExceeded):  # the long one still weighs 5/6 of its 900
+        gate.admit(principal, Ask(prompt=0, completion=400))
+    now_one = gate.admit(principal, Ask(prompt=0, completion=200))
+    gate.finish(long_one, 0, 10)  # it used 10 of its 900
+    assert now_one.verdict.tokens is not None
+    fits = gate.admit(principal, Ask(prompt=0, completion=700))  # 200 + 700 + 10 * 5/6
+    assert fits.verdict.tokens is not None and fits.verdict.tokens.remaining == 91
+    with pytest.raises(RateLimitExceeded):
+        gate.admit(principal, Ask(prompt=0, completion=100))

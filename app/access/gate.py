@@ -16,7 +16,7 @@ from typing import Protocol
 from app.access.budgets import Budgets
 from app.access.directory import KeyDirectory, Principal
 from app.access.limits import ALLOWED, Limiter, Verdict
-from app.access.reservations import Ask
+from app.access.reservations import Ask, completion_room
 from app.access.usage import UsageLedger, UsageRecord
 from app.errors import QuotaExceeded, RateLimitExceeded
 
@@ -43,11 +43,12 @@ class Pass:
     def headers(self) -> list[tuple[str, str]]:
         return rate_limit_headers(self.verdict)
 
-    def completion_ceiling(self, estimate: int) -> int:
+    def completion_ceiling(self) -> int:
         """The most completion tokens it may have made: what is charged when an upstream
-        that could not say was cut off (``estimate`` per choice without max_tokens)."""
+        that could not say was cut off (its max_tokens, its budget's cap, else what the
+        model's context leaves), for every choice."""
         per_choice = self.ask.completion if self.ask.completion is not None else \
-            self.verdict.cap if self.verdict.cap is not None else estimate
+            self.verdict.cap if self.verdict.cap is not None else completion_room(self.ask)
         return per_choice * self.ask.choices
 
 

@@ -50,6 +50,7 @@ class Reservation:
     slots: int = 0  # parallel slots taken
     lease: str = ""  # names this request's slots and budget hold in Redis
     period: str = ""  # the budget period it was admitted in (Redis)
+    minute: int = 0  # the minute it was admitted in: tpm is settled there
     local: bool = False  # admitted by this process alone (Redis was unreachable)
 
 
@@ -152,6 +153,7 @@ class MemoryLimiter:
                 requests[2] += 1
             if ask.reserves:
                 held = decided.reservation
+                held.minute = minute
                 if shared.tpm:
                     tokens[2] += planned.tokens
                     held.tokens, held.counted = planned.tokens, True
@@ -164,11 +166,17 @@ class MemoryLimiter:
         return decided
 
     def settle(self, key: str, reservation: Reservation, used: int) -> None:
+        """What it reserved toward tpm is corrected in the minute it was admitted in (its
+        refund must not erase another request's tokens of a later minute), if that minute
+        still counts."""
         minute, _ = position(self._clock())
         with self._lock:
             if reservation.counted and used != reservation.tokens:
                 slot = self._slot(key, "t", minute)
-                slot[2] = max(slot[2] + used - reservation.tokens, 0.0)
+                which = 2 if reservation.minute == minute else \
+                    1 if reservation.minute == minute - 1 else 0
+                if which:
+                    slot[which] = max(slot[which] + used - reservation.tokens, 0.0)
             if reservation.slots:
                 self._slots[key] = max(self._slots.get(key, 0) - reservation.slots, 0)
             if reservation.budget:

@@ -15,23 +15,21 @@ per limit, and a request here checks up to four at once and settles when it ends
 """
 from __future__ import annotations
 
-import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import Any
 
 from app.access.budgets import period_start
 from app.access.limits import (ALLOWED, TPM_ESTIMATE, KeyLimits, MemoryLimiter, Reservation,
                                Verdict, budget_refusal, decide)
+from app.access.redis_pipe import Call, Pipeline
 from app.access.reservations import Ask, Plan, completion_room
 
 REDIS_WAIT = 2.5  # seconds an admission waits for Redis before letting the request in
-REDIS_RETRY_DOWN = 1.0  # seconds between tries while Redis is unreachable
 LEASE_SECONDS = 900.0  # a slot or budget hold its request never gave back (a killed process)
-log = logging.getLogger("flaskchat.limits")
 
 _ADMIT = """
 local now, frac = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -40,6 +38,7 @@ local prompt, completion, choices = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumb
 local ctxroom, estimate = tonumber(ARGV[10]), tonumber(ARGV[11])
 local counts, reserves = ARGV[12] == '1', ARGV[13] == '1'
 local lease, expiry, ttl = ARGV[14], ARGV[15], ARGV[16]
+local ctxknown = ARGV[19] == '1'
 local function pair(cur, prev)
   return tonumber(redis.call('GET', prev) or '0'), tonumber(redis.call('GET', cur) or '0')
 end
@@ -70,7 +69,8 @@ if bl > 0 then
   else
     local per = math.floor((room - prompt) / choices)
     if per < 1 then short = true; held = prompt + choices
-    elseif per < ctxroom then cap = per; held = prompt + per * choices
+    elseif per < ctxroom or not ctxknown then
+      cap = math.min(per, ctxroom); held = prompt + cap * choices
     else held = prompt + ctxroom * choices end
   end
 end
@@ -114,29 +114,25 @@ return {tostring(rp), tostring(rc), tostring(tp), tostring(tc), inflight, reason
 """
 
 _SETTLE = """
-if tonumber(ARGV[1]) ~= 0 then
+if tonumber(ARGV[1]) ~= 0 and redis.call('EXISTS', KEYS[1]) == 1 then
   local left = redis.call('INCRBY', KEYS[1], ARGV[1])
-  if left < 0 then redis.call('SET', KEYS[1], 0) end
-  redis.call('EXPIRE', KEYS[1], 130)
+  if left < 0 then redis.call('SET', KEYS[1], 0, 'KEEPTTL') end
 end
 for i = 1, tonumber(ARGV[3]) do redis.call('ZREM', KEYS[2], ARGV[2] .. ':' .. i) end
-if ARGV[4] ~= '' then
-  redis.call('ZREM', KEYS[4], ARGV[2] .. '|' .. ARGV[4])
-  if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('INCRBY', KEYS[3], ARGV[5]) end
+if ARGV[4] ~= '' then redis.call('ZREM', KEYS[4], ARGV[2] .. '|' .. ARGV[4]) end
+if ARGV[6] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('INCRBY', KEYS[3], ARGV[5])
 end
 return 0
 """
 
-
-@dataclass
-class _Call:
-    """One script call on its way to Redis; ``done`` is set when its answer is in."""
-
-    script: Any
-    keys: list[str]
-    args: list[Any]
-    done: threading.Event | None
-    result: Any = None
+_RENEW = """
+for i = 1, tonumber(ARGV[3]) do redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[2] .. ':' .. i) end
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[2], 'XX', ARGV[1], ARGV[2] .. '|' .. ARGV[4]) end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+return 0
+"""
 
 
 def _period_seconds_left(period: str | None, at: datetime) -> int:
@@ -149,27 +145,27 @@ def _period_seconds_left(period: str | None, at: datetime) -> int:
 
 
 class RedisLimiter:
-    """If Redis cannot be reached, the rates go unlimited (and it is logged): they protect
-    the workers, and are not worth taking every team offline. Budgets are money: they are
-    then kept by this process alone, from what it knows was spent.
+    """If Redis cannot be reached (or answers later than REDIS_WAIT), the rates go
+    unlimited (and it is logged): they protect the workers, and are not worth taking every
+    team offline. Budgets are money: they are then kept by this process alone (its share
+    of what is left, with ``processes`` sharing), and what they spend is charged to Redis
+    too once it is back.
 
-    The calls of concurrent requests share round trips: while one pipeline is on the
-    wire, the admissions and settlements that arrive queue up and go out together in the
-    next (no timer: a lone request goes out at once)."""
+    Parallel slots and budget holds are leases that expire (LEASE_SECONDS), so that a
+    killed process cannot hold them for ever; this process renews those of its requests
+    in flight every third of that, however long they run."""
 
-    def __init__(self, url: str, tpm_estimate: int = TPM_ESTIMATE) -> None:
+    def __init__(self, url: str, tpm_estimate: int = TPM_ESTIMATE, processes: int = 1) -> None:
         import redis
 
-        self._redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
-        self._admit = self._redis.register_script(_ADMIT)
-        self._settle = self._redis.register_script(_SETTLE)
+        client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._admit = client.register_script(_ADMIT)
+        self._settle = client.register_script(_SETTLE)
+        self._renew = client.register_script(_RENEW)
         self._estimate = tpm_estimate
-        self._local = MemoryLimiter(tpm_estimate=tpm_estimate)  # budgets while Redis is down
-        self._queue: list[_Call] = []
-        self._wakeup = threading.Event()
-        self._sender: threading.Thread | None = None
-        self._failing_since: float | None = None
-        self._tried_at = 0.0
+        self._local = MemoryLimiter(processes, tpm_estimate)  # budgets while Redis is down
+        self._held: dict[str, tuple[str, Reservation]] = {}  # lease -> (key, its leases)
+        self._pipe = Pipeline(client, self._renewals, LEASE_SECONDS / 3)
 
     def admit(self, key: str, limits: KeyLimits, ask: Ask, spent: int) -> Verdict:
         now = time.time()
@@ -177,24 +173,31 @@ class RedisLimiter:
         at = datetime.fromtimestamp(now, timezone.utc)
         lease = secrets.token_hex(8)
         period = period_start(limits.period, at)
-        call = _Call(self._admit, _keys(key, minute, period), [
+        call = Call(self._admit, _keys(key, minute, period), [
             now, fraction, limits.rpm or 0, limits.tpm or 0, limits.max_parallel or 0,
             limits.budget or 0, ask.prompt,
             ask.completion if ask.completion is not None else -1, ask.choices,
             completion_room(ask), self._estimate, int(ask.counts_request), int(ask.reserves),
             lease, now + LEASE_SECONDS, int(LEASE_SECONDS) + 60, spent,
-            _period_seconds_left(limits.period, at)], threading.Event())
-        self._send(call)
-        assert call.done is not None
-        if not call.done.wait(REDIS_WAIT) or isinstance(call.result, Exception):
-            # Redis is slow or down (logged by the sender): rates go unchecked, budgets
+            _period_seconds_left(limits.period, at), int(ask.context is not None)],
+            threading.Event())
+        # Too late, it is undone: the request went on without it.
+        call.on_late = partial(self._undo, key, limits, ask, fraction, lease, period, minute)
+        answer = self._pipe.ask(call, REDIS_WAIT)
+        if answer is None or isinstance(answer, Exception):
+            # Redis is slow or down (logged by the pipeline): rates go unchecked, budgets
             # are checked here alone.
             if not limits.budget:
                 return ALLOWED
             decided = self._local.admit(key, KeyLimits(budget=limits.budget), ask, spent)
-            decided.reservation.local = True
+            decided.reservation.local, decided.reservation.period = True, period
             return decided
-        return self._verdict(call.result, limits, ask, fraction, lease, period)
+        decided = self._verdict(answer, limits, ask, fraction, lease, period)
+        reservation = decided.reservation
+        reservation.minute = minute
+        if reservation.slots or reservation.budget:
+            self._held[lease] = (key, reservation)
+        return decided
 
     def _verdict(self, raw: Any, limits: KeyLimits, ask: Ask, fraction: float,
                  lease: str, period: str) -> Verdict:
@@ -218,73 +221,48 @@ class RedisLimiter:
         return decided
 
     def settle(self, key: str, reservation: Reservation, used: int) -> None:
-        """Queued, not waited for: the request is over."""
+        """Queued, not waited for: the request is over. What a budget spent is charged to
+        the period the request was admitted in (one that ends after midnight counts for
+        the day it began, as its usage record does)."""
+        self._held.pop(reservation.lease, None)
+        charge = bool(reservation.budget)
         if reservation.local:
             self._local.settle(key, reservation, used)
-            return
+            reservation = Reservation(period=reservation.period)  # nothing held in Redis
         tokens = used - reservation.tokens if reservation.counted else 0
-        if not tokens and not reservation.slots and not reservation.budget:
+        if not tokens and not reservation.slots and not charge:
             return
-        # The budget of the period the request was admitted in: one that ends after
-        # midnight is charged to the day it began, as the ledger's row is.
-        keys = _keys(key, int(time.time() // 60), reservation.period)
-        self._send(_Call(self._settle, [keys[2], keys[4], keys[5], keys[6]],
-                         [tokens, reservation.lease, reservation.slots,
-                          str(reservation.budget) if reservation.budget else "", used],
-                         None))
+        keys = _keys(key, reservation.minute, reservation.period)
+        self._pipe.send(Call(self._settle, [keys[2], keys[4], keys[5], keys[6]], [
+            tokens, reservation.lease, reservation.slots,
+            str(reservation.budget) if reservation.budget else "", used, int(charge)], None))
 
-    def _send(self, call: _Call) -> None:
-        self._queue.append(call)
-        if self._sender is None or not self._sender.is_alive():
-            self._sender = threading.Thread(target=self._run, name="redis-limits",
-                                            daemon=True)
-            self._sender.start()
-        self._wakeup.set()
+    def _undo(self, key: str, limits: KeyLimits, ask: Ask, fraction: float, lease: str,
+              period: str, minute: int, raw: Any) -> None:
+        """An admission answered after its request stopped waiting: what it reserved is
+        given back (its rpm count stays: the request was made)."""
+        decided = self._verdict(raw, limits, ask, fraction, lease, period)
+        reservation = decided.reservation
+        if decided.allowed and (reservation.slots or reservation.budget):
+            # Its tokens stay counted toward tpm, as near to what it used as can be known;
+            # its budget is charged by this process's own (local) settlement.
+            keys = _keys(key, minute, period)
+            self._pipe.send(Call(self._settle, [keys[2], keys[4], keys[5], keys[6]], [
+                0, lease, reservation.slots,
+                str(reservation.budget) if reservation.budget else "", 0, 0], None))
 
-    def _run(self) -> None:
-        while True:
-            self._wakeup.wait()
-            self._wakeup.clear()
-            while self._queue:
-                batch, self._queue = self._queue, []
-                self._round_trip(batch)
-
-    def _round_trip(self, batch: list[_Call]) -> None:
-        results: list[Any]
-        if self._failing_since is not None and \
-                time.monotonic() - self._tried_at < REDIS_RETRY_DOWN:
-            # Down a moment ago: no connect timeout for every request while it stays down.
-            results = [ConnectionError("Redis is unreachable")] * len(batch)
-        else:
-            self._tried_at = time.monotonic()
-            pipe = self._redis.pipeline(transaction=False)
-            for call in batch:
-                call.script(keys=call.keys, args=call.args, client=pipe)
-            try:
-                results = pipe.execute(raise_on_error=False)
-            except Exception as exc:  # redis' errors, whatever their kind
-                results = [exc] * len(batch)
-            failed = next((r for r in results if isinstance(r, Exception)), None)
-            if failed is not None:
-                self._failed(failed)
-            else:
-                self._recovered()
-        for call, result in zip(batch, results):
-            if call.done is not None:
-                call.result = result
-                call.done.set()
-
-    def _failed(self, exc: Exception) -> None:
-        if self._failing_since is None:
-            self._failing_since = time.monotonic()
-            log.error("Redis is unreachable; rate limits are not enforced and budgets are "
-                      "kept by each process alone until it is back: %s", exc)
-
-    def _recovered(self) -> None:
-        if self._failing_since is not None:
-            log.warning("Redis is back after %.1f s; rate limits are enforced again",
-                        time.monotonic() - self._failing_since)
-            self._failing_since = None
+    def _renewals(self) -> list[Call]:
+        """Renewal calls for the slots and budget holds of this process's requests in
+        flight (run by the pipeline's thread)."""
+        expiry = time.time() + LEASE_SECONDS
+        calls = []
+        for lease, (key, reservation) in list(self._held.items()):
+            keys = _keys(key, 0, "")
+            calls.append(Call(self._renew, [keys[4], keys[6]], [
+                expiry, lease, reservation.slots,
+                str(reservation.budget) if reservation.budget else "",
+                int(LEASE_SECONDS) + 60], None))
+        return calls
 
 
 def _keys(key: str, minute: int, period: str) -> list[str]:

@@ -10,8 +10,9 @@ Redis script (``app.access.redis_limits``) mirrors it line for line.
 - **budget** (money): the prompt plus ``max_tokens × n``, refused if that is more than
   what is left. Without ``max_tokens``, the reply is capped at what is left after the
   prompt (shared between the ``n`` choices) and that cap is sent to the model, so the
-  reservation always holds; when the model's context leaves less than the budget would,
-  the context is the bound and nothing needs sending.
+  reservation always holds; when the model's known context leaves less than the budget
+  would, the context is the bound and nothing needs sending. When the context is not
+  known, the cap is at most UNKNOWN_CONTEXT and always sent.
 """
 from __future__ import annotations
 
@@ -78,9 +79,9 @@ def plan(ask: Ask, budget_room: int | None, tpm_estimate: int,
             per_choice = (budget_room - ask.prompt) // ask.choices
             if per_choice < 1:
                 budget, short = ask.prompt + ask.choices, True
-            elif per_choice < room:
-                cap = per_choice
-                budget = ask.prompt + per_choice * ask.choices
+            elif per_choice < room or ask.context is None:
+                cap = min(per_choice, room)
+                budget = ask.prompt + cap * ask.choices
             else:
                 budget = ask.prompt + room * ask.choices
     if ask.completion is not None:

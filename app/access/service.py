@@ -67,7 +67,8 @@ def open_access(settings: Settings, observer: AccessObserver | None = None) -> A
     budgets = Budgets()
     directory = KeyDirectory(store, settings.api_keys, settings.keys_refresh, budgets,
                              settings.require_auth, shown_url(settings.database_url))
-    limiter: Limiter = RedisLimiter(settings.redis_url, settings.tpm_estimate) \
+    limiter: Limiter = \
+        RedisLimiter(settings.redis_url, settings.tpm_estimate, settings.workers) \
         if settings.redis_url else MemoryLimiter(settings.workers, settings.tpm_estimate)
     ledger = UsageLedger(engine, settings.usage_flush_interval, settings.usage_buffer,
                          observer, written=budgets.written)

@@ -131,7 +131,7 @@ def charge(gate: "Gate", metrics: "AccessMetrics | None", current: "Call",
     prompt, completion = meter.prompt_tokens, meter.completion()
     if admitted is not None:
         if meter.unseen and not completion:
-            completion = admitted.completion_ceiling(gate.tpm_estimate)
+            completion = admitted.completion_ceiling()
         if not prompt and (status < 400 or completion):
             prompt = admitted.ask.prompt
         gate.finish(admitted, prompt, completion)
