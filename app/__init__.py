@@ -54,7 +54,8 @@ def create_app(settings: "Settings | None" = None,
     sse.init_app(app, settings.keepalive_interval)
     stored_responses = ResponseStore(keys_and_usage.engine, settings.responses_ttl,
                                      settings.responses_max, settings.responses_max_bytes,
-                                     settings.responses_key_quota)
+                                     settings.responses_key_quota,
+                                     settings.responses_key_max)
     app.extensions[responses.STORE] = stored_responses
     lifecycle.lifecycle_of(app).on_stop(stored_responses.stop)  # nothing saved is lost
     for module in (chat, completions, embeddings, responses, models, health, openapi,

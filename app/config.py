@@ -292,6 +292,10 @@ class Settings:
     responses_key_quota: int = _opt(
         256 * 1024 * 1024, "--responses-key-quota", parse_size,
         "stored responses' bytes each key may keep; past it its oldest are deleted first")
+    responses_key_max: int = _opt(
+        10_000, "--responses-key-max", _positive(int),
+        "stored responses each key may keep; past it its oldest are deleted first (so no "
+        "key can push the others' out of --responses-max)")
     env_file: str = _opt(
         "", "--env-file", str,
         "file of FLASKCHAT_* variables (KEY=VALUE lines) that beat the environment and are "

@@ -7,7 +7,7 @@ from marshmallow import ValidationError, fields, post_load, validates_schema
 
 from schemas.fields import Bool, Int, Number, at_least, between
 from schemas.messages import ChatMessage, Messages
-from schemas.sampling import SamplingRequest, SamplingSchema
+from schemas.sampling import SamplingRequest, SamplingSchema, check_best_of
 from schemas.tools import Functions, ResponseFormat, ToolChoice, Tools
 
 
@@ -19,6 +19,7 @@ class ChatRequest(SamplingRequest):
     response_format: dict[str, Any] | None
     logprobs: bool
     top_logprobs: int | None
+    best_of: int | None  # an extension some upstreams (vLLM) take: candidates per prompt
 
 
 class ChatSchema(SamplingSchema):
@@ -31,6 +32,7 @@ class ChatSchema(SamplingSchema):
     response_format = ResponseFormat(allow_none=True, load_default=None)
     logprobs = Bool(allow_none=True, load_default=None)
     top_logprobs = Int(allow_none=True, load_default=None, validate=between(0, 20, "top_logprobs"))
+    best_of = Int(allow_none=True, load_default=None, validate=at_least(1, "best_of"))
 
     def __init__(self, *, max_messages: int = 2048, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -44,6 +46,7 @@ class ChatSchema(SamplingSchema):
                                   f"{self.max_messages} - 'messages'", "messages")
         if data.get("top_logprobs") is not None and not data.get("logprobs"):
             raise ValidationError("top_logprobs needs logprobs set to true", "top_logprobs")
+        check_best_of(data, self.max_n)
     # OpenAI's newer name for max_tokens; it wins when both are sent.
     max_completion_tokens = Int(allow_none=True, load_default=None,
                                 validate=at_least(1, "max_completion_tokens"))

@@ -6,7 +6,7 @@ from typing import Any
 from marshmallow import ValidationError, post_load, validates_schema
 
 from schemas.fields import Bool, Int, Str, TextInputs, at_least, between
-from schemas.sampling import SamplingRequest, SamplingSchema
+from schemas.sampling import SamplingRequest, SamplingSchema, check_best_of
 
 
 class CompletionRequest(SamplingRequest):
@@ -33,8 +33,7 @@ class CompletionSchema(SamplingSchema):
     def _check_completion_rules(self, data: dict[str, Any], **kwargs: Any) -> None:
         if len(data.get("prompt", ())) > self.max_inputs:
             raise ValidationError(f"prompt has more than {self.max_inputs} items", "prompt")
-        if data.get("best_of") is not None and data["best_of"] < (data.get("n") or 1):
-            raise ValidationError("best_of must be greater than or equal to n", "best_of")
+        check_best_of(data, self.max_n)
         if data.get("suffix"):
             raise ValidationError("suffix is not supported by this server", "suffix")
 

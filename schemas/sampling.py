@@ -32,6 +32,23 @@ class StreamOptionsSchema(Schema):
     include_usage = Bool(allow_none=True, load_default=False)
 
 
+def check_best_of(data: dict[str, Any], max_n: int) -> None:
+    """best_of candidates are generated for each prompt: at least n, at most --max-n."""
+    best_of = data.get("best_of")
+    if best_of is None:
+        return
+    if best_of < (data.get("n") or 1):
+        raise ValidationError("best_of must be greater than or equal to n", "best_of")
+    if best_of > max_n:
+        raise ValidationError(f"{best_of} is greater than the maximum of {max_n} - "
+                              "'best_of'", "best_of")
+
+
+def generations(n: int, best_of: int | None) -> int:
+    """How many sequences a prompt makes: its n choices, or its best_of candidates."""
+    return max(n, best_of or 0)
+
+
 def _model_name(value: str) -> None:
     if not value.strip():
         raise ValidationError("must be a non-empty model name")

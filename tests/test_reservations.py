@@ -161,9 +161,14 @@ def test_several_processes_without_redis_each_hold_their_share() -> None:
                                   processes=2)
     admitted = gate.admit(principal, Ask(prompt=10, completion=None, context=4096))
     assert admitted.cap == 40  # half of what is left, after the prompt
-    with pytest.raises(QuotaExceeded):
+    with pytest.raises(QuotaExceeded) as refused:
         gate.admit(principal, Ask(prompt=10, completion=None))
+    assert "share" in refused.value.message  # it says why it is less than the key's budget
     assert admitted.verdict.tokens is not None and admitted.verdict.tokens.limit == 500
+    rates, principal, _ = gate_for(KeyLimits(tpm=1000), processes=2)
+    with pytest.raises(RateLimitExceeded) as too_big:
+        rates.admit(principal, Ask(prompt=10, completion=600))
+    assert "Limit 500 (this process's share" in too_big.value.message
 
 
 def test_keys_without_limits_pass_untouched() -> None:

@@ -62,6 +62,7 @@ def gateway(servers: dict[str, Server], database_url: str) -> Iterator[Server]:
         "--openai-upstream", f"relay-model={servers['relay'].url}/v1",
         "--openai-upstream", f"quiet-model={servers['quiet'].url}/v1",
         "--openai-upstream", f"dead-model=http://127.0.0.1:{free_port()}/v1",
+        "--openai-upstream", "lost-model=http://gpu-7.nxhost.invalid:8000/v1",
         env={**FAST, "FLASKCHAT_DATABASE_URL": database_url,
              "FLASKCHAT_RESPONSES_MAX_BYTES": str(MAX_STORED_BYTES),
              "FLASKCHAT_RESPONSES_KEY_QUOTA": str(KEY_QUOTA),
@@ -220,6 +221,20 @@ def test_a_budget_caps_the_reply_it_can_pay_for(gateway: Server, database_url: s
     assert row["prompt_tokens"] + row["completion_tokens"] <= 60, row
 
 
+def test_best_of_is_bounded_and_counted(gateway: Server) -> None:
+    assert_envelope(post(gateway, STATIC_A, "/v1/completions", {
+        "model": "fake-model", "prompt": "hi", "best_of": 10_000}), 400, param="best_of")
+    assert_envelope(post(gateway, STATIC_A, "/v1/chat/completions",
+                         ask("relay-model", "hi", best_of=10_000)), 400, param="best_of")
+    secret = make_key(gateway, name="best-of-counted", max_parallel=2)["secret"]
+    for path, body in (("/v1/completions", {"model": "fake-model", "prompt": "hi",
+                                            "best_of": 3}),
+                       ("/v1/chat/completions", ask("relay-model", "hi", best_of=3))):
+        refused = post(gateway, secret, path, body)
+        assert_envelope(refused, 429, "rate_limit_exceeded")
+        assert refused.headers["x-should-retry"] == "false"
+
+
 def test_tokens_and_parallel_requests_count_max_tokens_and_n(gateway: Server) -> None:
     made = make_key(gateway, name="n-counted", tpm=500, max_parallel=2)
     too_many = post(gateway, made["secret"], "/v1/chat/completions",
@@ -268,6 +283,40 @@ def test_stored_responses_are_bounded(gateway: Server) -> None:
     wait_for(lambda: status(secret, ids[0]) == 404, 10, "the oldest to be evicted")
     assert status(secret, ids[-1]) == 200
     assert status(STATIC_A, other.json()["id"]) == 200
+
+
+def test_a_key_keeps_at_most_so_many_responses(tmp_path: Any) -> None:
+    """In process, against an SQLite file: past its count, a key loses its oldest, and
+    no other key's."""
+    from app.access.database import engine_for, upgrade
+    from app.responses.store import ResponseNotFound, ResponseStore
+
+    url = f"sqlite:///{tmp_path}/store.db"
+    upgrade(url)
+    engine = engine_for(url)
+    store = ResponseStore(engine, 3600, max_stored=100, owner_max=3)
+    store.save({"id": "resp_b", "model": "m", "output": []}, "key_b", [], [])
+    for number in range(5):
+        store.save({"id": f"resp_{number}", "model": "m", "output": []}, "key_a", [], [])
+        store.flush()
+    for number in (0, 1):
+        with pytest.raises(ResponseNotFound):
+            store.get(f"resp_{number}", "key_a")
+    assert [store.get(f"resp_{n}", "key_a")["id"] for n in (2, 3, 4)] == \
+        ["resp_2", "resp_3", "resp_4"]
+    assert store.get("resp_b", "key_b")["id"] == "resp_b"
+    engine.dispose()
+
+
+def test_reading_stored_responses_counts_toward_rpm(gateway: Server) -> None:
+    secret = make_key(gateway, name="reader", rpm=3)["secret"]
+    made = post(gateway, secret, "/v1/responses", {"model": "fake-model", "input": "hi"})
+    assert made.status_code == 200
+    url = f"{gateway.url}/v1/responses/{made.json()['id']}"
+    auth = {"Authorization": f"Bearer {secret}"}
+    assert requests.get(url, headers=auth, timeout=10).status_code == 200
+    assert requests.get(url + "/input_items", headers=auth, timeout=10).status_code == 200
+    assert_envelope(requests.get(url, headers=auth, timeout=10), 429, "rate_limit_exceeded")
 
 
 # ---- 4. every key owns what it stores --------------------------------------------------
@@ -328,16 +377,20 @@ def test_demo_ticket_storage_is_bounded(tmp_path: Any) -> None:
     from app.errors import Overloaded
 
     clock = [1000.0]
-    store = TicketStore(str(tmp_path), ttl=30, clock=lambda: clock[0], max_waiting=3)
-    made = [store.issue({"model": "m"}, f"req-{n}", None, "") for n in range(3)]
-    with pytest.raises(Overloaded):
-        store.issue({"model": "m"}, "req-4", None, "")
+    store = TicketStore(str(tmp_path), ttl=30, clock=lambda: clock[0], max_waiting=3,
+                        max_per_owner=2)
+    made = [store.issue({"model": "m"}, f"req-{n}", None, "key_a") for n in range(2)]
+    with pytest.raises(Overloaded):  # key_a's two are waiting
+        store.issue({"model": "m"}, "req-2", None, "key_a")
+    store.issue({"model": "m"}, "req-3", None, "key_b")
+    with pytest.raises(Overloaded):  # three in all
+        store.issue({"model": "m"}, "req-4", None, "key_c")
     assert store.redeem(made[0]) is not None  # one redeemed: room for one more
-    store.issue({"model": "m"}, "req-5", None, "")
+    store.issue({"model": "m"}, "req-5", None, "key_a")
     clock[0] += 31  # unredeemed ones expire and are swept
     for path in tmp_path.iterdir():
         os.utime(path, (clock[0] - 31, clock[0] - 31))
-    store.issue({"model": "m"}, "req-6", None, "")
+    store.issue({"model": "m"}, "req-6", None, "key_c")
     assert len(list(tmp_path.iterdir())) == 1
 
 
@@ -385,11 +438,12 @@ def test_no_upstream_address_reaches_a_client(gateway: Server,
                                               servers: dict[str, Server]) -> None:
     """Failures of an OpenAI-compatible upstream, before and after the first byte, and
     of one that is down: their messages say "the upstream server", never where it is."""
-    hidden = [servers["relay"].url.removeprefix("http://"), "127.0.0.1"]
+    hidden = [servers["relay"].url.removeprefix("http://"), "127.0.0.1", "nxhost"]
     answers = [
         post(gateway, STATIC_A, "/v1/chat/completions", ask("relay-model", "[[http:500]]")),
         post(gateway, STATIC_A, "/v1/chat/completions", ask("relay-model", "[[http:401]]")),
         post(gateway, STATIC_A, "/v1/chat/completions", ask("dead-model", "hi")),
+        post(gateway, STATIC_A, "/v1/chat/completions", ask("lost-model", "hi")),
         post(gateway, STATIC_A, "/v1/chat/completions",
              ask("relay-model", "[[drop]]", stream=True)),
         post(gateway, STATIC_A, "/v1/chat/completions",
@@ -397,9 +451,9 @@ def test_no_upstream_address_reaches_a_client(gateway: Server,
         post(gateway, STATIC_A, "/v1/chat/completions",
              ask("relay-model", "[[nodone]]", stream=True)),
     ]
-    for answer in answers[:3]:
+    for answer in answers[:4]:
         assert answer.status_code >= 500 and "upstream server" in answer.text, answer.text
-    for answer in answers[3:]:
+    for answer in answers[4:]:
         assert answer.status_code == 200 and b'"error"' in answer.content, answer.text
     for answer in answers:
         for secret in hidden:

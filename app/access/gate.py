@@ -140,21 +140,24 @@ def _refusal(principal: Principal, ask: Ask,
              verdict: Verdict) -> QuotaExceeded | RateLimitExceeded:
     limits = principal.limits
     name = principal.name
+    # Without Redis, each of several processes enforces its share: the message says so.
+    share = f" (this process's share: {verdict.processes} processes count apart)" \
+        if verdict.processes > 1 else ""
     if verdict.reason == "budget":
         period = f"{limits.period or 'day'} (UTC)"
         if verdict.spent_out:
             return QuotaExceeded(
                 f"The key '{name}' has {verdict.left} of its budget of {limits.budget} "
-                f"tokens for this {period} left, and this request needs at least "
+                f"tokens for this {period} left{share}, and this request needs at least "
                 f"{verdict.asked} (its prompt, about {ask.prompt} tokens, and max_tokens × "
                 "n, or a token per choice): lower max_tokens or n, ask the key's owner to "
                 "raise the budget, or wait for the next period.",
                 headers={"x-should-retry": "false"})
         return QuotaExceeded(
             f"The key '{name}' has {verdict.left} of its budget of {limits.budget} tokens "
-            f"for this {period} left once its requests in flight end, and this request "
-            f"needs at least {verdict.asked}. Please try again when they have ended.",
-            headers={"Retry-After": "1", "retry-after-ms": "1000"})
+            f"for this {period} left{share} once its requests in flight end, and this "
+            f"request needs at least {verdict.asked}. Please try again when they have "
+            "ended.", headers={"Retry-After": "1", "retry-after-ms": "1000"})
     wait = f"Please try again in {duration(max(verdict.retry_after, 0.001))}."
     if verdict.reason == "tokens":
         window = verdict.tokens
@@ -165,18 +168,18 @@ def _refusal(principal: Principal, ask: Ask,
                     "per choice).")
         return RateLimitExceeded(
             f"Rate limit reached for key '{name}' on tokens per min (TPM): Limit "
-            f"{limits.tpm}, Used {used}, Requested {verdict.asked}. {wait}", "tokens",
-            headers=_retry_headers(verdict))
+            f"{verdict.limit}{share}, Used {used}, Requested {verdict.asked}. {wait}",
+            "tokens", headers=_retry_headers(verdict))
     if verdict.reason == "parallel":
         if verdict.never:
             return RateLimitExceeded(
                 f"This request asks for {verdict.asked} generations at once (n), more than "
-                f"the key '{name}' may run in parallel ({limits.max_parallel}).", "requests",
-                headers=_retry_headers(verdict))
+                f"the key '{name}' may run in parallel ({verdict.limit}{share}).",
+                "requests", headers=_retry_headers(verdict))
         return RateLimitExceeded(
             f"Rate limit reached for key '{name}' on parallel requests: Limit "
-            f"{limits.max_parallel}, Requested {verdict.asked}; one must finish first. "
+            f"{verdict.limit}{share}, Requested {verdict.asked}; one must finish first. "
             f"{wait}", "requests", headers=_retry_headers(verdict))
     return RateLimitExceeded(f"Rate limit reached for key '{name}' on requests per min "
-                             f"(RPM): Limit {limits.rpm}. {wait}", "requests",
+                             f"(RPM): Limit {verdict.limit}{share}. {wait}", "requests",
                              headers=_retry_headers(verdict))

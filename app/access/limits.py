@@ -64,7 +64,9 @@ class Verdict:
     tokens: Window | None = None
     cap: int | None = None  # max tokens per choice the budget allows (sent to the model)
     asked: int = 0  # what it asked of the limit that refused it
+    limit: int = 0  # that limit (this process's share of it, without Redis)
     left: int = 0  # what was left of the budget (refusals)
+    processes: int = 1  # how many processes share the limits without Redis
     spent_out: bool = False  # the budget is spent, not only held by requests in flight
     reservation: Reservation = field(default_factory=Reservation)
 
@@ -81,17 +83,17 @@ def decide(limits: KeyLimits, fraction: float, requests: tuple[float, float],
            tokens: tuple[float, float], in_flight: int, ask: Ask, planned: Plan) -> Verdict:
     """The decision from the counts before this request: (previous, current) minute per
     kind, and the parallel slots taken. The budget was planned already."""
-    reason, retry, never, asked = None, 0.0, False, 0
+    reason, retry, never, asked, limit = None, 0.0, False, 0, 0
     if planned.short:
-        reason = "budget"
+        reason, limit = "budget", limits.budget or 0
     elif limits.rpm and ask.counts_request and count(*requests, fraction) + 1 > limits.rpm:
-        reason, retry = "requests", wait(*requests, fraction, limits.rpm, 1)
+        reason, retry, limit = "requests", wait(*requests, fraction, limits.rpm, 1), limits.rpm
     elif limits.tpm and count(*tokens, fraction) + planned.tokens > limits.tpm:
-        reason, asked = "tokens", planned.tokens
+        reason, asked, limit = "tokens", planned.tokens, limits.tpm
         retry = wait(*tokens, fraction, limits.tpm, planned.tokens)
         never = planned.tokens > limits.tpm
     elif limits.max_parallel and in_flight + ask.choices > limits.max_parallel:
-        reason, retry, asked = "parallel", 1.0, ask.choices
+        reason, retry, asked, limit = "parallel", 1.0, ask.choices, limits.max_parallel
         never = ask.choices > limits.max_parallel
     taken_r = 1 if reason is None and ask.counts_request else 0
     taken_t = planned.tokens if reason is None and ask.reserves else 0
@@ -100,7 +102,7 @@ def decide(limits: KeyLimits, fraction: float, requests: tuple[float, float],
         window(limits.rpm, requests[0], requests[1] + taken_r, fraction) if limits.rpm
         else None,
         window(limits.tpm, tokens[0], tokens[1] + taken_t, fraction) if limits.tpm else None,
-        planned.cap, asked)
+        planned.cap, asked, limit)
 
 
 def budget_refusal(verdict: Verdict, ask: Ask, room: int, unheld_room: int) -> Verdict:
@@ -144,6 +146,7 @@ class MemoryLimiter:
             planned = plan(ask, room, self._estimate, shared.tpm)
             decided = decide(shared, fraction, (requests[1], requests[2]),
                              (tokens[1], tokens[2]), in_flight, ask, planned)
+            decided.processes = self.processes
             if not decided.allowed:
                 if decided.reason == "budget":
                     assert room is not None and unheld is not None

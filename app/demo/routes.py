@@ -31,6 +31,7 @@ from app.web.handlers import for_caller, report
 from app.web.json_io import json_response, read_json_object
 from app.web.pages import serve_page
 from app.web.validation import load
+from schemas.sampling import generations
 
 EXTENSION = "flaskchat.demo_tickets"
 MAX_TICKET_BODY = 1024 * 1024  # the page sends a conversation: this is plenty
@@ -101,5 +102,5 @@ def _open_stream(found: Ticket, current: Call
     body = load(schemas().chat, asked)
     if serves(body["model"]):
         return relay.open_stream(relay.CHAT, asked, body["model"], upstream(), current,
-                                 body["max_tokens"], body["n"])
+                                 body["max_tokens"], generations(body["n"], body["best_of"]))
     return chat.open_stream(body, upstream(), current)

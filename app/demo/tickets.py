@@ -12,11 +12,13 @@ kernel hands the next connection to another. A rename is the single-use lock: of
 redeemers, exactly one wins. (Several gateway hosts behind a load balancer need sticky
 sessions for /demo, or a shared directory: see docs/deploy.md.)
 
-Storage is bounded: at most ``MAX_TICKETS`` wait at once (each body is capped by the
-route), and unredeemed ones are swept after their ttl.
+Storage is bounded: at most ``MAX_TICKETS`` wait at once, ``MAX_PER_OWNER`` of them a
+key's (a ticket's name starts with a tag of its owner), each body is capped by the route,
+and unredeemed ones are swept after their ttl.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -29,7 +31,9 @@ import orjson
 from app.errors import Overloaded
 
 MAX_TICKETS = 512  # waiting at once, over every process; with 1 MiB bodies, 512 MiB at most
-_TICKET = re.compile(r"^[A-Za-z0-9_-]{32}$")  # token_urlsafe(24); claimed/partial files have dots
+MAX_PER_OWNER = 16  # waiting at once for one key: a page asks for one at a time
+# The owner's tag (8 hex digits), then token_urlsafe(24); claimed/partial files have dots.
+_TICKET = re.compile(r"^[0-9a-f]{8}-[A-Za-z0-9_-]{32}$")
 
 
 @dataclass
@@ -42,10 +46,11 @@ class Ticket:
 
 class TicketStore:
     def __init__(self, directory: str, ttl: float, clock: Callable[[], float] = time.time,
-                 max_waiting: int = MAX_TICKETS) -> None:
+                 max_waiting: int = MAX_TICKETS, max_per_owner: int = MAX_PER_OWNER) -> None:
         self._dir = directory
         self.ttl = ttl
         self._max = max_waiting
+        self._max_per_owner = max_per_owner
         self._clock = clock
         self._next_sweep = 0.0
 
@@ -53,10 +58,16 @@ class TicketStore:
               owner: str) -> str:
         now = self._clock()
         self._sweep(now)
-        if self._waiting() >= self._max:
+        tag = hashlib.sha256(owner.encode()).hexdigest()[:8]
+        waiting = self._waiting()
+        retry = {"Retry-After": str(max(int(self.ttl), 1))}
+        if len(waiting) >= self._max:
             raise Overloaded("Too many demo streams are waiting to start; retry in a few "
-                             "seconds.", headers={"Retry-After": str(max(int(self.ttl), 1))})
-        ticket = secrets.token_urlsafe(24)
+                             "seconds.", headers=retry)
+        if sum(name.startswith(tag) for name in waiting) >= self._max_per_owner:
+            raise Overloaded("This key has too many demo streams waiting to start; open "
+                             "them, or retry in a few seconds.", headers=retry)
+        ticket = f"{tag}-{secrets.token_urlsafe(24)}"
         path = os.path.join(self._dir, ticket)
         partial = f"{path}.{os.getpid()}.partial"
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -87,11 +98,11 @@ class TicketStore:
         return Ticket(data["request"], data["request_id"], data.get("key_id"),
                       data.get("owner") or "")
 
-    def _waiting(self) -> int:
+    def _waiting(self) -> list[str]:
         try:
-            return len(os.listdir(self._dir))
+            return os.listdir(self._dir)
         except FileNotFoundError:
-            return 0
+            return []
 
     def _sweep(self, now: float) -> None:
         """Removes tickets nobody redeemed; at most twice per ttl, when one is issued."""

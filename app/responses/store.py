@@ -9,7 +9,8 @@ milliseconds at 100,000), so the store may pass the cap by that much between two
 Bounded in bytes too: a response larger than ``--responses-max-bytes`` (its input items,
 the turns it replays and the response) is not stored (``save`` says so, and the response
 object's ``store`` is false), each owner keeps at most ``--responses-key-quota`` bytes
-(``app.responses.quota``), and what waits to be written is bounded in count and bytes.
+and at most ``--responses-key-max`` responses (``app.responses.quota``), and what waits to
+be written is bounded in count and bytes.
 
 Saving is off the request's path: a background thread (a greenlet under gevent) writes
 what was saved every ``FLUSH`` seconds in one transaction, and a graceful stop writes what
@@ -67,12 +68,13 @@ class ResponseNotFound(ObjectNotFound):
 
 class ResponseStore:
     def __init__(self, engine: Engine, ttl_seconds: float, max_stored: int,
-                 max_bytes: int = 1024 * 1024, owner_quota: int = 256 * 1024 * 1024) -> None:
+                 max_bytes: int = 1024 * 1024, owner_quota: int = 256 * 1024 * 1024,
+                 owner_max: int = 10_000) -> None:
         self._engine = engine
         self._ttl = timedelta(seconds=ttl_seconds)
         self._max = max_stored
         self.max_bytes = max_bytes
-        self._quota = OwnerQuota(owner_quota)
+        self._quota = OwnerQuota(owner_quota, owner_max)
         self._pending_bytes = 0
         self._prune_every = max(PRUNE_EVERY, max_stored // 100)
         self._saves = 0

@@ -262,7 +262,7 @@ def chat_body(chat: dict[str, Any]) -> ChatRequest:
             "seed": None, "tools": chat.get("tools"), "functions": None,
             "tool_choice": chat.get("tool_choice"),
             "response_format": chat.get("response_format"), "logprobs": False,
-            "top_logprobs": None}
+            "top_logprobs": None, "best_of": None}
 
 
 def _chat_message(message: dict[str, Any]) -> ChatMessage:

@@ -13,6 +13,7 @@ from app.web.access import require_api_key
 from app.web.context import call, schemas, upstream
 from app.web.json_io import json_response, read_json_object
 from app.web.validation import load
+from schemas.sampling import generations
 
 bp = Blueprint("chat", __name__)
 bp.before_request(require_api_key)
@@ -34,7 +35,7 @@ def _chat(schema: Schema) -> ResponseReturnValue:
     body = load(schema, payload)
     if serves(body["model"]):
         return relayed(relay.CHAT, payload, body["model"], body["stream"], body["max_tokens"],
-                       body["n"])
+                       generations(body["n"], body["best_of"]))
     if body["stream"]:
         events, on_close = chat.open_stream(body, upstream(), call())
         return sse.response(events, on_close)

@@ -12,6 +12,7 @@ from app.web.access import require_api_key
 from app.web.context import call, schemas, upstream
 from app.web.json_io import json_response, read_json_object
 from app.web.validation import load
+from schemas.sampling import generations
 
 bp = Blueprint("completions", __name__)
 bp.before_request(require_api_key)
@@ -24,7 +25,8 @@ def create_completion() -> ResponseReturnValue:
     body = load(schemas().completion, payload)
     if serves(body["model"]):
         return relayed(relay.COMPLETIONS, payload, body["model"], body["stream"],
-                       body["max_tokens"], body["n"] * len(body["prompt"]))
+                       body["max_tokens"],
+                       generations(body["n"], body["best_of"]) * len(body["prompt"]))
     if body["stream"]:
         events, on_close = completions.open_stream(body, upstream(), call())
         return sse.response(events, on_close)

@@ -17,7 +17,7 @@ from app.responses.stream import translate as translate_stream
 from app.routes.relayed import serves
 from app.serving import chat, relay
 from app.web import sse
-from app.web.access import require_api_key
+from app.web.access import count_request, require_api_key
 from app.web.admission import admit
 from app.web.context import call, schemas, upstream
 from app.web.handlers import error_response
@@ -122,6 +122,7 @@ def _stream(events: Iterator[bytes | None], on_close: list[Callable[[], object]]
 
 @bp.get("/v1/responses/<response_id>")
 def retrieve_response(response_id: str) -> ResponseReturnValue:
+    count_request()
     if request.args.get("stream") in ("true", "1"):
         raise InvalidRequest("Streaming a stored response again is not supported: "
                              "retrieve it without 'stream'.", "stream")
@@ -130,11 +131,13 @@ def retrieve_response(response_id: str) -> ResponseReturnValue:
 
 @bp.delete("/v1/responses/<response_id>")
 def delete_response(response_id: str) -> ResponseReturnValue:
+    count_request()
     return json_response(response_store().delete(response_id, _owner()))
 
 
 @bp.get("/v1/responses/<response_id>/input_items")
 def list_input_items(response_id: str) -> ResponseReturnValue:
+    count_request()
     limit_text = request.args.get("limit", "20")
     if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
         raise InvalidRequest("Invalid 'limit': must be a whole number from 1 to 100.",

@@ -22,7 +22,8 @@ def _never_gone() -> bool:
 class Meter:
     """What the request used, as its upstreams said or as the gateway saw it pass."""
 
-    __slots__ = ("prompt_tokens", "completion_tokens", "counted", "unseen")
+    __slots__ = ("prompt_tokens", "completion_tokens", "counted", "unseen", "wasted_prompt",
+                 "wasted_completion")
 
     def __init__(self) -> None:
         self.prompt_tokens = 0  # as the worker or upstream counted them (0: not known)
@@ -31,6 +32,10 @@ class Meter:
         # An upstream was generating when the client left and could not say how much it
         # had made (a non-stream OpenAI-compatible answer): its ceiling is charged.
         self.unseen = False
+        # What an attempt that failed made before it failed (the others of its n that
+        # finished): charged on top of what the request reports in the end.
+        self.wasted_prompt = 0
+        self.wasted_completion = 0
 
     def report(self, prompt_tokens: int, completion_tokens: int) -> None:
         """The usage a worker or upstream reported (the whole request's, so far)."""
@@ -43,9 +48,17 @@ class Meter:
         self.prompt_tokens = max(self.prompt_tokens, prompt_tokens)
         self.completion_tokens += completion_tokens
 
+    def wasted(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.wasted_prompt += prompt_tokens
+        self.wasted_completion += completion_tokens
+
+    def prompt(self) -> int:
+        """The prompt tokens its upstreams counted (0: not known)."""
+        return self.prompt_tokens + self.wasted_prompt
+
     def completion(self) -> int:
         """What the request made: its upstreams' count, else what was seen passing."""
-        return self.completion_tokens or self.counted
+        return (self.completion_tokens or self.counted) + self.wasted_completion
 
 
 # The admission step serving calls once it knows the model and the reply's size:

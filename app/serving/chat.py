@@ -24,6 +24,7 @@ from app.serving.worker_streams import WorkerStreams
 from app.upstream.clients import Upstream
 from app.upstream.failover import releaser
 from schemas import ChatMessage, ChatRequest
+from schemas.sampling import generations
 
 
 @dataclass
@@ -77,7 +78,7 @@ def open_stream(body: ChatRequest, upstream: Upstream, call: Call,
 
 def _admit(body: ChatRequest, upstream: Upstream, call: Call) -> None:
     """The key's limits let the request in (its reply capped by its budget)."""
-    cap = call.admit(body["model"], body["max_tokens"], body["n"],
+    cap = call.admit(body["model"], body["max_tokens"], generations(body["n"], body["best_of"]),
                      upstream.context_length(body["model"]))
     if cap is not None:
         body["max_tokens"] = cap

@@ -28,6 +28,7 @@ from app.serving.worker_streams import WorkerStreams
 from app.upstream.clients import Upstream
 from app.upstream.failover import releaser
 from schemas import CompletionRequest
+from schemas.sampling import generations
 
 
 @dataclass
@@ -79,7 +80,8 @@ def open_stream(body: CompletionRequest, upstream: Upstream,
 def _admit(body: CompletionRequest, upstream: Upstream, call: Call) -> None:
     """The key's limits let the request in: each prompt's ``n`` choices generate at once
     (its reply capped by its budget)."""
-    cap = call.admit(body["model"], body["max_tokens"], body["n"] * len(body["prompt"]),
+    per_prompt = generations(body["n"], body["best_of"])
+    cap = call.admit(body["model"], body["max_tokens"], per_prompt * len(body["prompt"]),
                      upstream.context_length(body["model"]))
     if cap is not None:
         body["max_tokens"] = cap

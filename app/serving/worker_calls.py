@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable, Sequence, TypeVar
 
-from app.errors import InvalidRequest
+from app.errors import APIError, ClientClosedRequest, InvalidRequest
 from app.protocol.capabilities import EMBEDDING_ONLY, GENERATE_PROGRESS, SAMPLING_DEFAULTS
 from app.serving.call import Call
 from app.serving.concurrency import run_all
@@ -73,13 +73,30 @@ def generate_all(upstream: Upstream, call: Call, address: str,
     A client that leaves is charged what each generation made by then."""
     generate = upstream.workers.generate
     progress = GENERATE_PROGRESS in upstream.workers.details(address, call.model).capabilities
+    finished: list[dict[str, Any]] = []
 
     def left(frame: dict[str, Any]) -> None:
         call.meter.add(prompt_tokens(frame), completion_tokens(frame))
-    calls = [partial(generate, address, p, call.request_id, call.client_gone, left, progress)
-             for p in params for _ in range(n)]
-    with call.waiting_upstream():
-        return run_all(calls)
+
+    def generation(one: dict[str, Any]) -> dict[str, Any]:
+        frame = generate(address, one, call.request_id, call.client_gone, left, progress)
+        finished.append(frame)
+        return frame
+    calls = [partial(generation, p) for p in params for _ in range(n)]
+    try:
+        with call.waiting_upstream():
+            return run_all(calls)
+    except ClientClosedRequest:
+        for frame in finished:  # the others ended before the client left: made all that
+            left(frame)
+        raise
+    except APIError:
+        # This attempt failed (another worker may run it again): what its generations
+        # that finished made is charged on top.
+        if finished:
+            call.meter.wasted(max(prompt_tokens(f) for f in finished),
+                              sum(completion_tokens(f) for f in finished))
+        raise
 
 
 def open_streams(upstream: Upstream, call: Call, address: str,

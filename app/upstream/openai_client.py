@@ -148,8 +148,11 @@ WHAT = "the upstream server"  # as messages name it: never its address
 
 def tagged(error: errors.APIError, target: OpenAITarget) -> errors.APIError:
     """``error`` with the upstream's address for the logs (a client never sees it)."""
+    where = f"upstream {target.base_url}, model {target.model!r}"
     if error.internal is None:
-        error.internal = f"upstream {target.base_url}, model {target.model!r}"
+        error.internal = where
+    elif target.base_url not in error.internal:
+        error.internal = f"{where}: {error.internal}"
     return error
 
 

@@ -14,7 +14,8 @@ import requests
 from requests.models import PreparedRequest
 from requests.structures import CaseInsensitiveDict
 
-from app.errors import ConnectTimedOut, UpstreamError, UpstreamTimeout, WorkerUnreachable
+from app.errors import (APIError, ConnectTimedOut, UpstreamError, UpstreamTimeout,
+                        WorkerUnreachable)
 from app.upstream.connection import InvalidResponse
 from app.upstream.transport import HttpTransport
 
@@ -80,14 +81,17 @@ class mapped_errors:
         if exc is None or not isinstance(exc, requests.exceptions.RequestException):
             return  # nothing of requests': it goes on as it is
         what = self._what
+        error: APIError
         if isinstance(exc, requests.exceptions.ConnectTimeout):
-            raise ConnectTimedOut(f"Timed out connecting to {what}.") from None
-        if isinstance(exc, requests.exceptions.Timeout):
-            raise UpstreamTimeout(f"{what} did not answer in time.") from None
-        if isinstance(exc, (requests.exceptions.ChunkedEncodingError, InvalidResponse)):
-            raise UpstreamError(f"{what} broke off or garbled its answer ({_reason(exc)}).") \
-                from None
-        if isinstance(exc, requests.exceptions.ConnectionError):
-            raise WorkerUnreachable(f"Could not connect to {what} ({_reason(exc)}).") \
-                from None
-        raise UpstreamError(f"Error talking to {what}: {type(exc).__name__}.") from None
+            error = ConnectTimedOut(f"Timed out connecting to {what}.")
+        elif isinstance(exc, requests.exceptions.Timeout):
+            error = UpstreamTimeout(f"{what} did not answer in time.")
+        elif isinstance(exc, (requests.exceptions.ChunkedEncodingError, InvalidResponse)):
+            error = UpstreamError(f"{what} broke off or garbled its answer.")
+        elif isinstance(exc, requests.exceptions.ConnectionError):
+            error = WorkerUnreachable(f"Could not connect to {what}.")
+        else:
+            error = UpstreamError(f"Error talking to {what}: {type(exc).__name__}.")
+        # The reason may name a host ("Failed to resolve 'gpu-7.internal'"): logs only.
+        error.internal = _reason(exc)
+        raise error from None

@@ -67,8 +67,17 @@ def identify(current: "Call", principal: "Principal") -> None:
 def require_api_key() -> None:
     """A before_request hook for the model blueprints."""
     principal = authenticate()
+    g.principal = principal
     if principal is not None and request.method == "POST":
         charge_to(principal)
+
+
+def count_request() -> None:
+    """A request that is not for a model but reads the database (a stored response):
+    it counts toward its key's rpm (a 429 past it), and holds nothing."""
+    principal: Principal | None = g.get("principal")
+    if principal is not None:
+        access().gate.admit(principal, Ask(0, 0, reserves=False))
 
 
 def charge_to(principal: "Principal", counts_request: bool = True) -> None:
@@ -128,7 +137,7 @@ def charge(gate: "Gate", metrics: "AccessMetrics | None", current: "Call",
     admitted: Pass | None = current.admitted
     current.admitted = None  # settled once
     meter = current.meter
-    prompt, completion = meter.prompt_tokens, meter.completion()
+    prompt, completion = meter.prompt(), meter.completion()
     if admitted is not None:
         if meter.unseen and not completion:
             completion = admitted.completion_ceiling()
