@@ -9,9 +9,10 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.engine import make_url
@@ -171,6 +172,34 @@ def oldest_release(url: str, at_revision: str) -> str | None:
         return None  # no such table: a schema from before revision 0003
     finally:
         engine.dispose()
+
+
+def answers(engine: Engine) -> bool:
+    """Whether the database answers now: a write it refused was then about its rows, not
+    about the database being away."""
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return True
+    except Exception:  # unreachable, whatever the driver says
+        return False
+
+
+STOP_RETRY = 10.0  # seconds a graceful stop keeps trying to write what is left
+
+
+def write_before_stopping(flush: Callable[[], bool], left: Callable[[], int], what: str,
+                          timeout: float = STOP_RETRY) -> bool:
+    """On a graceful stop: ``flush`` (which says whether it could write) is retried for up
+    to ``timeout`` seconds while the database refuses; what is still ``left`` then is
+    logged as lost."""
+    deadline = time.monotonic() + timeout
+    while not flush():
+        if time.monotonic() > deadline:
+            log.error("stopping with %d %s unwritten", left(), what)
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _alembic_config(connection: Any) -> Any:

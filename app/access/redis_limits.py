@@ -170,17 +170,18 @@ class RedisLimiter:
     def admit(self, key: str, limits: KeyLimits, ask: Ask, spent: int) -> Verdict:
         now = time.time()
         minute, fraction = int(now // 60), (now % 60) / 60
-        at = datetime.fromtimestamp(now, timezone.utc)
-        lease = secrets.token_hex(8)
-        period = period_start(limits.period, at)
+        period, ttl = "", 0
+        if limits.budget:
+            at = datetime.fromtimestamp(now, timezone.utc)
+            period, ttl = period_start(limits.period, at), _period_seconds_left(limits.period, at)
+        lease = secrets.token_hex(8) if limits.max_parallel or limits.budget else ""
         call = Call(self._admit, _keys(key, minute, period), [
             now, fraction, limits.rpm or 0, limits.tpm or 0, limits.max_parallel or 0,
             limits.budget or 0, ask.prompt,
             ask.completion if ask.completion is not None else -1, ask.choices,
             completion_room(ask), self._estimate, int(ask.counts_request), int(ask.reserves),
-            lease, now + LEASE_SECONDS, int(LEASE_SECONDS) + 60, spent,
-            _period_seconds_left(limits.period, at), int(ask.context is not None)],
-            threading.Event())
+            lease, now + LEASE_SECONDS, int(LEASE_SECONDS) + 60, spent, ttl,
+            int(ask.context is not None)], threading.Event())
         # Too late, it is undone: the request went on without it.
         call.on_late = partial(self._undo, key, limits, ask, fraction, lease, period, minute)
         answer = self._pipe.ask(call, REDIS_WAIT)

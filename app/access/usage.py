@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Iterable, Protocol
 
-from sqlalchemy import Engine, insert, text
+from sqlalchemy import Engine, insert
 from sqlalchemy.dialects import postgresql, sqlite
 
+from app.access.database import answers, write_before_stopping
 from app.access.tables import usage, usage_daily
 
 log = logging.getLogger("flaskchat.usage")
@@ -81,17 +81,11 @@ class UsageLedger:
     def start(self) -> None:
         threading.Thread(target=self._run, name="usage-ledger", daemon=True).start()
 
-    def stop(self, timeout: float = 10.0) -> bool:
+    def stop(self) -> bool:
         """On a graceful stop: no more periodic writes; what is buffered is written now,
-        retried for up to ``timeout`` seconds if the database refuses."""
+        retried for a while if the database refuses."""
         self._stopped.set()
-        deadline = time.monotonic() + timeout
-        while not self.flush():
-            if time.monotonic() > deadline:
-                log.error("stopping with %d usage records unwritten", len(self._buffer))
-                return False
-            time.sleep(0.2)
-        return True
+        return write_before_stopping(self.flush, lambda: len(self._buffer), "usage records")
 
     def flush(self) -> bool:
         """Writes everything buffered; False if the database cannot be written (it stays
@@ -104,7 +98,7 @@ class UsageLedger:
             try:
                 self._write(batch)
             except Exception as exc:  # any database failure: see whether it is a row's
-                if not self._answers():
+                if not answers(self._engine):
                     self._keep(batch, exc)
                     return False
                 batch = self._write_alone(batch, exc)
@@ -135,7 +129,7 @@ class UsageLedger:
                 self._write([record])
                 written.append(record)
             except Exception as alone:  # this record's fault, or the database's
-                if not self._answers():
+                if not answers(self._engine):
                     self._keep(batch[position:], alone)
                     break
                 rejected.append(record)
@@ -148,14 +142,6 @@ class UsageLedger:
             if self._observer is not None:
                 self._observer.rejected(len(rejected))
         return written
-
-    def _answers(self) -> bool:
-        try:
-            with self._engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-            return True
-        except Exception:  # unreachable, whatever the driver says
-            return False
 
     def _trim(self) -> None:
         extra = len(self._buffer) - self._max

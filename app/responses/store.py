@@ -32,8 +32,9 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, delete, func, insert, select, text
+from sqlalchemy import Engine, delete, func, insert, select
 
+from app.access.database import answers, write_before_stopping
 from app.access.keys import now
 from app.access.tables import responses
 from app.errors import InvalidRequest, ObjectNotFound
@@ -45,7 +46,6 @@ PRUNE_EVERY = 200  # the fewest saves between two prunes (expired rows, then the
 FLUSH = 0.1
 MAX_PENDING = 10_000  # saved but unwritten responses kept while the database is down
 MAX_PENDING_BYTES = 64 * 1024 * 1024  # and their bytes
-STOP_RETRY = 10.0  # seconds a graceful stop keeps trying to write what is left
 log = logging.getLogger("flaskchat.responses")
 
 
@@ -134,16 +134,11 @@ class ResponseStore:
             if self._pending:  # kept because the database is down
                 self._saved.set()
 
-    def stop(self, timeout: float = STOP_RETRY) -> bool:
-        """On a graceful stop: what is left is written, retried for up to ``timeout``
-        seconds if the database refuses (as the usage ledger does)."""
-        deadline = time.monotonic() + timeout
-        while not self.flush():
-            if time.monotonic() > deadline:
-                log.error("stopping with %d stored responses unwritten", len(self._pending))
-                return False
-            time.sleep(0.2)
-        return True
+    def stop(self) -> bool:
+        """On a graceful stop: what is left is written, retried for a while if the
+        database refuses (as the usage ledger does)."""
+        return write_before_stopping(self.flush, lambda: len(self._pending),
+                                     "stored responses")
 
     def flush(self) -> bool:
         """Writes what was saved; False if the database cannot be written (it is kept)."""
@@ -154,7 +149,7 @@ class ResponseStore:
             try:
                 self._write(batch)
             except Exception as exc:  # the database's failures, or a row it rejects
-                if not self._answers():
+                if not answers(self._engine):
                     if not self._failing:
                         log.error("cannot write %d stored responses (kept for later): %s",
                                   len(batch), _reason(exc))
@@ -163,10 +158,12 @@ class ResponseStore:
                 for row in batch:  # it answers: a row it rejects; each goes alone
                     try:
                         self._write([row])
-                    except Exception as alone:  # that row's fault: dropped
-                        self._forget(row)
+                    except Exception as alone:  # that row's fault, or the database's
+                        if not answers(self._engine):
+                            return False  # the rest waits for the next try
                         log.error("the database rejected stored response %s (not stored): "
                                   "%s", row["id"], _reason(alone))
+                    self._forget(row)
             self._failing = False
             for row in batch:
                 self._forget(row)
@@ -184,14 +181,6 @@ class ResponseStore:
     def _forget(self, row: dict[str, Any]) -> None:
         if self._pending.pop(row["id"], None) is not None:
             self._pending_bytes -= row["bytes"]
-
-    def _answers(self) -> bool:
-        try:
-            with self._engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-            return True
-        except Exception:  # unreachable, whatever the driver says
-            return False
 
     def prune(self) -> None:
         with self._engine.begin() as connection:

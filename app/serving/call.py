@@ -78,7 +78,6 @@ class Call:
     meter: Meter = field(default_factory=Meter)
     # The models the request's key may use (None: every model).
     allowed_models: FrozenSet[str] | None = None
-    key_id: str | None = None  # the request's key (None: no key, or a --api-keys key)
     owner: str = ""  # who owns what the request stores ("": the anonymous owner)
     # Set for model requests by app.web.access: checks the key's limits and reserves.
     admission: Admission | None = None

@@ -60,7 +60,6 @@ def authenticate() -> "Principal | None":
 
 def identify(current: "Call", principal: "Principal") -> None:
     current.allowed_models = principal.models
-    current.key_id = principal.key_id
     current.owner = principal.owner
 
 
