@@ -6,6 +6,7 @@ else that went wrong on the wire).
 """
 from __future__ import annotations
 
+import re
 from types import TracebackType
 from typing import Any, Mapping
 
@@ -63,6 +64,9 @@ def _reason(exc: Exception) -> str:
     return text.rsplit(": ", 1)[-1].strip(" ')\"")[:120] or type(exc).__name__
 
 
+_SHAREABLE = re.compile(r"^[\w \[\]()-]*$")  # no quote, dot, colon or slash: no address
+
+
 class mapped_errors:
     """Re-raises requests' exceptions as ours, naming ``what`` we were talking to. (A class,
     not a generator-based context manager: entered several times a request, and a
@@ -81,17 +85,20 @@ class mapped_errors:
         if exc is None or not isinstance(exc, requests.exceptions.RequestException):
             return  # nothing of requests': it goes on as it is
         what = self._what
+        reason = _reason(exc)
+        # A reason that may name a host ("certificate is not valid for 'gpu-7.internal'")
+        # goes to the logs only; "Connection refused" and the like to the client too.
+        shown = f" ({reason})" if _SHAREABLE.match(reason) else ""
         error: APIError
         if isinstance(exc, requests.exceptions.ConnectTimeout):
             error = ConnectTimedOut(f"Timed out connecting to {what}.")
         elif isinstance(exc, requests.exceptions.Timeout):
             error = UpstreamTimeout(f"{what} did not answer in time.")
         elif isinstance(exc, (requests.exceptions.ChunkedEncodingError, InvalidResponse)):
-            error = UpstreamError(f"{what} broke off or garbled its answer.")
+            error = UpstreamError(f"{what} broke off or garbled its answer{shown}.")
         elif isinstance(exc, requests.exceptions.ConnectionError):
-            error = WorkerUnreachable(f"Could not connect to {what}.")
+            error = WorkerUnreachable(f"Could not connect to {what}{shown}.")
         else:
             error = UpstreamError(f"Error talking to {what}: {type(exc).__name__}.")
-        # The reason may name a host ("Failed to resolve 'gpu-7.internal'"): logs only.
-        error.internal = _reason(exc)
+        error.internal = reason
         raise error from None
