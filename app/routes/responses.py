@@ -59,7 +59,8 @@ def create_response() -> ResponseReturnValue:
     call().extra_prompt_bytes = history_bytes  # the key pays for the turns replayed
     payload, items, messages = translate.chat_request(body, history,
                                                       schemas().max_messages)
-    keep = body["store"] is not False and _fits(store, body, items, messages)
+    keep = body["store"] is not False and \
+        _fits(store, body, items, messages[len(history):], history_bytes)
 
     def done(response: dict[str, Any]) -> None:
         if keep:
@@ -75,11 +76,13 @@ def create_response() -> ResponseReturnValue:
 
 
 def _fits(store: ResponseStore, body: ResponsesRequest, items: list[dict[str, Any]],
-          messages: list[dict[str, Any]]) -> bool:
-    """Whether the request's input leaves room to store its response: if not, a request
+          new_messages: list[dict[str, Any]], history_bytes: int) -> bool:
+    """Whether the request's input (its items, and the messages a follow-up would replay:
+    the earlier turns and these) leaves room to store its response: if not, a request
     that asked for ``store: true`` is refused before any model work; one that stores by
     default is answered, not stored (its ``store`` is false)."""
-    if store.fits(len(orjson.dumps(items)) + len(orjson.dumps(messages))):
+    if store.fits(len(orjson.dumps(items)) + history_bytes
+                  + len(orjson.dumps(new_messages))):
         return True
     if body["store"]:
         raise InvalidRequest(f"This response cannot be stored: its input is larger than the "
