@@ -29,7 +29,7 @@ def gate_for(limits: KeyLimits, processes: int = 1, estimate: int = 256,
              clock: Clock | None = None) -> tuple[Gate, Principal, Budgets]:
     budgets = Budgets()
     limiter = MemoryLimiter(processes, estimate, clock or Clock())
-    gate = Gate(KeyDirectory(None, (), 1.0, budgets), limiter, budgets, None, None, estimate)
+    gate = Gate(KeyDirectory(None, (), 1.0, budgets), limiter, budgets, None, None)
     return gate, Principal("key_1", "tenant", None, None, limits, "key_1"), budgets
 
 

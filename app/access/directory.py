@@ -65,10 +65,15 @@ class Principal:
 ANONYMOUS = Principal(None, None, None, None, KeyLimits(), "")  # auth is off
 
 
+OWNER_ROUNDS = 50_000  # PBKDF2 rounds: an owner id stored in the database is slow to guess
+
+
 def flag_key_principal(secret: str) -> Principal:
-    """A --api-keys key: unlimited, named "api-keys", its own owner (a hash of the key:
-    stable across restarts and hosts, and telling nothing of the key)."""
-    owner = "flag_" + hashlib.sha256(b"flaskchat-owner:" + secret.encode()).hexdigest()[:32]
+    """A --api-keys key: unlimited, named "api-keys", its own owner: a slow hash of the
+    key (PBKDF2, made once per process), stable across restarts and hosts, from which
+    someone who reads the database cannot cheaply try guesses of an operator's key."""
+    owner = "flag_" + hashlib.pbkdf2_hmac("sha256", secret.encode(), b"flaskchat-owner",
+                                          OWNER_ROUNDS).hex()[:32]
     return Principal(None, "api-keys", None, None, KeyLimits(), owner)
 
 

@@ -54,14 +54,12 @@ class Pass:
 
 class Gate:
     def __init__(self, directory: KeyDirectory, limiter: Limiter, budgets: Budgets,
-                 ledger: UsageLedger | None, observer: GateObserver | None = None,
-                 tpm_estimate: int = 256) -> None:
+                 ledger: UsageLedger | None, observer: GateObserver | None = None) -> None:
         self.directory = directory
         self.limiter = limiter
         self._budgets = budgets
         self.ledger = ledger
         self._observer = observer
-        self.tpm_estimate = tpm_estimate
 
     def authenticate(self, token: str) -> Principal:
         return self.directory.authenticate(token)

@@ -72,7 +72,6 @@ def open_access(settings: Settings, observer: AccessObserver | None = None) -> A
         if settings.redis_url else MemoryLimiter(settings.workers, settings.tpm_estimate)
     ledger = UsageLedger(engine, settings.usage_flush_interval, settings.usage_buffer,
                          observer, written=budgets.written)
-    return Access(engine, store, Gate(directory, limiter, budgets, ledger, observer,
-                                      settings.tpm_estimate),
+    return Access(engine, store, Gate(directory, limiter, budgets, ledger, observer),
                   tuple(key.encode() for key in settings.admin_keys),
                   Pruner(engine, settings.usage_retention))
