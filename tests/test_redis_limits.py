@@ -136,3 +136,20 @@ def test_a_settlement_during_a_blip_is_retried(redis: Redis) -> None:
     limiter.settle(key, held.reservation, 5)
     wait_for(lambda: checked_and_free(limiter, key, limits), 20,
              "the settlement to reach Redis")
+
+
+def test_a_settlement_sent_twice_is_applied_once(redis: Redis) -> None:
+    """A settlement whose reply timed out is sent again: the budget is charged once."""
+    import redis as client
+
+    limiter = RedisLimiter(redis.url)
+    key = "key_" + secrets.token_hex(4)
+    limits = KeyLimits(budget=100, period="day")
+    held = limiter.admit(key, limits, Ask(10, None, 1, 2048), 0)
+    for _ in range(2):
+        limiter.settle(key, held.reservation, 30)
+    limiter.drain()
+    connection = client.Redis(port=redis.port)
+    spent = connection.get(f"fc:{{{key}}}:b:{held.reservation.period}")
+    connection.close()
+    assert spent == b"30"

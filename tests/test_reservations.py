@@ -203,3 +203,13 @@ def test_a_refund_lands_in_the_minute_it_was_reserved_in() -> None:
     assert fits.verdict.tokens is not None and fits.verdict.tokens.remaining == 91
     with pytest.raises(RateLimitExceeded):
         gate.admit(principal, Ask(prompt=0, completion=100))
+
+
+def test_what_a_request_made_past_its_reservation_counts_now() -> None:
+    clock = Clock()
+    gate, principal, _ = gate_for(KeyLimits(tpm=1000), clock=clock)
+    small = gate.admit(principal, Ask(prompt=0, completion=10))
+    clock.now += 180  # long past the minute it was reserved in
+    gate.finish(small, 0, 900)  # it made far more than it reserved (an upstream's say)
+    with pytest.raises(RateLimitExceeded):
+        gate.admit(principal, Ask(prompt=0, completion=200))

@@ -309,12 +309,17 @@ def test_a_key_keeps_at_most_so_many_responses(tmp_path: Any) -> None:
 
 
 def test_reading_stored_responses_counts_toward_rpm(gateway: Server) -> None:
-    secret = make_key(gateway, name="reader", rpm=3)["secret"]
+    secret = make_key(gateway, name="reader", rpm=4, max_parallel=1)["secret"]
     made = post(gateway, secret, "/v1/responses", {"model": "fake-model", "input": "hi"})
     assert made.status_code == 200
     url = f"{gateway.url}/v1/responses/{made.json()['id']}"
     auth = {"Authorization": f"Bearer {secret}"}
-    assert requests.get(url, headers=auth, timeout=10).status_code == 200
+    # Reading holds no parallel slot, and is not refused for one: only rpm counts it.
+    with post(gateway, secret, "/v1/chat/completions", ask(
+            "fake-model", "[[count:10]][[slow:0.2]]", stream=True), stream=True) as held:
+        assert held.status_code == 200
+        assert requests.get(url, headers=auth, timeout=10).status_code == 200
+        held.content
     assert requests.get(url + "/input_items", headers=auth, timeout=10).status_code == 200
     assert_envelope(requests.get(url, headers=auth, timeout=10), 429, "rate_limit_exceeded")
 

@@ -77,6 +77,7 @@ ALLOWED = Verdict(True)
 class Limiter(Protocol):
     def admit(self, key: str, limits: KeyLimits, ask: Ask, spent: int) -> Verdict: ...
     def settle(self, key: str, reservation: Reservation, used: int) -> None: ...
+    def drain(self) -> None: ...
 
 
 def decide(limits: KeyLimits, fraction: float, requests: tuple[float, float],
@@ -169,21 +170,25 @@ class MemoryLimiter:
         return decided
 
     def settle(self, key: str, reservation: Reservation, used: int) -> None:
-        """What it reserved toward tpm is corrected in the minute it was admitted in (its
-        refund must not erase another request's tokens of a later minute), if that minute
-        still counts."""
+        """What it used past its tpm reservation counts now; what it gives back is given
+        back in the minute it was reserved in (a refund must not erase another request's
+        tokens of a later minute), if that minute still counts."""
         minute, _ = position(self._clock())
         with self._lock:
             if reservation.counted and used != reservation.tokens:
                 slot = self._slot(key, "t", minute)
-                which = 2 if reservation.minute == minute else \
+                delta = used - reservation.tokens
+                which = 2 if delta > 0 or reservation.minute == minute else \
                     1 if reservation.minute == minute - 1 else 0
                 if which:
-                    slot[which] = max(slot[which] + used - reservation.tokens, 0.0)
+                    slot[which] = max(slot[which] + delta, 0.0)
             if reservation.slots:
                 self._slots[key] = max(self._slots.get(key, 0) - reservation.slots, 0)
             if reservation.budget:
                 self._held[key] = max(self._held.get(key, 0) - reservation.budget, 0)
+
+    def drain(self) -> None:
+        pass  # nothing waits to be sent anywhere
 
     def _slot(self, key: str, kind: str, minute: int) -> list[float]:
         slot = self._minutes.get((key, kind))

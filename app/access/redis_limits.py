@@ -19,19 +19,19 @@ import secrets
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from functools import partial
 from typing import Any
 
 from app.access.budgets import period_start
 from app.access.limits import (ALLOWED, TPM_ESTIMATE, KeyLimits, MemoryLimiter, Reservation,
                                Verdict, budget_refusal, decide)
-from app.access.redis_pipe import Call, Pipeline
+from app.access.redis_pipe import Call, Pipeline, Script
 from app.access.reservations import Ask, Plan, completion_room
 
 REDIS_WAIT = 2.5  # seconds an admission waits for Redis before letting the request in
 LEASE_SECONDS = 900.0  # a slot or budget hold its request never gave back (a killed process)
+MAX_HOLD = 86400.0  # the longest a request's slots and hold are renewed
 
-_ADMIT = """
+_ADMIT = Script("""
 local now, frac = tonumber(ARGV[1]), tonumber(ARGV[2])
 local rl, tl, pl, bl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local prompt, completion, choices = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -111,28 +111,52 @@ end
 return {tostring(rp), tostring(rc), tostring(tp), tostring(tc), inflight, reason,
         string.format('%d', cap), string.format('%d', held), string.format('%d', tokens),
         string.format('%d', room), string.format('%d', unheld)}
-"""
+""")
 
-_SETTLE = """
-if tonumber(ARGV[1]) ~= 0 and redis.call('EXISTS', KEYS[1]) == 1 then
-  local left = redis.call('INCRBY', KEYS[1], ARGV[1])
-  if left < 0 then redis.call('SET', KEYS[1], 0, 'KEEPTTL') end
+# Settles an admitted request, once: a budget's hold (or, for a request admitted while
+# Redis was away, a marker) is what says it was not settled yet, so a settlement sent again
+# after a reply that timed out is not applied twice (what only corrects tpm may be: it is
+# a rate, and the window forgets it within two minutes). What it used past its reservation
+# counts in the current minute; what it gives back, in the minute it was reserved in.
+_SETTLE = Script("""
+if ARGV[4] ~= '' then
+  if redis.call('ZREM', KEYS[5], ARGV[2] .. '|' .. ARGV[4]) == 0 then return 0 end
+elseif ARGV[7] == '1' then
+  if not redis.call('SET', KEYS[6], '1', 'NX', 'EX', 600) then return 0 end
 end
-for i = 1, tonumber(ARGV[3]) do redis.call('ZREM', KEYS[2], ARGV[2] .. ':' .. i) end
-if ARGV[4] ~= '' then redis.call('ZREM', KEYS[4], ARGV[2] .. '|' .. ARGV[4]) end
-if ARGV[6] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('INCRBY', KEYS[3], ARGV[5])
+local delta = tonumber(ARGV[1])
+if delta < 0 and redis.call('EXISTS', KEYS[1]) == 1 then
+  local left = redis.call('INCRBY', KEYS[1], delta)
+  if left < 0 then redis.call('SET', KEYS[1], 0, 'KEEPTTL') end
+elseif delta > 0 then
+  redis.call('INCRBY', KEYS[2], delta)
+  redis.call('EXPIRE', KEYS[2], 130)
+end
+for i = 1, tonumber(ARGV[3]) do redis.call('ZREM', KEYS[3], ARGV[2] .. ':' .. i) end
+if ARGV[6] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('INCRBY', KEYS[4], ARGV[5])
+end
+return 1
+""")
+
+# Gives back what an admission may have reserved when its request went on without it
+# (Redis answered too late, or not at all): its slots and its budget hold.
+_RELEASE = Script("""
+for i = 1, tonumber(ARGV[2]) do redis.call('ZREM', KEYS[1], ARGV[1] .. ':' .. i) end
+local prefix = ARGV[1] .. '|'
+for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if string.sub(member, 1, #prefix) == prefix then redis.call('ZREM', KEYS[2], member) end
 end
 return 0
-"""
+""")
 
-_RENEW = """
+_RENEW = Script("""
 for i = 1, tonumber(ARGV[3]) do redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[2] .. ':' .. i) end
 if ARGV[4] ~= '' then redis.call('ZADD', KEYS[2], 'XX', ARGV[1], ARGV[2] .. '|' .. ARGV[4]) end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 return 0
-"""
+""")
 
 
 def _period_seconds_left(period: str | None, at: datetime) -> int:
@@ -149,23 +173,23 @@ class RedisLimiter:
     unlimited (and it is logged): they protect the workers, and are not worth taking every
     team offline. Budgets are money: they are then kept by this process alone (its share
     of what is left, with ``processes`` sharing), and what they spend is charged to Redis
-    too once it is back.
+    too once it is back. What such an admission may still have reserved in Redis is given
+    back.
 
     Parallel slots and budget holds are leases that expire (LEASE_SECONDS), so that a
     killed process cannot hold them for ever; this process renews those of its requests
-    in flight every third of that, however long they run."""
+    in flight every third of that, for up to MAX_HOLD."""
 
     def __init__(self, url: str, tpm_estimate: int = TPM_ESTIMATE, processes: int = 1) -> None:
         import redis
 
         client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
-        self._admit = client.register_script(_ADMIT)
-        self._settle = client.register_script(_SETTLE)
-        self._renew = client.register_script(_RENEW)
         self._estimate = tpm_estimate
         self._local = MemoryLimiter(processes, tpm_estimate)  # budgets while Redis is down
-        self._held: dict[str, tuple[str, Reservation]] = {}  # lease -> (key, its leases)
-        self._pipe = Pipeline(client, self._renewals, LEASE_SECONDS / 3)
+        # lease -> (key, what it holds, when it was admitted): what renewals renew
+        self._held: dict[str, tuple[str, Reservation, float]] = {}
+        self._pipe = Pipeline(client, (_ADMIT, _SETTLE, _RELEASE, _RENEW), self._renewals,
+                              LEASE_SECONDS / 3)
 
     def admit(self, key: str, limits: KeyLimits, ask: Ask, spent: int) -> Verdict:
         now = time.time()
@@ -175,29 +199,33 @@ class RedisLimiter:
             at = datetime.fromtimestamp(now, timezone.utc)
             period, ttl = period_start(limits.period, at), _period_seconds_left(limits.period, at)
         lease = secrets.token_hex(8) if limits.max_parallel or limits.budget else ""
-        call = Call(self._admit, _keys(key, minute, period), [
+        call = Call(_ADMIT, _keys(key, minute, period), [
             now, fraction, limits.rpm or 0, limits.tpm or 0, limits.max_parallel or 0,
             limits.budget or 0, ask.prompt,
             ask.completion if ask.completion is not None else -1, ask.choices,
             completion_room(ask), self._estimate, int(ask.counts_request), int(ask.reserves),
             lease, now + LEASE_SECONDS, int(LEASE_SECONDS) + 60, spent, ttl,
             int(ask.context is not None)], threading.Event())
-        # Too late, it is undone: the request went on without it.
-        call.on_late = partial(self._undo, key, limits, ask, fraction, lease, period, minute)
         answer = self._pipe.ask(call, REDIS_WAIT)
         if answer is None or isinstance(answer, Exception):
             # Redis is slow or down (logged by the pipeline): rates go unchecked, budgets
-            # are checked here alone.
+            # are checked here alone. Whatever the admission may yet reserve there is
+            # given back (queued after it, so run after it).
+            if lease:
+                keys = _keys(key, minute, period)
+                self._pipe.send(Call(_RELEASE, [keys[4], keys[6]], [lease, ask.choices],
+                                     None))
             if not limits.budget:
                 return ALLOWED
             decided = self._local.admit(key, KeyLimits(budget=limits.budget), ask, spent)
-            decided.reservation.local, decided.reservation.period = True, period
+            reservation = decided.reservation
+            reservation.local, reservation.period, reservation.lease = True, period, lease
             return decided
         decided = self._verdict(answer, limits, ask, fraction, lease, period)
         reservation = decided.reservation
         reservation.minute = minute
         if reservation.slots or reservation.budget:
-            self._held[lease] = (key, reservation)
+            self._held[lease] = (key, reservation, now)
         return decided
 
     def _verdict(self, raw: Any, limits: KeyLimits, ask: Ask, fraction: float,
@@ -226,43 +254,40 @@ class RedisLimiter:
         the period the request was admitted in (one that ends after midnight counts for
         the day it began, as its usage record does)."""
         self._held.pop(reservation.lease, None)
-        charge = bool(reservation.budget)
-        if reservation.local:
+        charge, marked = bool(reservation.budget), False
+        if reservation.local:  # admitted here alone: its spending still goes to Redis
             self._local.settle(key, reservation, used)
-            reservation = Reservation(period=reservation.period)  # nothing held in Redis
+            marked = charge
+            reservation = Reservation(lease=reservation.lease, period=reservation.period)
         tokens = used - reservation.tokens if reservation.counted else 0
         if not tokens and not reservation.slots and not charge:
             return
-        keys = _keys(key, reservation.minute, reservation.period)
-        self._pipe.send(Call(self._settle, [keys[2], keys[4], keys[5], keys[6]], [
+        base = _keys(key, reservation.minute, reservation.period)
+        keys = [base[2], _keys(key, int(time.time() // 60), "")[2], base[4], base[5], base[6],
+                f"fc:{{{key}}}:c:{reservation.lease}"]
+        self._pipe.send(Call(_SETTLE, keys, [
             tokens, reservation.lease, reservation.slots,
-            str(reservation.budget) if reservation.budget else "", used, int(charge)], None))
+            str(reservation.budget) if reservation.budget else "", used, int(charge),
+            int(marked)], None))
 
-    def _undo(self, key: str, limits: KeyLimits, ask: Ask, fraction: float, lease: str,
-              period: str, minute: int, raw: Any) -> None:
-        """An admission answered after its request stopped waiting: what it reserved is
-        given back (its rpm count stays: the request was made)."""
-        decided = self._verdict(raw, limits, ask, fraction, lease, period)
-        reservation = decided.reservation
-        if decided.allowed and (reservation.slots or reservation.budget):
-            # Its tokens stay counted toward tpm, as near to what it used as can be known;
-            # its budget is charged by this process's own (local) settlement.
-            keys = _keys(key, minute, period)
-            self._pipe.send(Call(self._settle, [keys[2], keys[4], keys[5], keys[6]], [
-                0, lease, reservation.slots,
-                str(reservation.budget) if reservation.budget else "", 0, 0], None))
+    def drain(self) -> None:
+        """On a graceful stop: what is still queued for Redis (settlements) goes first."""
+        self._pipe.drain()
 
     def _renewals(self) -> list[Call]:
         """Renewal calls for the slots and budget holds of this process's requests in
-        flight (run by the pipeline's thread)."""
-        expiry = time.time() + LEASE_SECONDS
+        flight (run by the pipeline's thread; dropped if Redis fails, made again later)."""
+        now = time.time()
         calls = []
-        for lease, (key, reservation) in list(self._held.items()):
+        for lease, (key, reservation, admitted_at) in list(self._held.items()):
+            if now - admitted_at > MAX_HOLD:  # its settlement was lost: let it expire
+                self._held.pop(lease, None)
+                continue
             keys = _keys(key, 0, "")
-            calls.append(Call(self._renew, [keys[4], keys[6]], [
-                expiry, lease, reservation.slots,
+            calls.append(Call(_RENEW, [keys[4], keys[6]], [
+                now + LEASE_SECONDS, lease, reservation.slots,
                 str(reservation.budget) if reservation.budget else "",
-                int(LEASE_SECONDS) + 60], None))
+                int(LEASE_SECONDS) + 60], None, retried=False))
         return calls
 
 

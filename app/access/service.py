@@ -48,8 +48,9 @@ class Access:
         self.pruner.start()
 
     def stop(self) -> None:
-        """On a graceful stop, after the last request: what is left of the usage is
-        written."""
+        """On a graceful stop, after the last request: what is left of the limits'
+        settlements goes to Redis, and what is left of the usage is written."""
+        self.gate.limiter.drain()
         if self.gate.ledger is not None:
             self.gate.ledger.stop()
 

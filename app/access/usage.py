@@ -101,7 +101,11 @@ class UsageLedger:
                 if not answers(self._engine):
                     self._keep(batch, exc)
                     return False
-                batch = self._write_alone(batch, exc)
+                batch, whole = self._write_alone(batch, exc)
+                if not whole:  # the database went away meanwhile: the rest is kept
+                    if self._written is not None:
+                        self._written(batch)
+                    return False
             if self._failing:
                 log.warning("usage written again (%d records)", len(batch))
                 self._failing = False
@@ -120,9 +124,11 @@ class UsageLedger:
         self._failing = True
         self._report()
 
-    def _write_alone(self, batch: list[UsageRecord], exc: Exception) -> list[UsageRecord]:
+    def _write_alone(self, batch: list[UsageRecord],
+                     exc: Exception) -> tuple[list[UsageRecord], bool]:
         """The database answers but refused the batch: each record goes in alone, and
-        those it rejects are dropped. Returns the records written."""
+        those it rejects are dropped. Returns the records written, and False if the
+        database went away before the end (the rest is kept for the next flush)."""
         written, rejected = [], []
         for position, record in enumerate(batch):
             try:
@@ -131,7 +137,7 @@ class UsageLedger:
             except Exception as alone:  # this record's fault, or the database's
                 if not answers(self._engine):
                     self._keep(batch[position:], alone)
-                    break
+                    return written, False
                 rejected.append(record)
                 log.error("the database rejected the usage record of request %s (dropped): "
                           "%s", record.request_id, _reason(alone))
@@ -141,7 +147,7 @@ class UsageLedger:
                       len(written))
             if self._observer is not None:
                 self._observer.rejected(len(rejected))
-        return written
+        return written, True
 
     def _trim(self) -> None:
         extra = len(self._buffer) - self._max

@@ -12,12 +12,14 @@ ordinary key is a 403. Keys are never logged or echoed.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING
 
 from flask import Flask, current_app, g, request
 
+from app.access.limits import KeyLimits
 from app.access.reservations import Ask, estimate_tokens
 from app.errors import AuthenticationFailed, PermissionDenied
 from app.web.context import call
@@ -75,8 +77,9 @@ def count_request() -> None:
     """A request that is not for a model but reads the database (a stored response):
     it counts toward its key's rpm (a 429 past it), and holds nothing."""
     principal: Principal | None = g.get("principal")
-    if principal is not None:
-        access().gate.admit(principal, Ask(0, 0, reserves=False))
+    if principal is not None and principal.limits.rpm:
+        counted = replace(principal, limits=KeyLimits(rpm=principal.limits.rpm))
+        access().gate.admit(counted, Ask(0, 0, reserves=False))
 
 
 def charge_to(principal: "Principal", counts_request: bool = True) -> None:
