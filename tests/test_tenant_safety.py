@@ -324,6 +324,20 @@ def test_reading_stored_responses_counts_toward_rpm(gateway: Server) -> None:
     assert_envelope(requests.get(url, headers=auth, timeout=10), 429, "rate_limit_exceeded")
 
 
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/responses", {"model": "fake-model", "input": "hi", "user": "u" * 257}, "user"),
+    ("/v1/responses", {"model": "fake-model", "input": "hi", "safety_identifier": "s" * 65},
+     "safety_identifier"),
+    ("/v1/responses", {"model": "fake-model", "input": "hi", "prompt_cache_key": "k" * 65},
+     "prompt_cache_key"),
+    ("/v1/chat/completions", ask("fake-model", "hi", n=3, best_of=2), "best_of"),
+    ("/v1/completions", {"model": "fake-model", "prompt": "hi", "best_of": 0}, "best_of"),
+])
+def test_bounded_fields_are_400_naming_them(gateway: Server, path: str, body: dict[str, Any],
+                                            param: str) -> None:
+    assert_envelope(post(gateway, STATIC_A, path, body), 400, param=param)
+
+
 # ---- 4. every key owns what it stores --------------------------------------------------
 
 def test_static_keys_do_not_see_each_others_stored_responses(gateway: Server) -> None:
