@@ -29,8 +29,7 @@ def run(action: Callable[[], int]) -> int:
         print(f"flaskchat: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
         return 2
     except SQLAlchemyError as exc:
-        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
-        print(f"flaskchat: the database failed: {reason}", file=sys.stderr)
+        print(f"flaskchat: the database failed: {database.reason(exc)}", file=sys.stderr)
         return 2
 
 

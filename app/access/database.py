@@ -91,7 +91,7 @@ def upgrade(url: str) -> None:
                                    {"id": MIGRATION_LOCK})
             command.upgrade(_alembic_config(connection), "head")
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot upgrade {_shown(url)}: {_reason(exc)}") from None
+        raise DatabaseError(f"cannot upgrade {_shown(url)}: {reason(exc)}") from None
     except OSError as exc:
         raise DatabaseError(f"cannot use {_shown(url)}: {exc}") from None
     finally:
@@ -122,7 +122,7 @@ def revision(url: str) -> str | None:
             current: str | None = MigrationContext.configure(connection).get_current_revision()
             return current
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot reach the database {_shown(url)}: {_reason(exc)}") \
+        raise DatabaseError(f"cannot reach the database {_shown(url)}: {reason(exc)}") \
             from None
     finally:
         engine.dispose()
@@ -232,5 +232,6 @@ def _shown(url: str) -> str:
         return "(an unreadable URL)"
 
 
-def _reason(exc: SQLAlchemyError) -> str:
+def reason(exc: BaseException) -> str:
+    """A database failure in one short line: the driver's own message where there is one."""
     return " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]

@@ -26,6 +26,7 @@ from app.access.limits import (ALLOWED, TPM_ESTIMATE, KeyLimits, MemoryLimiter, 
                                Verdict, budget_refusal, decide)
 from app.access.redis_pipe import Call, Pipeline, Script
 from app.access.reservations import Ask, Plan, completion_room
+from app.access.windows import position
 
 REDIS_WAIT = 2.5  # seconds an admission waits for Redis before letting the request in
 LEASE_SECONDS = 900.0  # a slot or budget hold its request never gave back (a killed process)
@@ -193,7 +194,7 @@ class RedisLimiter:
 
     def admit(self, key: str, limits: KeyLimits, ask: Ask, spent: int) -> Verdict:
         now = time.time()
-        minute, fraction = int(now // 60), (now % 60) / 60
+        minute, fraction = position(now)
         period, ttl = "", 0
         if limits.budget:
             at = datetime.fromtimestamp(now, timezone.utc)
@@ -263,7 +264,7 @@ class RedisLimiter:
         if not tokens and not reservation.slots and not charge:
             return
         base = _keys(key, reservation.minute, reservation.period)
-        keys = [base[2], _keys(key, int(time.time() // 60), "")[2], base[4], base[5], base[6],
+        keys = [base[2], _keys(key, position(time.time())[0], "")[2], base[4], base[5], base[6],
                 f"fc:{{{key}}}:c:{reservation.lease}"]
         self._pipe.send(Call(_SETTLE, keys, [
             tokens, reservation.lease, reservation.slots,

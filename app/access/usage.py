@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Protocol
 from sqlalchemy import Engine, insert
 from sqlalchemy.dialects import postgresql, sqlite
 
-from app.access.database import answers, write_before_stopping
+from app.access.database import answers, reason, write_before_stopping
 from app.access.tables import usage, usage_daily
 
 log = logging.getLogger("flaskchat.usage")
@@ -120,7 +120,7 @@ class UsageLedger:
         self._trim()
         if not self._failing:
             log.error("cannot write usage (%d records kept for later): %s", len(batch),
-                      _reason(exc))
+                      reason(exc))
         self._failing = True
         self._report()
 
@@ -140,10 +140,10 @@ class UsageLedger:
                     return written, False
                 rejected.append(record)
                 log.error("the database rejected the usage record of request %s (dropped): "
-                          "%s", record.request_id, _reason(alone))
+                          "%s", record.request_id, reason(alone))
         if rejected:
             log.error("a usage batch held %d record(s) the database rejects (first error: "
-                      "%s); the other %d were written", len(rejected), _reason(exc),
+                      "%s); the other %d were written", len(rejected), reason(exc),
                       len(written))
             if self._observer is not None:
                 self._observer.rejected(len(rejected))
@@ -228,7 +228,3 @@ def _daily(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["completion_tokens"] += row["completion_tokens"]
         entry["latency_ms"] += row["latency_ms"]
     return list(sums.values())
-
-
-def _reason(exc: BaseException) -> str:
-    return " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]

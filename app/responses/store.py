@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine, delete, func, insert, select
 
-from app.access.database import answers, write_before_stopping
+from app.access.database import answers, reason, write_before_stopping
 from app.access.keys import now
 from app.access.tables import responses
 from app.errors import InvalidRequest, ObjectNotFound
@@ -47,10 +47,6 @@ FLUSH = 0.1
 MAX_PENDING = 10_000  # saved but unwritten responses kept while the database is down
 MAX_PENDING_BYTES = 64 * 1024 * 1024  # and their bytes
 log = logging.getLogger("flaskchat.responses")
-
-
-def _reason(exc: BaseException) -> str:
-    return " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
 
 
 def new_response_id() -> str:
@@ -152,7 +148,7 @@ class ResponseStore:
                 if not answers(self._engine):
                     if not self._failing:
                         log.error("cannot write %d stored responses (kept for later): %s",
-                                  len(batch), _reason(exc))
+                                  len(batch), reason(exc))
                     self._failing = True
                     return False
                 for row in batch:  # it answers: a row it rejects; each goes alone
@@ -162,7 +158,7 @@ class ResponseStore:
                         if not answers(self._engine):
                             return False  # the rest waits for the next try
                         log.error("the database rejected stored response %s (not stored): "
-                                  "%s", row["id"], _reason(alone))
+                                  "%s", row["id"], reason(alone))
                     self._forget(row)
             self._failing = False
             for row in batch:

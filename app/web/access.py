@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING
 
 from flask import Flask, current_app, g, request
 
+from app.access.keys import now
 from app.access.limits import KeyLimits
 from app.access.reservations import Ask, estimate_tokens
+from app.access.usage import UsageRecord
 from app.errors import AuthenticationFailed, PermissionDenied
 from app.web.context import call
 
@@ -133,9 +135,6 @@ def charge(gate: "Gate", metrics: "AccessMetrics | None", current: "Call",
     (prompt, completion) tokens charged. Where an upstream did not count the prompt, the
     estimate made at admission is charged for a request that reached the model. Runs
     when the response closes, after the request context is gone."""
-    from app.access.keys import now
-    from app.access.usage import UsageRecord
-
     admitted: Pass | None = current.admitted
     current.admitted = None  # settled once
     meter = current.meter
