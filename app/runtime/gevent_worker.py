@@ -6,7 +6,13 @@ A stop (SIGTERM, and the old workers of a SIGHUP reload) goes in four steps:
    boot meanwhile, so new connections never wait on a listener nobody serves), /ready
    answers 503, and every response goes out with ``Connection: close``, so that a busy
    client's next request is answered and then its connection closes cleanly.
-2. Then it stops accepting; requests and streams in progress run on. A kept-alive
+2. Then it stops accepting; requests and streams in progress run on. In a full stop (the
+   arbiter has closed its copy of the listening socket: no process will accept after
+   this one), the socket first drops new connection attempts and the backlog is accepted
+   and served: closing a listening socket resets the connections waiting in its backlog,
+   and a proxy that has sent one a request answers 502 (nginx does not resend a POST).
+   A dropped attempt is retried by its client a second later, finds the socket closed,
+   and goes to another gateway. A kept-alive
    connection that waits for its next request is closed once it has waited through the
    drain window and no request has begun on it (no byte waiting in the socket, none
    received since it went idle): never one a request is being read from. Nothing is ever
@@ -23,6 +29,8 @@ gevent but nothing that must be imported after monkey-patching.
 from __future__ import annotations
 
 import _socket
+import ctypes
+import os
 import socket
 import struct
 import time
@@ -38,6 +46,9 @@ from gunicorn.workers.ggevent import GeventWorker as _GunicornGeventWorker
 DEFAULT_DRAIN_SECONDS = 2.0
 END_MARGIN = 2.0  # seconds before graceful_timeout: ending streams with an event takes time
 SWEEP_SECONDS = 0.25  # how often a stopping worker looks for idle connections to close
+BACKLOG_SECONDS = 0.2  # accepting what waits in the backlog once new attempts are dropped
+SO_ATTACH_FILTER = 26  # Linux's setsockopt for a classic BPF filter
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)  # BPF "ret #0": keep no byte of any packet
 _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
 _LAST_DATA_RECV = struct.Struct("=I")  # struct tcp_info: ms since the last data, offset 52
 
@@ -104,6 +115,9 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
         drain = ours.drain_seconds if ours is not None else DEFAULT_DRAIN_SECONDS
         deadline = began + max(self.cfg.graceful_timeout - END_MARGIN, drain)
         self._sleep_until(began + drain, servers, sweep=None)
+        closing = [listener for listener in self.sockets if not _arbiter_holds(listener)]
+        if [_drop_new_connections(listener) for listener in closing]:
+            self._sleep_until(time.monotonic() + BACKLOG_SECONDS, servers, sweep=None)
         for server in servers:
             server.close()  # stop accepting; the connections it has go on
         self._sleep_until(deadline, servers, sweep=(began, drain))
@@ -143,6 +157,36 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
             waited = now - max(idle_since, stop_began)
             if waited >= drain and not client.request_begun(now - idle_since):
                 client.close()
+
+
+def _arbiter_holds(listener: Any) -> bool:
+    """Whether the arbiter still has this listening socket open (a reload, or one worker
+    of several stopping: other workers will accept). Linux's /proc says; where it cannot,
+    the answer is yes, and the socket is closed as before."""
+    try:
+        target = f"socket:[{os.fstat(listener.fileno()).st_ino}]"
+        folder = f"/proc/{os.getppid()}/fd"
+        for fd in os.listdir(folder):
+            try:
+                if os.readlink(os.path.join(folder, fd)) == target:
+                    return True
+            except OSError:
+                continue
+        return False
+    except OSError:
+        return True
+
+
+def _drop_new_connections(listener: Any) -> bool:
+    """Makes the kernel drop every new connection attempt (SYN) to this listening socket;
+    what has connected already waits in the backlog to be accepted."""
+    program = ctypes.create_string_buffer(_DROP_ALL)
+    fprog = struct.pack("HL", 1, ctypes.addressof(program))
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        return True
+    except OSError:
+        return False
 
 
 def _lifecycle(worker: GeventWorker) -> Any:
