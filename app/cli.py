@@ -12,6 +12,11 @@ from typing import Any, Callable, Sequence
 
 from app.config import (ControllerSettings, Settings, WorkerSettings, add_arguments,
                         parse_list, read_key_file)
+from app.scheduling.tiers import TIERS
+
+# app.access.keys.AUTO_TIER, not imported from there: that would load SQLAlchemy into
+# every command, gunicorn's arbiter included.
+AUTO_TIER = "auto"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,7 +167,8 @@ def _add_access_commands(commands: Any) -> None:
     show.add_argument("key", help="its id or name")
     show.set_defaults(run=_keys_show)
     update = actions.add_parser("update", parents=[common, as_json],
-                                help="change a key's team, models or limits ('none' clears)")
+                                help="change a key's team, models, limits ('none' clears) "
+                                "or share ('--default-tier auto' clears)")
     update.add_argument("key", help="its id or name")
     _add_limit_flags(update, clearable=True)
     update.set_defaults(run=_keys_update)
@@ -204,6 +210,17 @@ def _add_limit_flags(parser: argparse.ArgumentParser, clearable: bool) -> None:
                         else ("day", "month"), default=_UNSET)
     parser.add_argument("--expires", type=_duration, default=None,
                         help="lifetime from now: 30d, 12h, 2w")
+    # The ranges, and that the default tier is one the key may use, are the key store's
+    # to check (app.access.keys), as for the admin API.
+    parser.add_argument("--weight", type=float, default=_UNSET,
+                        help="fair-share weight when the models are busy, above 0 and at "
+                        "most 1000 (default 1); a team's is the highest of its active keys'")
+    parser.add_argument("--max-tier", choices=TIERS, default=_UNSET,
+                        help="the highest service tier the key may use (default: default)")
+    parser.add_argument("--default-tier", choices=(*TIERS, AUTO_TIER), default=_UNSET,
+                        help="the tier of a request that asks for none, at most --max-tier; "
+                        f"'{AUTO_TIER}' (the default; on update: clears it) is flex for a key "
+                        "whose max tier is flex, else default")
 
 
 class _Unset:
@@ -213,7 +230,7 @@ class _Unset:
 
 _UNSET: Any = _Unset()
 _LIMIT_FIELDS = ("team", "models", "rpm", "tpm", "max_parallel", "budget_tokens",
-                 "budget_period")
+                 "budget_period", "weight", "max_tier", "default_tier")
 
 
 def _limit_values(args: argparse.Namespace) -> dict[str, Any]:

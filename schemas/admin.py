@@ -1,7 +1,10 @@
 """The admin API's bodies and queries: keys made and changed, usage asked for.
 
 Stricter than the model routes: an unknown field is an error (a misspelt ``rmp`` must not
-leave a key unlimited), and so is a null where a value is needed.
+leave a key unlimited), and so is a null where a value is needed. A key's weight and tiers
+are checked here for their type only: their ranges, and that the default tier is one the
+key may use (on a change, against what is kept), are the key store's to check, once for
+this API and the CLI (``app.access.keys``).
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Any, Mapping, TypedDict
 from marshmallow import RAISE, Schema, ValidationError, fields, validates_schema
 
 from app.config import parse_duration  # the one duration format (flags, CLI, this API)
-from schemas.fields import Int, Str
+from schemas.fields import Int, Number, Str
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._@:/+-]{0,199}$")
 PERIODS = ("day", "month")
@@ -82,6 +85,9 @@ class KeyFields(TypedDict, total=False):
     max_parallel: int | None
     budget_tokens: int | None
     budget_period: str | None
+    weight: float
+    max_tier: str
+    default_tier: str | None
     expires_in: timedelta | None
 
 
@@ -96,6 +102,9 @@ class _KeySchema(Schema):
     max_parallel = Int(allow_none=True, validate=_positive("max_parallel"))
     budget_tokens = Int(allow_none=True, validate=_positive("budget_tokens"))
     budget_period = Str(allow_none=True)
+    weight = Number()
+    max_tier = Str()
+    default_tier = Str(allow_none=True)  # null or "auto": the key's max tier decides
     expires_in = Duration(allow_none=True)
 
     @validates_schema
@@ -125,7 +134,7 @@ class KeyUpdateSchema(_KeySchema):
         if not data:
             raise ValidationError("nothing to change: send at least one of team, models, "
                                   "rpm, tpm, max_parallel, budget_tokens, budget_period, "
-                                  "expires_in")
+                                  "weight, max_tier, default_tier, expires_in")
 
 
 class UsageQuery(TypedDict):

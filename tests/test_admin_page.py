@@ -1,6 +1,6 @@
 """The admin page in a real browser (headless chromium via Playwright) against the gateway
-under gunicorn: keys with their limits and status, create and revoke, and the chart of
-tokens per day per team."""
+under gunicorn: keys with their limits, share and status, create, change a key's share
+and revoke, and the chart of tokens per day per team."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -62,7 +62,9 @@ def test_keys_chart_create_and_revoke(page: Any, gateway: Server,
     row = page.locator("#keys tbody tr[data-name='search-key']")
     cells = row.locator("td").all_inner_texts()
     assert cells[1] == "search" and cells[2] == "all" and cells[3] == "100" \
-        and cells[4] == "50000" and cells[8] == "active", cells
+        and cells[4] == "50000" and cells[11] == "active", cells
+    # The share a key gets without asking: weight 1, tiers up to default, default auto.
+    assert cells[7:10] == ["1", "default", "auto"], cells
     # The chart: one coloured bar per team that used tokens today, with the figures.
     page.wait_for_selector("#chart svg rect.bar")
     bars = page.eval_on_selector_all(
@@ -79,6 +81,9 @@ def test_keys_chart_create_and_revoke(page: Any, gateway: Server,
     page.fill("#new-rpm", "7")
     page.fill("#new-budget", "1000")
     page.select_option("#new-period", "month")
+    page.fill("#new-weight", "2.5")
+    page.select_option("#new-max-tier", "priority")
+    page.select_option("#new-default-tier", "default")
     page.click("#create-key")
     page.wait_for_selector("#secret-panel:not([hidden])")
     secret = page.inner_text("#secret")
@@ -86,10 +91,33 @@ def test_keys_chart_create_and_revoke(page: Any, gateway: Server,
     page.wait_for_selector("#keys tbody tr[data-name='made-in-browser']")
     cells = page.locator("#keys tbody tr[data-name='made-in-browser'] td").all_inner_texts()
     assert cells[2] == "fake-model" and cells[3] == "7" and cells[6] == "1000 / month"
+    assert cells[7:10] == ["2.5", "priority", "default"], cells
     assert chat(gateway, secret).status_code == 200  # the secret works
 
+    # Change its share: a default tier above the max tier is refused with the reason...
+    row = "#keys tbody tr[data-name='made-in-browser']"
+    page.click(f"{row} button.edit")
+    page.wait_for_selector("#edit-panel:not([hidden])")
+    assert page.input_value("#edit-weight") == "2.5"
+    page.select_option("#edit-max-tier", "flex")
+    page.click("#save-edit")
+    page.wait_for_selector("#status.error")
+    assert "above max_tier" in page.inner_text("#status")
+    # ...and a batch key's (max tier flex, default auto) is saved and shown.
+    page.fill("#edit-weight", "40")
+    page.select_option("#edit-default-tier", "")
+    page.click("#save-edit")
+    page.wait_for_selector("#edit-panel", state="hidden")
+    page.wait_for_selector(f"{row} td.weight:text-is('40')")
+    cells = page.locator(f"{row} td").all_inner_texts()
+    assert cells[7:10] == ["40", "flex", "auto"], cells
+    stored = requests.get(gateway.url + "/admin/v1/keys/made-in-browser", timeout=10,
+                          headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+    assert (stored["weight"], stored["max_tier"], stored["default_tier"]) == \
+        (40.0, "flex", None)
+
     # Revoke it: the table says so and the gateway refuses it.
-    page.click("#keys tbody tr[data-name='made-in-browser'] button.revoke")
+    page.click(f"{row} button.revoke")
     page.wait_for_selector("#keys tbody tr[data-name='made-in-browser'] td.status-revoked")
     wait_for(lambda: chat(gateway, secret).status_code == 401, 5, "the revocation")
 

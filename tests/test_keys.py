@@ -1,7 +1,9 @@
 """Per-key access on one host, in an SQLite file: keys made by the CLI and the admin API,
 rpm / tpm / parallel limits with OpenAI's headers, budgets, model restrictions on every
-route, usage records, and the bad input around all of it. Real gateways under gunicorn,
-the session's controller and fake workers, the official openai client and raw HTTP."""
+route, a key's share (weight and service tiers, and whom it counts against), usage
+records, the schema a previous release left, and the bad input around all of it. Real
+gateways under gunicorn, the session's controller and fake workers, the official openai
+client and raw HTTP."""
 from __future__ import annotations
 
 import json
@@ -17,9 +19,13 @@ from typing import Any, Iterator
 import openai
 import pytest
 import requests
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, select, text
 
-from app.access.tables import api_keys, usage
+from app.access.budgets import Budgets
+from app.access.database import engine_for, revision, upgrade
+from app.access.directory import ANONYMOUS, KeyDirectory
+from app.access.keys import KeyStore
+from app.access.tables import api_keys, schema_releases, usage
 from tests.conftest import (ROOT, Server, Stack, new_database_url, start_gateway, wait_for)
 from tests.nginx import free_port
 
@@ -418,8 +424,24 @@ BAD_ADMIN_REQUESTS = [
      "budget_period"),
     ("POST", "/keys", {"name": "x", "expires_in": "soon"}, "expires_in"),
     ("POST", "/keys", [1, 2], None),
+    ("POST", "/keys", {"name": "x", "weight": 0}, "weight"),
+    ("POST", "/keys", {"name": "x", "weight": -1}, "weight"),
+    ("POST", "/keys", {"name": "x", "weight": 1001}, "weight"),
+    ("POST", "/keys", {"name": "x", "weight": "x"}, "weight"),
+    ("POST", "/keys", {"name": "x", "weight": True}, "weight"),
+    ("POST", "/keys", {"name": "x", "weight": None}, "weight"),
+    ("POST", "/keys", {"name": "x", "max_tier": "gold"}, "max_tier"),
+    ("POST", "/keys", {"name": "x", "max_tier": None}, "max_tier"),
+    ("POST", "/keys", {"name": "x", "default_tier": "gold"}, "default_tier"),
+    ("POST", "/keys", {"name": "x", "default_tier": "priority"}, "default_tier"),
+    ("POST", "/keys", {"name": "x", "max_tier": "flex", "default_tier": "default"},
+     "default_tier"),
     ("PATCH", "/keys/usage-counted", {"name": "renamed"}, "name"),
     ("PATCH", "/keys/usage-counted", {"rpm": 0}, "rpm"),
+    ("PATCH", "/keys/usage-counted", {"weight": 1000.5}, "weight"),
+    ("PATCH", "/keys/usage-counted", {"max_tier": "gold"}, "max_tier"),
+    # Above the max tier it keeps (default).
+    ("PATCH", "/keys/usage-counted", {"default_tier": "priority"}, "default_tier"),
     ("GET", "/usage?group_by=colour", None, "group_by"),
     ("GET", "/usage?since=yesterday", None, "since"),
     ("GET", "/usage?limit=3", None, "limit"),
@@ -433,6 +455,36 @@ def test_malformed_admin_requests_are_400(gateway: Server, method: str, path: st
                                           body: Any, param: str | None) -> None:
     response = admin(gateway, method, path, json=body)
     assert_envelope(response, 400, param=param)
+
+
+def test_a_keys_share_round_trips_through_the_admin_api(gateway: Server) -> None:
+    made = make_key(gateway, name="batch-job", team="nightly", weight=4, max_tier="flex")
+    assert (made["weight"], made["max_tier"], made["default_tier"]) == (4.0, "flex", None)
+    plain = make_key(gateway, name="plain-share")
+    assert (plain["weight"], plain["max_tier"], plain["default_tier"]) == \
+        (1.0, "default", None)
+    # The default tier is checked against the max tier the key keeps, and changes with it.
+    assert_envelope(admin(gateway, "PATCH", "/keys/batch-job",
+                          json={"default_tier": "default"}), 400, param="default_tier")
+    changed = admin(gateway, "PATCH", "/keys/batch-job",
+                    json={"weight": "2.5", "max_tier": "priority", "default_tier": "default"})
+    assert changed.status_code == 200, changed.text
+    assert (changed.json()["weight"], changed.json()["max_tier"],
+            changed.json()["default_tier"]) == (2.5, "priority", "default")
+    # Lowering the max tier below the default tier kept is refused, not half done.
+    assert_envelope(admin(gateway, "PATCH", "/keys/batch-job", json={"max_tier": "flex"}),
+                    400, param="default_tier")
+    assert admin(gateway, "GET", "/keys/batch-job").json()["max_tier"] == "priority"
+    for unset in (None, "auto"):  # null, or OpenAI's word: the max tier decides
+        cleared = admin(gateway, "PATCH", "/keys/batch-job",
+                        json={"default_tier": unset, "weight": 1000})
+        assert cleared.status_code == 200, cleared.text
+        assert cleared.json()["default_tier"] is None and cleared.json()["weight"] == 1000
+    listed = {key["name"]: key for key in admin(gateway, "GET", "/keys").json()["data"]}
+    assert (listed["batch-job"]["weight"], listed["batch-job"]["max_tier"]) == \
+        (1000.0, "priority")
+    # A key with its share set serves requests as before.
+    assert chat(gateway, made["secret"]).status_code == 200
 
 
 def test_admin_api_edge_cases(gateway: Server) -> None:
@@ -464,6 +516,133 @@ def test_only_admin_keys_open_the_admin_api(gateway: Server, stack: Stack) -> No
         assert_envelope(admin(closed, "GET", "/keys"), 403)
     finally:
         closed.stop()
+
+
+# ---- a key's share: weight, tiers, tenant ---------------------------------------------------
+
+def test_a_keys_share_round_trips_through_the_cli() -> None:
+    url = new_database_url()
+    made = cli("keys", "create", "--name", "share", "--weight", "2.5", "--max-tier",
+               "priority", "--default-tier", "default", "--json", "--database-url", url)
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)
+    assert (key["weight"], key["max_tier"], key["default_tier"]) == (2.5, "priority", "default")
+    changed = cli("keys", "update", "share", "--weight", "7", "--default-tier", "auto",
+                  "--json", "--database-url", url)
+    assert changed.returncode == 0, changed.stderr
+    key = json.loads(changed.stdout)
+    assert (key["weight"], key["max_tier"], key["default_tier"]) == (7.0, "priority", None)
+    batch = cli("keys", "update", "share", "--max-tier", "flex", "--database-url", url)
+    assert batch.returncode == 0, batch.stderr
+    # People see the tier an unset default resolves to.
+    assert "weight 7, tiers up to flex, default auto (flex)" in batch.stdout
+    listed = cli("keys", "list", "--database-url", url)
+    assert "SHARE" in listed.stdout and "default auto (flex)" in listed.stdout
+
+
+@pytest.fixture(scope="module")
+def kept_key_database() -> str:
+    """A database with one key, "kept", that no refused change may touch."""
+    url = new_database_url()
+    made = cli("keys", "create", "--name", "kept", "--database-url", url)
+    assert made.returncode == 0, made.stderr
+    return url
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--weight", "0"], "weight must be a number above 0 and at most 1000"),
+    (["--weight", "-1"], "weight must be"),
+    (["--weight", "1001"], "weight must be"),
+    (["--weight", "nan"], "weight must be"),
+    (["--weight", "x"], "invalid float value"),
+    (["--max-tier", "gold"], "invalid choice"),
+    (["--default-tier", "gold"], "invalid choice"),
+    (["--default-tier", "priority"], "default_tier 'priority' is above max_tier 'default'"),
+    (["--max-tier", "flex", "--default-tier", "default"], "above max_tier 'flex'"),
+])
+def test_a_bad_share_is_a_cli_error(kept_key_database: str, flags: list[str],
+                                    words: str) -> None:
+    url = kept_key_database
+    for command in (["keys", "create", "--name", "bad-share"], ["keys", "update", "kept"]):
+        refused = cli(*command, *flags, "--database-url", url)
+        assert refused.returncode == 2 and words in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+    listed = json.loads(cli("keys", "list", "--json", "--database-url", url).stdout)
+    assert [(k["name"], k["weight"], k["max_tier"], k["default_tier"]) for k in listed] == \
+        [("kept", 1.0, "default", None)]
+
+
+def test_a_team_counts_as_one_tenant_with_its_heaviest_active_keys_weight() -> None:
+    url = new_database_url()
+    upgrade(url)
+    engine = engine_for(url)
+    store = KeyStore(engine)
+    made: list[tuple[str, dict[str, Any]]] = [
+        ("light", {"team": "search", "weight": 2}),
+        ("heavy", {"team": "search", "weight": 5, "max_tier": "priority"}),
+        ("gone", {"team": "search", "weight": 9}),
+        ("alone", {"weight": 3, "max_tier": "flex"}),
+    ]
+    secrets = {name: store.create(name, **fields)[1] for name, fields in made}
+    store.revoke("gone")  # an inactive key does not weigh for its team
+    directory = KeyDirectory(store, (LEGACY_KEY,), 60.0, Budgets())
+    assert directory.reload()
+    light, heavy = (directory.authenticate(secrets[n]) for n in ("light", "heavy"))
+    assert (light.tenant, light.weight, light.max_tier, light.default_tier) == \
+        ("search", 5.0, "default", "default")
+    assert (heavy.tenant, heavy.weight, heavy.max_tier, heavy.default_tier) == \
+        ("search", 5.0, "priority", "default")
+    alone = directory.authenticate(secrets["alone"])
+    # Without a team, the key is its own tenant; a batch key's requests default to flex.
+    assert alone.tenant == alone.key_id and alone.tenant.startswith("key_")
+    assert (alone.weight, alone.max_tier, alone.default_tier) == (3.0, "flex", "flex")
+    flag = directory.authenticate(LEGACY_KEY)
+    assert flag.tenant == flag.owner and flag.tenant.startswith("flag_")
+    assert (flag.weight, flag.max_tier, flag.default_tier) == (1.0, "default", "default")
+    assert (ANONYMOUS.tenant, ANONYMOUS.weight, ANONYMOUS.max_tier,
+            ANONYMOUS.default_tier) == ("anonymous", 1.0, "default", "default")
+    # A team key changed elsewhere changes the team's weight at the next read, for every
+    # key of the team; a key made since the last read weighs from its first request.
+    store.update("light", weight=8)
+    assert directory.reload()
+    assert directory.authenticate(secrets["heavy"]).weight == 8.0
+    newer = store.create("newer", team="search", weight=11)[1]
+    assert directory.authenticate(newer).weight == 11.0
+    assert directory.authenticate(secrets["heavy"]).weight == 11.0
+    assert directory.principal(light.key_id, light.owner) == \
+        directory.authenticate(secrets["light"])
+    engine.dispose()
+
+
+def test_a_database_a_previous_release_left_at_0003_migrates() -> None:
+    """Its keys read as weight 1, max tier default, default tier unset; the new revision
+    says a release at 0003 can still run on it (it writes no share: the defaults apply)."""
+    url = new_database_url()
+    upgrade(url, to="0003")
+    engine = create_engine(url)
+    insert_old_key = text(
+        "INSERT INTO api_keys (id, name, team, secret_hash, hint, created_at, updated_at) "
+        "VALUES (:id, :name, 't', :hash, 'fc-...old1', '2024-01-01', '2024-01-01')")
+    with engine.begin() as connection:
+        connection.execute(insert_old_key, {"id": "key_old", "name": "old", "hash": "0" * 64})
+    assert revision(url) == "0003"
+    listed = cli("keys", "list", "--json", "--database-url", url)  # brings the file to 0004
+    assert listed.returncode == 0, listed.stderr
+    assert [(k["name"], k["weight"], k["max_tier"], k["default_tier"])
+            for k in json.loads(listed.stdout)] == [("old", 1.0, "default", None)]
+    assert revision(url) == "0004"
+    with engine.begin() as connection:
+        releases = dict(connection.execute(select(schema_releases.c.revision,
+                                                  schema_releases.c.oldest_release)).all())
+        # What a release at 0003 writes still goes in.
+        connection.execute(insert_old_key, {"id": "key_older", "name": "older",
+                                            "hash": "1" * 64})
+        stored = connection.execute(select(api_keys.c.weight, api_keys.c.max_tier,
+                                           api_keys.c.default_tier)
+                                    .where(api_keys.c.id == "key_older")).one()
+    engine.dispose()
+    assert releases["0004"] == "0003"
+    assert tuple(stored) == (1.0, "default", None)
 
 
 # ---- storage that is wrong or goes away ----------------------------------------------------

@@ -30,7 +30,8 @@ def gate_for(limits: KeyLimits, processes: int = 1, estimate: int = 256,
     budgets = Budgets()
     limiter = MemoryLimiter(processes, estimate, clock or Clock())
     gate = Gate(KeyDirectory(None, (), 1.0, budgets), limiter, budgets, None, None)
-    return gate, Principal("key_1", "tenant", None, None, limits, "key_1"), budgets
+    return gate, Principal("key_1", "tenant", None, None, limits, "key_1", "key_1", 1.0,
+                           "default", "default"), budgets
 
 
 # ---- the plan ------------------------------------------------------------------------

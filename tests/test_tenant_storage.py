@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, func, insert, select, text, update
 
 from app.access.database import HEAD, engine_for, upgrade
 from app.access.keys import now
-from app.access.tables import responses, schema_releases, usage, usage_daily
+from app.access.tables import api_keys, responses, schema_releases, usage, usage_daily
 from app.access.usage import UsageLedger, UsageRecord
 from tests.conftest import (Stack, new_database_url, start_fake_worker,
                             start_gateway, wait_for)
@@ -149,7 +149,7 @@ def test_stored_responses_wait_for_the_database_through_a_stop(stack: Stack,
 
 def test_a_release_starts_on_a_schema_one_additive_migration_ahead(
         stack: Stack, pg: Postgres) -> None:
-    """The next release's migration (here a stand-in, 0004, adding a column) says this
+    """The next release's migration (here a stand-in, 0005, adding a column) says this
     release can still run on it: hosts not yet upgraded keep serving, and writing."""
     database = pg.url.rsplit("/", 1)[0] + "/ahead"
     assert cli("db", "upgrade", "--database-url", pg.url).returncode == 0
@@ -160,11 +160,11 @@ def test_a_release_starts_on_a_schema_one_additive_migration_ahead(
     engine.dispose()
     assert cli("db", "upgrade", "--database-url", database).returncode == 0
     ahead = create_engine(database)
-    with ahead.begin() as connection:  # what a migration 0004 would do
+    with ahead.begin() as connection:  # what a migration 0005 would do
         connection.execute(text("ALTER TABLE usage ADD COLUMN region VARCHAR(20)"))
-        connection.execute(insert(schema_releases).values(revision="0004",
+        connection.execute(insert(schema_releases).values(revision="0005",
                                                           oldest_release=HEAD))
-        connection.execute(text("UPDATE alembic_version SET version_num = '0004'"))
+        connection.execute(text("UPDATE alembic_version SET version_num = '0005'"))
     checked = cli("db", "check", "--database-url", database)
     assert checked.returncode == 0, checked.stderr
     gateway = start_gateway(stack.controller.url, "--workers", "1",
@@ -183,7 +183,7 @@ def test_a_release_starts_on_a_schema_one_additive_migration_ahead(
     # A migration that is not additive says so: this release then refuses to start.
     with ahead.begin() as connection:
         connection.execute(update(schema_releases).where(schema_releases.c.revision ==
-                                                         "0004").values(oldest_release="0004"))
+                                                         "0005").values(oldest_release="0005"))
     ahead.dispose()
     refused = cli("db", "check", "--database-url", database)
     assert refused.returncode == 2 and "newer" in refused.stderr, refused.stderr
@@ -191,7 +191,8 @@ def test_a_release_starts_on_a_schema_one_additive_migration_ahead(
 
 def test_the_previous_release_writes_fit_the_new_schema(pg: Postgres) -> None:
     """What a release at 0002 writes (no errors, latency or key name per day; no size per
-    stored response) goes into this schema: the new columns have defaults."""
+    stored response), or at 0003 (no key's weight or tiers), goes into this schema: the
+    new columns have defaults."""
     engine = create_engine(pg.url)
     with engine.begin() as connection:
         connection.execute(text(
@@ -201,10 +202,18 @@ def test_the_previous_release_writes_fit_the_new_schema(pg: Postgres) -> None:
             "INSERT INTO responses (id, owner, model, created_at, expires_at, input_items, "
             "context, response) VALUES ('resp_old', '', 'm', now(), now(), '[]', '[]', "
             "'{}')"))
+        connection.execute(text(
+            "INSERT INTO api_keys (id, name, secret_hash, hint, created_at, updated_at) "
+            "VALUES ('key_old', 'made-by-0003', :hash, 'fc-...old1', now(), now())"),
+            {"hash": "0" * 64})
         row = connection.execute(select(usage_daily.c.errors, usage_daily.c.latency_ms)
                                  .where(usage_daily.c.key_id == "key_old")).one()
+        share = connection.execute(select(api_keys.c.weight, api_keys.c.max_tier,
+                                          api_keys.c.default_tier)
+                                   .where(api_keys.c.id == "key_old")).one()
     engine.dispose()
     assert tuple(row) == (0, 0.0)
+    assert tuple(share) == (1.0, "default", None)
 
 
 # ---- retention -----------------------------------------------------------------------------

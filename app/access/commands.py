@@ -46,6 +46,7 @@ def create_key(url: str, name: str, expires_in: timedelta | None, as_json: bool,
           "(only a hash of it is kept):\n")
     print(f"    {secret}\n")
     print(f"Limits: {_limits(key)}")
+    print(f"Share:  {_share(key)}")
     print("Use it:  export OPENAI_API_KEY=<the secret>  (and OPENAI_BASE_URL=http://HOST:PORT"
           "/v1)")
     return 0
@@ -57,8 +58,9 @@ def list_keys(url: str, as_json: bool) -> int:
         print(json.dumps([key.as_json() for key in keys], indent=2))
         return 0
     rows = [[key.id, key.name, key.team or "-", key.status(), _models(key), _limits(key),
-             _date(key.expires_at), key.hint] for key in keys]
-    _table(["ID", "NAME", "TEAM", "STATUS", "MODELS", "LIMITS", "EXPIRES", "SECRET"], rows)
+             _share(key), _date(key.expires_at), key.hint] for key in keys]
+    _table(["ID", "NAME", "TEAM", "STATUS", "MODELS", "LIMITS", "SHARE", "EXPIRES",
+            "SECRET"], rows)
     return 0
 
 
@@ -72,7 +74,8 @@ def update_key(url: str, ref: str, expires_in: timedelta | None, as_json: bool,
                **changes: Any) -> int:
     if not changes and expires_in is None:
         raise ValueError("nothing to change: give --team, --models, --rpm, --tpm, "
-                         "--max-parallel, --budget/--budget-period or --expires")
+                         "--max-parallel, --budget/--budget-period, --weight, --max-tier, "
+                         "--default-tier or --expires")
     key = KeyStore(prepared_engine(url)).update(ref, expires_in, **changes)
     _print_key(key, as_json)
     return 0
@@ -94,7 +97,8 @@ def _print_key(key: ApiKey, as_json: bool) -> None:
         return
     for label, value in (("id", key.id), ("name", key.name), ("team", key.team or "-"),
                          ("status", key.status()), ("models", _models(key)),
-                         ("limits", _limits(key)), ("expires", _date(key.expires_at)),
+                         ("limits", _limits(key)), ("share", _share(key)),
+                         ("expires", _date(key.expires_at)),
                          ("created", _date(key.created_at)), ("secret", key.hint)):
         print(f"{label + ':':9} {value}")
 
@@ -108,6 +112,13 @@ def _limits(key: ApiKey) -> str:
              f"{key.max_parallel} parallel" if key.max_parallel else "",
              f"{key.budget_tokens} tokens/{key.budget_period}" if key.budget_tokens else ""]
     return ", ".join(part for part in parts if part) or "none"
+
+
+def _share(key: ApiKey) -> str:
+    """``weight 2, tiers up to priority, default flex`` (an unset one: ``auto (flex)``)."""
+    tier = key.effective_default_tier()
+    default = tier if key.default_tier is not None else f"auto ({tier})"
+    return f"weight {key.weight:g}, tiers up to {key.max_tier}, default {default}"
 
 
 def _date(value: Any) -> str:

@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-REVISIONS = ("0001", "0002", "0003")  # this release's migrations, in order
+REVISIONS = ("0001", "0002", "0003", "0004")  # this release's migrations, in order
 HEAD = REVISIONS[-1]
 MIGRATION_LOCK = 0x666C61736B  # any constant: the advisory lock's id
 log = logging.getLogger("flaskchat.database")
@@ -76,8 +76,9 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def upgrade(url: str) -> None:
-    """Brings the schema to the newest revision (``flaskchat db upgrade``). Two processes
+def upgrade(url: str, to: str = "head") -> None:
+    """Brings the schema to the newest revision (``flaskchat db upgrade``; ``to`` an older
+    one: the schema a previous release left, for tests of its migration). Two processes
     that upgrade at once (two first starts) take turns: a lock file beside an SQLite file,
     an advisory lock in PostgreSQL."""
     from alembic import command
@@ -89,7 +90,7 @@ def upgrade(url: str) -> None:
             if connection.dialect.name == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:id)"),
                                    {"id": MIGRATION_LOCK})
-            command.upgrade(_alembic_config(connection), "head")
+            command.upgrade(_alembic_config(connection), to)
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot upgrade {_shown(url)}: {reason(exc)}") from None
     except OSError as exc:

@@ -14,6 +14,10 @@ itself). With none of those and no key in the database, auth is off (as ``flaskc
 starts): all traffic is one anonymous owner, and a warning says so at start and every few
 minutes; the first key made turns auth on. With ``require_auth`` it never is off: without
 a key every model request is refused.
+
+A principal also says whom its request counts against when the model servers are shared
+out (its tenant: the key's team, else the key) and with what weight (a team's is the
+highest of its active keys', worked out whenever the keys are read, not per request).
 """
 from __future__ import annotations
 
@@ -24,12 +28,13 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Callable
+from typing import Callable, Iterable
 
 from app.access.budgets import Budgets, read_spent
 from app.access.keys import ApiKey, KeyStore, now, secret_hash
 from app.access.limits import KeyLimits
 from app.errors import AuthenticationFailed, UpstreamUnavailable
+from app.scheduling.tiers import default_tier_for
 
 log = logging.getLogger("flaskchat.keys")
 UNKNOWN_TTL = 2.0  # a secret found nowhere is not looked up again for this long
@@ -39,6 +44,7 @@ FULL_RELOAD = 60.0  # seconds between reads of every key
 # the timestamps come from the clocks of the hosts that wrote them, which may disagree.
 CLOCK_MARGIN = timedelta(seconds=30)
 AUTH_OFF_WARNING_EVERY = 300.0  # seconds between warnings while auth is off
+UNKEYED_TIER = "default"  # the highest and default tier of --api-keys keys and auth off
 
 
 @dataclass(frozen=True)
@@ -53,16 +59,25 @@ class Principal:
     # Who owns what the request stores (stored responses): the key's id; for a
     # --api-keys key an id derived from it; "" for the one anonymous owner (auth off).
     owner: str
+    # Whom the request counts against when the model servers are shared out: the key's
+    # team, else the key's id; a --api-keys key's owner id; "anonymous" with auth off.
+    tenant: str
+    weight: float  # the tenant's fair-share weight (a team's: the most of its active keys')
+    max_tier: str  # the highest service tier the key may use (app.scheduling.tiers)
+    default_tier: str  # the tier of a request that names none (never unset)
 
     @classmethod
-    def of(cls, key: ApiKey) -> "Principal":
+    def of(cls, key: ApiKey, weight: float) -> "Principal":
+        """``weight``: the tenant's, which for a team the directory works out."""
         return cls(key.id, key.name, key.team,
                    frozenset(key.models) if key.models is not None else None,
                    KeyLimits(key.rpm, key.tpm, key.max_parallel, key.budget_tokens,
-                             key.budget_period), key.id)
+                             key.budget_period), key.id, key.team or key.id, weight,
+                   key.max_tier, key.effective_default_tier())
 
 
-ANONYMOUS = Principal(None, None, None, None, KeyLimits(), "")  # auth is off
+ANONYMOUS = Principal(None, None, None, None, KeyLimits(), "", "anonymous", 1.0,
+                      UNKEYED_TIER, default_tier_for(UNKEYED_TIER))  # auth is off
 
 
 OWNER_ROUNDS = 50_000  # PBKDF2 rounds: an owner id stored in the database is slow to guess
@@ -74,7 +89,8 @@ def flag_key_principal(secret: str) -> Principal:
     someone who reads the database cannot cheaply try guesses of an operator's key."""
     owner = "flag_" + hashlib.pbkdf2_hmac("sha256", secret.encode(), b"flaskchat-owner",
                                           OWNER_ROUNDS).hex()[:32]
-    return Principal(None, "api-keys", None, None, KeyLimits(), owner)
+    return Principal(None, "api-keys", None, None, KeyLimits(), owner, owner, 1.0,
+                     UNKEYED_TIER, default_tier_for(UNKEYED_TIER))
 
 
 class KeyDirectory:
@@ -94,6 +110,7 @@ class KeyDirectory:
         self._keys: dict[str, ApiKey] = {}  # by secret hash
         self._by_id: dict[str, ApiKey] = {}
         self._principals: dict[str, Principal] = {}  # by secret hash, made once per key
+        self._team_weights: dict[str, float] = {}  # the most of each team's active keys'
         self._unknown: dict[str, float] = {}  # hash -> when it was found nowhere
         self._failing = False
         self._read_at: datetime | None = None  # when the last successful read began
@@ -149,7 +166,7 @@ class KeyDirectory:
             raise AuthenticationFailed(f"This API key has been {status}; ask for a new one.")
         principal = self._principals.get(hashed)
         if principal is None or principal.key_id != key.id:
-            principal = self._principals[hashed] = Principal.of(key)
+            principal = self._principals[hashed] = Principal.of(key, self.weight_of(key))
         return principal
 
     def principal(self, key_id: str | None, owner: str) -> Principal | None:
@@ -160,7 +177,15 @@ class KeyDirectory:
                 return None if self.auth_on else ANONYMOUS
             return next((p for p in self._static_principals if p.owner == owner), None)
         key = self._by_id.get(key_id)
-        return Principal.of(key) if key is not None and key.status() == "active" else None
+        if key is None or key.status() != "active":
+            return None
+        return Principal.of(key, self.weight_of(key))
+
+    def weight_of(self, key: ApiKey) -> float:
+        """The fair-share weight of the key's tenant: its team's, else its own."""
+        if key.team is None:
+            return key.weight
+        return self._team_weights.get(key.team, key.weight)
 
     def reload(self) -> bool:
         """Reads the keys changed lately (every key, once a minute) and the budgets."""
@@ -192,10 +217,12 @@ class KeyDirectory:
             self._failing = False
         if full:
             self._full_at = self._clock()
-        if keys != self._keys:
-            self._principals = {}
+        team_weights = _team_weights(keys.values())
+        if keys != self._keys or team_weights != self._team_weights:
+            self._principals = {}  # a key or its team's weight changed (or expired)
         self._keys = keys
         self._by_id = {key.id: key for key in keys.values()}
+        self._team_weights = team_weights
         self._read_at = read_at
         self._budgets.reload(spent, mark)
         return True
@@ -243,4 +270,21 @@ class KeyDirectory:
             return None
         self._keys[hashed] = key
         self._by_id[key.id] = key
+        if key.team is not None and key.status() == "active" \
+                and key.weight > self._team_weights.get(key.team, 0.0):
+            # A heavier key new to its team raises the team's weight now, for the team's
+            # other keys too, not at the next refresh.
+            self._team_weights[key.team] = key.weight
+            self._principals = {}
         return key
+
+
+def _team_weights(keys: Iterable[ApiKey]) -> dict[str, float]:
+    """Each team's weight: the most of its active keys' (a team whose keys are all revoked
+    or expired has none; it makes no requests)."""
+    at = now()
+    weights: dict[str, float] = {}
+    for key in keys:
+        if key.team is not None and key.status(at) == "active":
+            weights[key.team] = max(weights.get(key.team, 0.0), key.weight)
+    return weights

@@ -4,6 +4,11 @@ API's one implementation).
 A key's secret is ``fc-`` and 43 characters of ``secrets.token_urlsafe(32)`` (256 random
 bits). It is shown once, when it is made; the database keeps its SHA-256 (a slow hash adds
 nothing to a secret that random) and a hint of its last four characters.
+
+Besides its limits, a key has a share of the model servers when they are busy: a fair-share
+``weight`` (its team's is the highest of the team's active keys) and service tiers, the
+highest it may use (``max_tier``) and the one a request that names none gets
+(``default_tier``; unset: ``app.scheduling.tiers.default_tier_for(max_tier)``).
 """
 from __future__ import annotations
 
@@ -19,9 +24,16 @@ from sqlalchemy.exc import IntegrityError
 
 from app.access.tables import api_keys
 from app.errors import Conflict, InvalidRequest, ObjectNotFound
+from app.scheduling.tiers import RANK, TIERS, default_tier_for
 
 SECRET_PREFIX = "fc-"
 PERIODS = ("day", "month")
+# Weights are ratios: 1000 to 1 is more than any two teams need, and a bound keeps a typo
+# (an extra zero or three) from starving everyone else.
+MAX_WEIGHT = 1000.0
+# A default tier given as this (the CLI's and the API's word, as OpenAI's service_tier)
+# is unset: the key's max tier decides it.
+AUTO_TIER = "auto"
 
 
 class KeyStoreError(InvalidRequest):
@@ -62,6 +74,9 @@ class ApiKey:
     max_parallel: int | None
     budget_tokens: int | None
     budget_period: str | None
+    weight: float
+    max_tier: str
+    default_tier: str | None  # None: see effective_default_tier()
     expires_at: datetime | None
     revoked_at: datetime | None
     created_at: datetime
@@ -73,6 +88,10 @@ class ApiKey:
         if self.expires_at is not None and self.expires_at <= (at or now()):
             return "expired"
         return "active"
+
+    def effective_default_tier(self) -> str:
+        """The tier a request that asks for none gets."""
+        return self.default_tier or default_tier_for(self.max_tier)
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -91,7 +110,7 @@ class ApiKey:
 
 
 _CHANGEABLE = ("team", "models", "rpm", "tpm", "max_parallel", "budget_tokens",
-               "budget_period", "expires_at")
+               "budget_period", "weight", "max_tier", "default_tier", "expires_at")
 
 
 class KeyStore:
@@ -103,6 +122,9 @@ class KeyStore:
         """The new key and its secret (shown once). A name already taken, even at the same
         moment by another host, is a KeyConflict."""
         _check_budget(limits.get("budget_tokens"), limits.get("budget_period"))
+        limits = {"weight": 1.0, "max_tier": "default", "default_tier": None, **limits}
+        limits.update(_checked_share(limits["weight"], limits["max_tier"],
+                                     limits["default_tier"]))
         secret = new_secret()
         made = now()
         key_id = "key_" + secrets.token_hex(8)
@@ -143,6 +165,13 @@ class KeyStore:
             values["expires_at"] = now() + expires_in
         _check_budget(values.get("budget_tokens", key.budget_tokens),
                       values.get("budget_period", key.budget_period))
+        if {"weight", "max_tier", "default_tier"} & set(values):
+            # Checked with what is kept: a max tier lowered below the stored default tier
+            # is refused, not a key whose default it may not use.
+            share = _checked_share(values.get("weight", key.weight),
+                                   values.get("max_tier", key.max_tier),
+                                   values.get("default_tier", key.default_tier))
+            values.update({name: share[name] for name in share if name in values})
         return self._set(key.id, values)
 
     def revoke(self, ref: str) -> ApiKey:
@@ -196,6 +225,29 @@ def _check_budget(tokens: int | None, period: str | None) -> None:
         raise KeyStoreError("a budget needs both --budget TOKENS and --budget-period day|month")
     if period is not None and period not in PERIODS:
         raise KeyStoreError(f"budget period must be day or month, not {period!r}")
+
+
+def _checked_share(weight: Any, max_tier: Any, default_tier: Any) -> dict[str, Any]:
+    """The weight and tiers as stored (``auto`` is an unset default tier), or a
+    KeyStoreError naming the field that is wrong."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+            or not 0 < weight <= MAX_WEIGHT:  # NaN fails this too
+        raise KeyStoreError(f"weight must be a number above 0 and at most "
+                            f"{MAX_WEIGHT:g}, not {weight!r}", "weight")
+    choices = ", ".join(TIERS)
+    if max_tier not in RANK:
+        raise KeyStoreError(f"max_tier must be one of {choices}, not {max_tier!r}",
+                            "max_tier")
+    if default_tier == AUTO_TIER:
+        default_tier = None
+    if default_tier is not None and default_tier not in RANK:
+        raise KeyStoreError(f"default_tier must be one of {choices} or {AUTO_TIER}, not "
+                            f"{default_tier!r}", "default_tier")
+    if default_tier is not None and RANK[default_tier] < RANK[max_tier]:
+        raise KeyStoreError(f"default_tier {default_tier!r} is above max_tier {max_tier!r}: "
+                            f"a key's default tier must be one it may use (set both, or "
+                            f"the default tier to {AUTO_TIER})", "default_tier")
+    return {"weight": float(weight), "max_tier": max_tier, "default_tier": default_tier}
 
 
 def _iso(value: datetime) -> str:

@@ -23,6 +23,12 @@ api_keys = Table(
     Column("max_parallel", Integer),
     Column("budget_tokens", BigInteger),
     Column("budget_period", String(8)),  # "day" or "month"
+    # Since revision 0004 (keys made before it, or by a release before it, read as weight
+    # 1, highest tier "default", default tier unset): the key's fair-share weight and
+    # service tiers (app.scheduling.tiers).
+    Column("weight", Float, nullable=False, server_default="1"),
+    Column("max_tier", String(16), nullable=False, server_default="default"),
+    Column("default_tier", String(16)),  # NULL: app.scheduling.tiers.default_tier_for
     Column("expires_at", DateTime()),  # naive UTC throughout
     Column("revoked_at", DateTime()),
     Column("created_at", DateTime(), nullable=False),

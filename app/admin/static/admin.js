@@ -1,5 +1,6 @@
-// The flaskchat admin page: keys (with their limits and status), create and revoke, and a
-// chart of tokens per day per team for the last 30 days. Everything comes from the admin
+// The flaskchat admin page: keys (with their limits, share and status), create, change the
+// share of (weight and service tiers) and revoke, and a chart of tokens per day per team
+// for the last 30 days. Everything comes from the admin
 // API under admin/v1 with the admin key in the Authorization header. The key lives in this
 // tab's sessionStorage only and never goes into a URL. All URLs are relative, so the page
 // also works under a path prefix behind a proxy.
@@ -66,16 +67,25 @@ function renderKeys(keys) {
     cell(row, key.tpm);
     cell(row, key.max_parallel);
     cell(row, key.budget_tokens ? key.budget_tokens + " / " + key.budget_period : null);
+    cell(row, key.weight, "weight");
+    cell(row, key.max_tier, "max-tier");
+    // Unset: the server picks (flex for a key whose max tier is flex, else default).
+    cell(row, key.default_tier || "auto", "default-tier");
     cell(row, key.expires_at ? key.expires_at.slice(0, 16).replace("T", " ") : "never");
     cell(row, key.status, "status status-" + key.status);
     const actions = cell(row, "");
     if (key.status === "active") {
+      const edit = document.createElement("button");
+      edit.type = "button";
+      edit.className = "edit";
+      edit.textContent = "Edit";
+      edit.addEventListener("click", () => startEdit(key));
       const revoke = document.createElement("button");
       revoke.type = "button";
       revoke.className = "danger revoke";
       revoke.textContent = "Revoke";
       revoke.addEventListener("click", () => revokeKey(key));
-      actions.replaceChildren(revoke);
+      actions.replaceChildren(edit, revoke);
     }
     body.append(row);
   }
@@ -190,6 +200,10 @@ async function createKey(event) {
     if (value !== null) body[field] = value;
   }
   if (body.budget_tokens) body.budget_period = $("new-period").value;
+  const weight = numberOrNull("new-weight");
+  if (weight !== null) body.weight = weight;
+  body.max_tier = $("new-max-tier").value;
+  if ($("new-default-tier").value) body.default_tier = $("new-default-tier").value;
   const expires = $("new-expires").value.trim();
   if (expires) body.expires_in = expires;
   try {
@@ -201,6 +215,44 @@ async function createKey(event) {
     setStatus(`Key "${made.name}" created.`);
   } catch (err) {
     setStatus("The key was not created: " + err.message, true);
+  }
+}
+
+// The weight and tiers of one key, changed in the form above the table (the server checks
+// them: a default tier above the max tier is refused with its reason).
+let editing = null;
+
+function startEdit(key) {
+  editing = key;
+  $("edit-name").textContent = key.name;
+  $("edit-weight").value = key.weight;
+  $("edit-max-tier").value = key.max_tier;
+  $("edit-default-tier").value = key.default_tier || "";
+  $("edit-panel").hidden = false;
+  $("edit-weight").focus();
+}
+
+function stopEdit() {
+  editing = null;
+  $("edit-panel").hidden = true;
+}
+
+async function saveEdit(event) {
+  event.preventDefault();
+  if (!editing) return;
+  const key = editing;
+  const body = {
+    weight: numberOrNull("edit-weight"),
+    max_tier: $("edit-max-tier").value,
+    default_tier: $("edit-default-tier").value || null,
+  };
+  try {
+    await api("PATCH", "keys/" + encodeURIComponent(key.id), body);
+    stopEdit();
+    await load();
+    setStatus(`Key "${key.name}" changed.`);
+  } catch (err) {
+    setStatus("The key was not changed: " + err.message, true);
   }
 }
 
@@ -231,6 +283,8 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("refresh").addEventListener("click", load);
   $("create").addEventListener("submit", createKey);
+  $("edit").addEventListener("submit", saveEdit);
+  $("cancel-edit").addEventListener("click", stopEdit);
   $("copy-secret").addEventListener("click", () => {
     if (navigator.clipboard) navigator.clipboard.writeText($("secret").textContent);
   });
