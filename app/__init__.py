@@ -23,7 +23,7 @@ def create_app(settings: "Settings | None" = None,
     from app.routes import (admin_api, chat, completions, embeddings, health, metrics, models,
                             openapi, responses)
     from app.telemetry.logs import configure_logging
-    from app.telemetry.metrics import AccessMetrics, UpstreamFailures
+    from app.telemetry.metrics import AccessMetrics, QueueMetrics, UpstreamFailures
     from app.upstream.clients import Upstream
     from app.web import access, admission, calls, cors, handlers, lifecycle, request_end, sse
     from app.web.context import SCHEMAS, UPSTREAM
@@ -34,7 +34,8 @@ def create_app(settings: "Settings | None" = None,
     failures = UpstreamFailures()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.extensions[UPSTREAM] = Upstream(settings, failures, upstream_targets)
+    queues = QueueMetrics(settings.metrics_key_labels) if settings.metrics else None
+    app.extensions[UPSTREAM] = Upstream(settings, failures, upstream_targets, queues)
     app.extensions[SCHEMAS] = RequestSchemas(
         max_n=settings.max_n, max_inputs=settings.max_inputs,
         max_messages=settings.max_messages, max_tokens_limit=settings.max_tokens_limit)

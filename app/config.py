@@ -28,6 +28,21 @@ def parse_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def parse_capacities(specs: Sequence[str]) -> dict[str, int]:
+    """``MODEL=N`` items: each model's capacity per worker."""
+    found: dict[str, int] = {}
+    for spec in specs:
+        model, sep, number = spec.rpartition("=")
+        try:
+            capacity = int(number)
+        except ValueError:
+            capacity = 0
+        if not sep or not model.strip() or capacity < 1:
+            raise ValueError(f"expected MODEL=N with N at least 1, got {spec!r}")
+        found[model.strip()] = capacity
+    return found
+
+
 def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -198,6 +213,22 @@ class Settings:
                            "requests that may wait for a place; beyond it: 429")
     queue_timeout: float = _opt(10.0, "--queue-timeout", parse_duration,
                                 "longest wait, in seconds, for a place; then 429")
+    model_capacity: tuple[str, ...] = _opt(
+        (), "--model-capacity", parse_list,
+        "MODEL=N: generations one worker of MODEL runs at once, for workers that do not "
+        "say (flaskchat's worker reports its --limit-worker-concurrency); past it requests "
+        "wait in the gateway, shared fairly among teams; repeat the flag for more (the "
+        "variable takes a comma list)", repeatable=True)
+    flex_queue_timeout: float = _opt(
+        600.0, "--flex-queue-timeout", parse_duration,
+        "longest wait for a model server at the flex service tier; then 429 (the default "
+        "and priority tiers wait --queue-timeout)")
+    max_waiting: int = _opt(1000, "--max-waiting", int,
+                            "requests that may wait for one model server; beyond it: 429")
+    max_waiting_per_team: int = _opt(
+        100, "--max-waiting-per-team", int,
+        "requests one team (or key without a team) may have waiting for one model server; "
+        "beyond it: 429")
     max_worker_in_flight: int = _opt(
         0, "--max-worker-in-flight", int,
         "requests this process sends one worker at once (0: no limit); a worker at the "
@@ -310,6 +341,15 @@ class Settings:
         object.__setattr__(self, "controller_address", self.controller_address.rstrip("/"))
         if self.first_token_timeout <= 0:
             object.__setattr__(self, "first_token_timeout", self.read_timeout)
+        try:
+            parse_capacities(self.model_capacity)
+        except ValueError as exc:
+            raise SystemExit(f"invalid --model-capacity: {exc}") from None
+
+    @property
+    def model_capacities(self) -> dict[str, int]:
+        """--model-capacity: each model's capacity per worker."""
+        return parse_capacities(self.model_capacity)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":

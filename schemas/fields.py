@@ -170,3 +170,12 @@ def top_k_rule(value: Any) -> None:
 
 def _show(value: float) -> str:
     return str(int(value)) if isinstance(value, int) else str(float(value))
+
+
+SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")  # as OpenAI accepts them
+
+
+def service_tier(value: Any) -> None:
+    if value is not None and value not in SERVICE_TIERS:
+        raise ValidationError(f"{value!r} is not one of {', '.join(SERVICE_TIERS)} - "
+                              "'service_tier'")

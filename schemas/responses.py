@@ -6,7 +6,8 @@ from typing import Any, Mapping, TypedDict
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
 
-from schemas.fields import Bool, Int, Number, Str, at_least, at_most_chars, between
+from schemas.fields import (Bool, Int, Number, Str, at_least, at_most_chars, between,
+                            service_tier)
 
 
 class ResponsesRequest(TypedDict):
@@ -24,6 +25,7 @@ class ResponsesRequest(TypedDict):
     metadata: dict[str, str] | None
     user: str | None
     safety_identifier: str | None
+    service_tier: str | None
     prompt_cache_key: str | None
     store: bool | None
     previous_response_id: str | None
@@ -100,6 +102,7 @@ class ResponsesSchema(Schema):
     user = Str(allow_none=True, load_default=None, validate=at_most_chars(256, "user"))
     safety_identifier = Str(allow_none=True, load_default=None,
                             validate=at_most_chars(64, "safety_identifier"))
+    service_tier = Str(allow_none=True, load_default=None, validate=service_tier)
     prompt_cache_key = Str(allow_none=True, load_default=None,
                            validate=at_most_chars(64, "prompt_cache_key"))
     store = Bool(allow_none=True, load_default=None)  # None: stored, as OpenAI's default

@@ -6,7 +6,8 @@ from typing import Any, TypedDict
 from marshmallow import (EXCLUDE, Schema, ValidationError, fields, post_load,
                          validates_schema)
 
-from schemas.fields import Bool, Int, Number, Stop, Str, at_least, between, top_k_rule
+from schemas.fields import (Bool, Int, Number, Stop, Str, at_least, between, service_tier,
+                            top_k_rule)
 
 
 class SamplingRequest(TypedDict):
@@ -23,6 +24,7 @@ class SamplingRequest(TypedDict):
     frequency_penalty: float
     repetition_penalty: float | None  # FastChat's /api/v1 extension
     seed: int | None
+    service_tier: str | None  # as asked; the tier served is the Call's
 
 
 class StreamOptionsSchema(Schema):
@@ -81,6 +83,7 @@ class SamplingSchema(Schema):
                                validate=between(-2, 2, "frequency_penalty"))
     seed = Int(allow_none=True, load_default=None)
     user = Str(allow_none=True, load_default=None)
+    service_tier = Str(allow_none=True, load_default=None, validate=service_tier)
 
     def __init__(self, *, max_n: int = 128, max_tokens_limit: int = 1_048_576,
                  **kwargs: Any) -> None:

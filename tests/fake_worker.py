@@ -16,6 +16,12 @@ user text holds a directive:
   [[slow:SECONDS]]  wait that long before each token
   [[multibyte]]     "héllo wörld" with each character's bytes split across frames
 Test-only routes: GET /fake/log (recorded requests), POST /fake/reset, GET /fake/stats.
+
+``--limit-worker-concurrency N`` runs at most N generations at once, the rest waiting in
+arrival order as FastChat's worker makes them (its semaphore, before the answer's
+headers); ``--report-capacity`` says N in /worker_get_status as flaskchat's worker does
+(``limit_worker_concurrency``), which a stock FastChat worker does not. /fake/stats then
+counts the most generations seen running at once (``peak``).
 """
 from __future__ import annotations
 
@@ -53,6 +59,16 @@ class FakeWorker:
         self.ports: set[str] = set()  # client ports seen: one per TCP connection
         self.active = 0
         self.cancelled = 0
+        self.peak = 0  # the most generations running at once
+        self.peak_arrived = 0  # the most generation requests in the worker at once
+        self._running = 0
+        self._arrived = 0
+        self._busy_since: list[float] = []
+        self._busy_done = 0.0
+        self.generations = 0  # generations started
+        # gevent's semaphore (monkey-patched) wakes its waiters in arrival order
+        self.slots = threading.Semaphore(args.limit_worker_concurrency) \
+            if args.limit_worker_concurrency else None
         self.lock = threading.Lock()
         self.routes: dict[str, Callable[[Request], Response]] = {
             "/worker_generate_stream": self.generate_stream,
@@ -180,9 +196,10 @@ class FakeWorker:
                         self.cancelled += 1
 
         def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+            self._take_slot()
             write = start_response("200 OK", [("Content-Type", "application/octet-stream")])
             write(b"")  # headers now, as FastChat's worker (Starlette) sends them
-            return body()
+            return self._holding_slot(body())
         return app  # type: ignore[return-value]
 
     def generate(self, request: Request) -> Response:
@@ -196,10 +213,47 @@ class FakeWorker:
             return Response(b"{not json", mimetype="application/json")
         if self.capabilities:  # like flaskchat's worker: headers at once, then whitespace
             def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+                self._take_slot()
                 start_response("200 OK", [("Content-Type", "application/json")])
-                return self._spaced(params)
+                return self._holding_slot(self._spaced(params))
             return app  # type: ignore[return-value]
-        return _json(self._last_frame(params))
+        self._take_slot()
+        try:
+            return _json(self._last_frame(params))
+        finally:
+            self._give_slot()
+
+    def _take_slot(self) -> None:
+        with self.lock:
+            self._arrived += 1
+            self.peak_arrived = max(self.peak_arrived, self._arrived)
+        if self.slots is not None:
+            self.slots.acquire()
+        with self.lock:
+            self.generations += 1
+            self._running += 1
+            self.peak = max(self.peak, self._running)
+            self._busy_since.append(time.monotonic())
+
+    def _give_slot(self) -> None:
+        with self.lock:
+            self._running -= 1
+            self._arrived -= 1
+            self._busy_done += time.monotonic() - self._busy_since.pop(0)
+        if self.slots is not None:
+            self.slots.release()
+
+    def busy_seconds(self) -> float:
+        """Generation-seconds so far (two generations for a second: two), running ones
+        included."""
+        now = time.monotonic()
+        return self._busy_done + sum(now - began for began in self._busy_since)
+
+    def _holding_slot(self, body: Iterator[bytes]) -> Iterator[bytes]:
+        try:
+            yield from body
+        finally:
+            self._give_slot()
 
     def _last_frame(self, params: dict[str, Any]) -> dict[str, Any]:
         last: dict[str, Any] = {}
@@ -264,7 +318,11 @@ class FakeWorker:
         return _json(self.status_dict())
 
     def status_dict(self) -> dict[str, Any]:
-        return {"model_names": self.models, "speed": 1, "queue_length": self.active}
+        status: dict[str, Any] = {"model_names": self.models, "speed": 1,
+                                  "queue_length": self.active}
+        if self.args.report_capacity:
+            status["limit_worker_concurrency"] = self.args.limit_worker_concurrency
+        return status
 
     def fake_log(self, request: Request) -> Response:
         return _json(self.log)
@@ -274,12 +332,18 @@ class FakeWorker:
             self.log.clear()
             self.ports.clear()
             self.cancelled = 0
+            self.peak = self._running
+            self.peak_arrived = self._arrived
+            self.generations = 0
         return _json({"ok": True})
 
     def fake_stats(self, request: Request) -> Response:
         with self.lock:
             return _json({"connections": len(self.ports), "active": self.active,
-                          "cancelled": self.cancelled, "requests": len(self.log)})
+                          "cancelled": self.cancelled, "requests": len(self.log),
+                          "running": self._running, "peak": self.peak,
+                          "peak_arrived": self.peak_arrived,
+                          "generations": self.generations, "busy": self.busy_seconds()})
 
 
 class _Stop(Exception):
@@ -339,6 +403,8 @@ def main() -> None:
     parser.add_argument("--heartbeat", type=float, default=2.0)
     parser.add_argument("--ignore-stop", action="store_true")
     parser.add_argument("--multimodal", action="store_true")
+    parser.add_argument("--limit-worker-concurrency", type=int, default=0)
+    parser.add_argument("--report-capacity", action="store_true")
     args = parser.parse_args()
     worker = FakeWorker(args)
     # gevent's pywsgi keeps connections alive, as uvicorn does for FastChat's workers

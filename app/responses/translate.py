@@ -63,7 +63,7 @@ def chat_request(body: ResponsesRequest, history: list[dict[str, Any]], max_mess
                              f"{max_messages}.", "input")
     if body["max_output_tokens"] is not None:
         chat["max_tokens"] = body["max_output_tokens"]
-    for name in ("temperature", "top_p", "user", "parallel_tool_calls"):
+    for name in ("temperature", "top_p", "user", "parallel_tool_calls", "service_tier"):
         if body[name] is not None:
             chat[name] = body[name]
     if body["tools"]:
@@ -262,7 +262,7 @@ def chat_body(chat: dict[str, Any]) -> ChatRequest:
             "seed": None, "tools": chat.get("tools"), "functions": None,
             "tool_choice": chat.get("tool_choice"),
             "response_format": chat.get("response_format"), "logprobs": False,
-            "top_logprobs": None, "best_of": None}
+            "top_logprobs": None, "best_of": None, "service_tier": chat.get("service_tier")}
 
 
 def _chat_message(message: dict[str, Any]) -> ChatMessage:

@@ -100,6 +100,7 @@ def _answer(body: ResponsesRequest, payload: dict[str, Any], response_id: str,
             events, on_close = relay.open_stream(relay.CHAT, payload, model, upstream(),
                                                  call(), body["max_output_tokens"])
             translated = ResponseEvents(body, response_id, done)
+            translated.response["service_tier"] = call().service_tier
             return _stream(translate_stream(events, translated), on_close, translated)
         completion = relay.complete(relay.CHAT, payload, model, upstream(), call(),
                                     body["max_output_tokens"])
@@ -109,9 +110,11 @@ def _answer(body: ResponsesRequest, payload: dict[str, Any], response_id: str,
             translated = ResponseEvents(body, response_id, done)
             events, on_close = chat.open_stream(chat_body, upstream(), call(),
                                                 EventChunks(translated))
+            translated.response["service_tier"] = call().service_tier
             return _stream(events, on_close, translated)
         completion = chat.complete(chat_body, upstream(), call())
     response = output.from_chat(body, response_id, completion)
+    response["service_tier"] = call().service_tier
     done(response)
     return json_response(response)
 

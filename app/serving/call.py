@@ -84,6 +84,24 @@ class Call:
     admitted: Any = None  # what admission granted (an app.access.gate.Pass)
     prompt_bytes: int | None = None  # the prompt's size, where not the body's
     extra_prompt_bytes: int = 0  # replayed from earlier turns (previous_response_id)
+    requested_tier: str | None = None  # the service_tier the client asked for
+    # Who the request waits as for a busy model's slots, and the tier it is served at
+    # (set by admission, from the key and requested_tier).
+    place: Any = None  # an app.scheduling.slots.Place
+    held: Any = None  # the app.scheduling.slots.Held slot it holds on a server, if any
+    queued: bool = False  # it went through a server's line (whose capacity is known)
+    queue_seconds: float = 0.0  # time spent waiting for a slot
+
+    @property
+    def service_tier(self) -> str:
+        """The tier the request is served at, as responses say it."""
+        return self.place.tier if self.place is not None else "default"
+
+    def release_slot(self, used: float | None) -> None:
+        """Gives back the request's slot on its server (``used``: tokens, where known)."""
+        held, self.held = self.held, None
+        if held is not None:
+            held.release(used)
 
     def use_model(self, model: str) -> None:
         """The request is for ``model``; a model its key may not use is, as OpenAI answers,
@@ -94,12 +112,15 @@ class Call:
                                 "access to it.", "model")
 
     def admit(self, model: str, max_tokens: int | None = None, choices: int = 1,
-              context: int | None = None) -> int | None:
+              context: int | None = None, tier: str | None = None) -> int | None:
         """The request is for ``model`` and asks for up to ``max_tokens`` per choice: its
         key's limits are checked and its worst case reserved (a 429 if they do not let it
         in). Returns the most tokens per choice its budget allows, for the model, or None
-        (as asked). Once per request: a second call returns the first's answer."""
+        (as asked). ``tier``: the service_tier asked for. Once per request: a second call
+        returns the first's answer."""
         self.use_model(model)
+        if tier is not None:
+            self.requested_tier = tier
         if self.admission is None:
             return None
         if self.admitted is not None:
@@ -121,8 +142,11 @@ class Call:
     def server_timing(self) -> str:
         """The Server-Timing header: the gateway's own time and the time spent upstream."""
         total = perf_counter() - self.started
-        own = max(total - self.upstream_seconds, 0.0)
-        return f"gateway;dur={own * 1000:.2f}, upstream;dur={self.upstream_seconds * 1000:.2f}"
+        own = max(total - self.upstream_seconds - self.queue_seconds, 0.0)
+        timing = f"gateway;dur={own * 1000:.2f}, upstream;dur={self.upstream_seconds * 1000:.2f}"
+        if self.queued:
+            timing += f", queue;dur={self.queue_seconds * 1000:.2f}"
+        return timing
 
 
 def capped(max_tokens: int | None, cap: int | None) -> int | None:

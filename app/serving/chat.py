@@ -41,7 +41,7 @@ def complete(body: ChatRequest, upstream: Upstream, call: Call) -> dict[str, Any
         plan = _plan(body, upstream, call, address)
         return plan, generate_all(upstream, call, address, [plan.params], body["n"])
 
-    address, (plan, frames) = on_worker(upstream, body["model"], attempt)
+    address, (plan, frames) = on_worker(upstream, body["model"], attempt, call)
     upstream.controller.release(address)
     usage = UsageTally(body["n"], [plan.prompt_tokens])
     choices = []
@@ -54,7 +54,7 @@ def complete(body: ChatRequest, upstream: Upstream, call: Call) -> dict[str, Any
     call.meter.report(totals["prompt_tokens"], totals["completion_tokens"])
     return {"id": new_id("chatcmpl-"), "object": "chat.completion",
             "created": int(time.time()), "model": body["model"], "choices": choices,
-            "usage": totals}
+            "usage": totals, "service_tier": call.service_tier}
 
 
 def open_stream(body: ChatRequest, upstream: Upstream, call: Call,
@@ -66,10 +66,10 @@ def open_stream(body: ChatRequest, upstream: Upstream, call: Call,
     _admit(body, upstream, call)
     n = body["n"]
     address, (plan, source) = on_worker(upstream, body["model"],
-                                        partial(_start, body, upstream, call))
+                                        partial(_start, body, upstream, call), call)
     release = releaser(upstream.controller, address)
     fmt = fmt or ChatChunks(new_id("chatcmpl-"), int(time.time()), body["model"],
-                            body["include_usage"])
+                            body["include_usage"], call.service_tier)
     trackers = [TextTracker(plan.stops) for _ in range(n)]
     events = drive(source, fmt, trackers, UsageTally(n, [plan.prompt_tokens]), call,
                    body["include_usage"])
@@ -79,7 +79,7 @@ def open_stream(body: ChatRequest, upstream: Upstream, call: Call,
 def _admit(body: ChatRequest, upstream: Upstream, call: Call) -> None:
     """The key's limits let the request in (its reply capped by its budget)."""
     cap = call.admit(body["model"], body["max_tokens"], generations(body["n"], body["best_of"]),
-                     upstream.context_length(body["model"]))
+                     upstream.context_length(body["model"]), body["service_tier"])
     if cap is not None:
         body["max_tokens"] = cap
 
@@ -183,10 +183,11 @@ class ChatChunks:
     closing = DONE
 
     def __init__(self, completion_id: str, created: int, model: str,
-                 include_usage: bool) -> None:
+                 include_usage: bool, service_tier: str = "default") -> None:
         self._head = (b'data: {"id":' + orjson.dumps(completion_id)
                       + b',"object":"chat.completion.chunk","created":' + str(created).encode()
-                      + b',"model":' + orjson.dumps(model) + b',"system_fingerprint":null,')
+                      + b',"model":' + orjson.dumps(model) + b',"service_tier":'
+                      + orjson.dumps(service_tier) + b',"system_fingerprint":null,')
         self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
         self._prefixes: dict[int, bytes] = {}
 

@@ -46,7 +46,7 @@ def complete(body: CompletionRequest, upstream: Upstream, call: Call) -> dict[st
         plans = _plans(body, upstream, call, address)
         return plans, generate_all(upstream, call, address, [p.params for p in plans], n)
 
-    address, (plans, frames) = on_worker(upstream, body["model"], attempt)
+    address, (plans, frames) = on_worker(upstream, body["model"], attempt, call)
     upstream.controller.release(address)
     usage = UsageTally(n, [plan.prompt_tokens for plan in plans])
     with_logprobs = body["logprobs"] is not None
@@ -60,7 +60,8 @@ def complete(body: CompletionRequest, upstream: Upstream, call: Call) -> dict[st
     totals = usage.total()
     call.meter.report(totals["prompt_tokens"], totals["completion_tokens"])
     return {"id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()),
-            "model": body["model"], "choices": choices, "usage": totals}
+            "model": body["model"], "choices": choices, "usage": totals,
+            "service_tier": call.service_tier}
 
 
 def open_stream(body: CompletionRequest, upstream: Upstream,
@@ -68,10 +69,11 @@ def open_stream(body: CompletionRequest, upstream: Upstream,
     _admit(body, upstream, call)
     n = body["n"]
     address, (plans, source) = on_worker(upstream, body["model"],
-                                         partial(_start, body, upstream, call))
+                                         partial(_start, body, upstream, call), call)
     release = releaser(upstream.controller, address)
     fmt = CompletionChunks(new_id("cmpl-"), int(time.time()), body["model"],
-                           body["include_usage"], body["logprobs"] is not None)
+                           body["include_usage"], body["logprobs"] is not None,
+                           call.service_tier)
     usage = UsageTally(n, [p.prompt_tokens for p in plans])
     events = drive(source, fmt, _trackers(body, plans), usage, call, body["include_usage"])
     return events, [source.close, release]
@@ -82,7 +84,7 @@ def _admit(body: CompletionRequest, upstream: Upstream, call: Call) -> None:
     (its reply capped by its budget)."""
     per_prompt = generations(body["n"], body["best_of"])
     cap = call.admit(body["model"], body["max_tokens"], per_prompt * len(body["prompt"]),
-                     upstream.context_length(body["model"]))
+                     upstream.context_length(body["model"]), body["service_tier"])
     if cap is not None:
         body["max_tokens"] = cap
 
@@ -131,10 +133,11 @@ class CompletionChunks:
     cumulative)."""
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool,
-                 with_logprobs: bool) -> None:
+                 with_logprobs: bool, service_tier: str = "default") -> None:
         self._head = (b'data: {"id":' + orjson.dumps(completion_id)
                       + b',"object":"text_completion","created":' + str(created).encode()
-                      + b',"model":' + orjson.dumps(model) + b",")
+                      + b',"model":' + orjson.dumps(model) + b',"service_tier":'
+                      + orjson.dumps(service_tier) + b",")
         self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
         self._with_logprobs = with_logprobs
         self._tokens_sent: dict[int, int] = {}

@@ -49,7 +49,7 @@ def _embed_batch(upstream: Upstream, call: Call, model: str,
     # are float16 for some models (FastChat weakness), so we encode float32 ourselves.
     payload = {"model": model, "input": batch, "encoding_format": None}
     address, result = on_worker(upstream, model, partial(
-        upstream.workers.embeddings, payload=payload, request_id=call.request_id))
+        upstream.workers.embeddings, payload=payload, request_id=call.request_id), call)
     upstream.controller.release(address)
     return result
 

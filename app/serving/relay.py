@@ -17,6 +17,7 @@ import orjson
 from app.errors import APIError, ClientClosedRequest
 from app.serving.call import Call
 from app.serving.events import DONE
+from app.serving.queueing import CallQueue
 from app.serving.stream_driver import drain
 from app.serving.usage import answer_tokens, completion_tokens, prompt_tokens
 from app.upstream.clients import Upstream
@@ -49,10 +50,13 @@ def complete(path: str, payload: dict[str, Any], model: str, upstream: Upstream,
                 call.meter.unseen = path != EMBEDDINGS
                 raise
 
-    target, answer = with_failover(upstream.openai, model, attempt, upstream.failures)
+    target, answer = with_failover(upstream.openai, model, attempt, upstream.failures,
+                                   queue=_queue(upstream, call))
     upstream.openai.release(target)
     if "model" in answer:
         answer["model"] = model
+    if path != EMBEDDINGS:
+        answer["service_tier"] = call.service_tier
     # An upstream that gives no usage is charged what its answer holds (a token per four
     # characters).
     call.meter.report(prompt_tokens(answer),
@@ -74,7 +78,8 @@ def open_stream(path: str, payload: dict[str, Any], model: str, upstream: Upstre
         payload = {**payload, "stream_options": {**(options if isinstance(options, dict)
                                                     else {}), "include_usage": True}}
     target, response = with_failover(upstream.openai, model, lambda target: client.post(
-        target, path, _outgoing(payload, target), call.request_id), upstream.failures)
+        target, path, _outgoing(payload, target), call.request_id), upstream.failures,
+        queue=_queue(upstream, call))
     stream = OpenAIClient.events(response, target)
     timing = Timing(tick=upstream.timing.tick, first_token=target.read_timeout,
                     between_tokens=target.read_timeout)
@@ -90,8 +95,20 @@ def _admit(path: str, payload: dict[str, Any], model: str, upstream: Upstream, c
     if path == EMBEDDINGS:
         call.admit(model, max_tokens=0)  # nothing is generated: the key pays for its inputs
         return payload
-    cap = call.admit(model, max_tokens, choices, upstream.context_length(model))
-    return payload if cap is None else {**payload, "max_tokens": cap}
+    asked = payload.get("service_tier")
+    cap = call.admit(model, max_tokens, choices, upstream.context_length(model),
+                     asked if isinstance(asked, str) else None)
+    if cap is not None:
+        payload = {**payload, "max_tokens": cap}
+    if asked is not None:  # the upstream hears the tier the key may use, not the asked one
+        payload = {**payload, "service_tier": call.service_tier}
+    return payload
+
+
+def _queue(upstream: Upstream, call: Call) -> CallQueue[OpenAITarget]:
+    """The line for an upstream server's slots, where its entry gives max_concurrency."""
+    return CallQueue(upstream.slots, call, lambda target: (target.server,
+                                                           target.max_concurrency))
 
 
 def _outgoing(payload: dict[str, Any], target: OpenAITarget) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from app.errors import APIError, ClientClosedRequest, InvalidRequest
 from app.protocol.capabilities import EMBEDDING_ONLY, GENERATE_PROGRESS, SAMPLING_DEFAULTS
 from app.serving.call import Call
 from app.serving.concurrency import run_all
+from app.serving.queueing import CallQueue
 from app.serving.usage import completion_tokens, prompt_tokens
 from app.serving.worker_streams import WorkerStreams
 from app.upstream.clients import Upstream
@@ -19,10 +20,16 @@ from schemas import SamplingRequest
 T = TypeVar("T")
 
 
-def on_worker(upstream: Upstream, model: str, attempt: Callable[[str], T]) -> tuple[str, T]:
-    """``with_failover`` over the model's FastChat workers."""
+def on_worker(upstream: Upstream, model: str, attempt: Callable[[str], T],
+              call: Call | None = None) -> tuple[str, T]:
+    """``with_failover`` over the model's FastChat workers; with ``call``, the attempt
+    (a generation, embeddings) waits for a slot on a busy worker first."""
+    queue = None if call is None else CallQueue(
+        upstream.slots, call, lambda address: (address,
+                                               upstream.worker_capacity(address, model)))
     return with_failover(upstream.controller, model, attempt, upstream.failures,
-                         forget=lambda address: upstream.workers.forget(address, model))
+                         forget=lambda address: upstream.workers.forget(address, model),
+                         queue=queue)
 
 
 def text_model_details(upstream: Upstream, call: Call, address: str,

@@ -45,7 +45,8 @@ RETRIES = Counter("flaskchat_upstream_retries",
 
 REFUSED = Counter("flaskchat_rate_limited",
                   "Requests answered 429, by reason: requests, tokens, parallel (a key's "
-                  "limits), budget (its quota), overloaded (this process at capacity).",
+                  "limits), budget (its quota), overloaded (this process at capacity), "
+                  "queue (a busy model's line full, or waited too long).",
                   ["reason"])
 KEY_REQUESTS = Counter("flaskchat_key_requests",
                        "Model requests by API key name (bounded: see --metrics-key-labels).",
@@ -62,6 +63,17 @@ USAGE_DROPPED = Counter("flaskchat_usage_dropped_records",
 USAGE_REJECTED = Counter("flaskchat_usage_rejected_records",
                          "Usage records the database rejected (written alone, logged, "
                          "dropped); the rest of their batch was written.")
+QUEUE_WAITING = Gauge("flaskchat_queue_waiting",
+                      "Requests waiting in the gateway for a busy model server's slot, by "
+                      "model and service tier.", ["model", "tier"],
+                      multiprocess_mode="livesum")
+QUEUE_WAIT = Histogram("flaskchat_queue_wait_seconds",
+                       "Time requests waited for a model server's slot, by team (bounded "
+                       "as key names are: see --metrics-key-labels).", ["team"],
+                       buckets=LATENCY_BUCKETS)
+SLOTS_IN_USE = Gauge("flaskchat_server_slots_in_use",
+                     "Requests holding a slot of a model server whose capacity is known, "
+                     "by server.", ["server"], multiprocess_mode="livesum")
 OTHER_KEYS = "_other"
 NO_KEY = "_none"
 
@@ -111,6 +123,35 @@ class AccessMetrics:
                 KEY_TOKENS.labels(label, "prompt").inc(prompt)
             if completion:
                 KEY_TOKENS.labels(label, "completion").inc(completion)
+
+    def _label(self, name: str) -> str:
+        if name in self._labels:
+            return name
+        if len(self._labels) < self._room:
+            self._labels.add(name)
+            return name
+        return OTHER_KEYS
+
+
+class QueueMetrics:
+    """What the model servers' lines report (``app.scheduling.slots.QueueObserver``).
+    Team names are labels for the first ``team_labels`` a process sees, as key names."""
+
+    def __init__(self, team_labels: int) -> None:
+        self._room = max(team_labels, 0)
+        self._labels: set[str] = set()
+
+    def waiting(self, model: str, tier: str, change: int) -> None:
+        QUEUE_WAITING.labels(model, tier).inc(change)
+
+    def waited(self, model: str, tier: str, tenant: str, seconds: float) -> None:
+        QUEUE_WAIT.labels(self._label(tenant)).observe(seconds)
+
+    def refused(self, model: str, tier: str, reason: str) -> None:
+        REFUSED.labels("queue").inc()
+
+    def slots(self, server: str, in_use: int, change: int) -> None:
+        SLOTS_IN_USE.labels(server).inc(change)
 
     def _label(self, name: str) -> str:
         if name in self._labels:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from app.scheduling.slots import QueueObserver, Slots, Waits
 from app.upstream.controller import ControllerClient
 from app.upstream.failover import FailureLog, NoLog
 from app.upstream.openai_client import OpenAIClient
@@ -25,7 +26,8 @@ TICK_SECONDS = 0.5
 
 class Upstream:
     def __init__(self, settings: "Settings", failures: FailureLog | None = None,
-                 targets: Targets | None = None) -> None:
+                 targets: Targets | None = None,
+                 queues: QueueObserver | None = None) -> None:
         """``targets``: the OpenAI-compatible upstreams, if already read (by the arbiter,
         which checked them); else they are read from the settings' flag and file."""
         self.settings = settings
@@ -43,7 +45,15 @@ class Upstream:
                              between_tokens=settings.read_timeout)
         self.workers = WorkerClient(self.session, timeouts, info_ttl=settings.worker_info_ttl,
                                     timing=self.timing,
-                                    generation_timeout=settings.generation_timeout)
+                                    generation_timeout=settings.generation_timeout,
+                                    status_ttl=settings.models_ttl)
+        self.capacities = settings.model_capacities
+        waits = Waits(settings.max_waiting, settings.max_waiting_per_team,
+                      (settings.queue_timeout, settings.queue_timeout,
+                       settings.flex_queue_timeout))
+        # Without Redis, each of the processes takes its share of every server.
+        self.slots = Slots(waits, 1 if settings.redis_url else settings.workers,
+                           observer=queues)
         if targets is None:
             targets = load_targets(settings.openai_upstreams, settings.upstreams_file,
                                    settings.connect_timeout)
@@ -55,6 +65,11 @@ class Upstream:
         if self.openai.serves(model):
             return self.openai.context_length(model)
         return self.workers.context_length(model)
+
+    def worker_capacity(self, address: str, model: str) -> int | None:
+        """Generations the worker runs at once: as it says, else --model-capacity, else
+        None (not known: requests go to it at once, as FastChat's API server sends them)."""
+        return self.workers.capacity(address) or self.capacities.get(model)
 
     def close(self) -> None:
         self.session.close()

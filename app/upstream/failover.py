@@ -7,9 +7,11 @@ import logging
 from typing import Callable, Iterable, Protocol, TypeVar
 
 from app.errors import APIError, ConnectTimedOut, WorkerUnreachable
+from app.scheduling.slots import ServerLeft
 
 T = TypeVar("T")
 K = TypeVar("K")
+K_in = TypeVar("K_in", contravariant=True)
 log = logging.getLogger("flaskchat.failover")
 
 ATTEMPTS = 2  # a server that fails before answering is skipped, once
@@ -22,6 +24,17 @@ class Router(Protocol[K]):
     def acquire(self, model: str, exclude: Iterable[K] = ...) -> K: ...
     def release(self, key: K) -> None: ...
     def mark_failed(self, key: K, unreachable: bool = ...) -> None: ...
+
+
+class Queue(Protocol[K_in]):
+    """A request's line for a server's slots (``app.serving.queueing``): ``wait`` returns
+    once it holds a slot on the server ``key`` names (at once where the server's capacity
+    is not known); ``leave`` gives back the slot of an attempt that failed; ``down``: the
+    server cannot be reached, so whoever waits for it goes elsewhere."""
+
+    def wait(self, key: K_in, retry: bool) -> None: ...
+    def leave(self) -> None: ...
+    def down(self, key: K_in) -> None: ...
 
 
 class FailureLog(Protocol):
@@ -40,12 +53,13 @@ class NoLog:
 
 
 def with_failover(router: Router[K], model: str, attempt: Callable[[K], T],
-                  failures: FailureLog, forget: Callable[[K], None] | None = None
-                  ) -> tuple[K, T]:
-    """Runs ``attempt(key)`` on a server for ``model``. A server that refuses the
-    connection, says nothing in time, or answers with a server error is marked unhealthy,
-    and the attempt goes once to another server of the model. The returned key is still
-    acquired: release it."""
+                  failures: FailureLog, forget: Callable[[K], None] | None = None,
+                  queue: Queue[K] | None = None) -> tuple[K, T]:
+    """Runs ``attempt(key)`` on a server for ``model``, once ``queue`` (if any) gives it a
+    slot there. A server that refuses the connection, says nothing in time, or answers
+    with a server error is marked unhealthy, and the attempt goes once to another server
+    of the model (at the head of its tenant's line there). The returned key is still
+    acquired: release it (and the slot, which the request's end gives back)."""
     tried: list[K] = []
     failure: APIError | None = None
     while True:
@@ -56,15 +70,27 @@ def with_failover(router: Router[K], model: str, attempt: Callable[[K], T],
                 raise failure from None  # no other server: the first failure is the answer
             raise
         try:
+            if queue is not None:
+                queue.wait(key, bool(tried))
             return key, attempt(key)
         except APIError as exc:
             router.release(key)
+            if queue is not None:
+                queue.leave()
+            if isinstance(exc, ServerLeft):  # marked failed by another request already
+                tried.append(key)
+                failure = failure or exc
+                if len(tried) >= ATTEMPTS:
+                    raise failure from None
+                continue
             if not exc.failover:
                 raise
             # Refusing or not taking the connection means down; a slow or failed answer
             # may be this request's trouble, so such a server is only avoided.
-            router.mark_failed(
-                key, unreachable=isinstance(exc, (WorkerUnreachable, ConnectTimedOut)))
+            unreachable = isinstance(exc, (WorkerUnreachable, ConnectTimedOut))
+            router.mark_failed(key, unreachable=unreachable)
+            if unreachable and queue is not None:
+                queue.down(key)
             if forget is not None:
                 forget(key)
             tried.append(key)
@@ -76,6 +102,8 @@ def with_failover(router: Router[K], model: str, attempt: Callable[[K], T],
             failures.retried(model)
         except BaseException:
             router.release(key)
+            if queue is not None:
+                queue.leave()
             raise
 
 

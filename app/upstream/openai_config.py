@@ -15,6 +15,9 @@ From ``--openai-upstream NAME=BASE_URL`` (repeatable) and ``--upstreams FILE``:
     weight = 2                                # share of traffic among upstreams of a name
     context_length = 8192                     # optional: the model's context, which bounds
                                               # what a budgeted key's request reserves
+    max_concurrency = 8                       # optional: requests it takes at once (all
+                                              # its models); more wait in the gateway,
+                                              # shared fairly among teams
 
 
 Mistakes stop the server at start with a message naming the entry and the key.
@@ -34,7 +37,7 @@ else:  # pragma: no cover - Python 3.10
 
 DEFAULT_READ_TIMEOUT = 600.0
 _KEYS = {"base_url", "models", "api_key_env", "connect_timeout", "read_timeout", "weight",
-         "context_length"}
+         "context_length", "max_concurrency"}
 
 
 class UpstreamConfigError(ValueError):
@@ -52,6 +55,7 @@ class OpenAITarget:
     weight: float = 1.0
     api_key: str = field(default="", repr=False)  # never printed
     context_length: int | None = None  # as the upstreams file gives it
+    max_concurrency: int | None = None  # requests it takes at once (None: no gateway queue)
 
     @property
     def server(self) -> str:
@@ -136,14 +140,21 @@ def _entry_targets(entry: Any, where: str, connect_timeout: float,
                 for name, default in (("connect_timeout", connect_timeout),
                                       ("read_timeout", DEFAULT_READ_TIMEOUT),
                                       ("weight", 1.0))}
-    context = entry.get("context_length")
-    if context is not None and (isinstance(context, bool) or not isinstance(context, int)
-                                or context <= 0):
-        raise UpstreamConfigError(f"{where}: context_length must be a positive whole "
-                                  f"number, got {context!r}")
+    context, concurrency = (_whole(entry, name, where)
+                            for name in ("context_length", "max_concurrency"))
     return [(name, OpenAITarget(url, upstream_name, timeouts["connect_timeout"],
-                                timeouts["read_timeout"], timeouts["weight"], key, context))
+                                timeouts["read_timeout"], timeouts["weight"], key, context,
+                                concurrency))
             for name, upstream_name in names.items()]
+
+
+def _whole(entry: dict[str, Any], name: str, where: str) -> int | None:
+    value = entry.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value <= 0):
+        raise UpstreamConfigError(f"{where}: {name} must be a positive whole number, got "
+                                  f"{value!r}")
+    return value
 
 
 def _names(models: Any, where: str) -> dict[str, str]:

@@ -37,7 +37,7 @@ class WorkerClient:
 
     def __init__(self, session: requests.Session, timeouts: tuple[float, float],
                  info_ttl: float, timing: Timing, generation_timeout: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 status_ttl: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._session = session
         self._timeouts = timeouts
         self.timing = timing
@@ -53,6 +53,10 @@ class WorkerClient:
         self._details: RefreshingCache[Key, WorkerDetails] = RefreshingCache(
             self._fetch_details, info_ttl, clock)
         self._context_lengths: dict[str, int] = {}  # model -> as its workers last said
+        # What each worker says it runs at once (limit_worker_concurrency in its status):
+        # refreshed as often as the worker list, so a change applies within one refresh.
+        self._capacities: RefreshingCache[str, int | None] = RefreshingCache(
+            self._fetch_capacity, status_ttl, clock)
 
     # ---- cached facts ---------------------------------------------------------------
 
@@ -66,6 +70,14 @@ class WorkerClient:
         """The model's context length as a worker of it last said (None: not asked yet)."""
         return self._context_lengths.get(model)
 
+    def capacity(self, address: str) -> int | None:
+        """How many generations the worker says it runs at once (None: it does not say,
+        as a stock FastChat worker, or cannot be asked now)."""
+        try:
+            return self._capacities.get(address)
+        except errors.APIError:
+            return None
+
     def forget(self, address: str, model: str) -> None:
         """Drops what is cached about a worker that failed (it may come back different)."""
         self._templates.invalidate((address, model))
@@ -78,6 +90,12 @@ class WorkerClient:
             raise errors.UpstreamError(f"The model worker for '{key[1]}' has no conversation "
                                        "template (is it an embedding model?).")
         return conv
+
+    def _fetch_capacity(self, address: str) -> int | None:
+        value = self._post_json(address, "/worker_get_status", {}, None).get(
+            "limit_worker_concurrency")
+        return value if isinstance(value, int) and not isinstance(value, bool) \
+            and value >= 1 else None
 
     def _fetch_details(self, key: Key) -> WorkerDetails:
         body = self._post_json(key[0], "/model_details", {"model": key[1]}, None)

@@ -24,6 +24,8 @@ from app.access.limits import KeyLimits
 from app.access.reservations import Ask, estimate_tokens
 from app.access.usage import UsageRecord
 from app.errors import AuthenticationFailed, PermissionDenied
+from app.scheduling.slots import Place
+from app.scheduling.tiers import granted_tier
 from app.web.context import call
 
 if TYPE_CHECKING:
@@ -100,7 +102,17 @@ def _admit(gate: "Gate", principal: "Principal", counts_request: bool, current: 
               context, counts_request)
     admitted = gate.admit(principal, ask)
     current.admitted = admitted
+    current.place = place_of(principal, current.requested_tier, ask.prompt)
     return admitted.cap
+
+
+def place_of(principal: "Principal", requested: str | None, cost: float) -> Place:
+    """Who the request waits as, for a busy model: its tenant (team, else key) with the
+    tenant's weight, at the tier asked for, never above the key's highest. ``cost``: its
+    prompt, counted when it gets a slot; what it generates is counted when it ends (as
+    the virtual token counter counts output as it is made, a reply is not guessed)."""
+    return Place(principal.tenant, principal.weight,
+                 granted_tier(requested, principal.default_tier, principal.max_tier), cost)
 
 
 def admit_ticket(principal: "Principal", body_bytes: int) -> None:

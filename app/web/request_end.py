@@ -52,6 +52,7 @@ def init_app(app: Flask, log_access: bool, record_metrics: bool) -> None:
     def release_unless_handed_over(error: BaseException | None) -> None:
         current: Call | None = g.get("call")
         if current is not None and not g.get("handed_over"):
+            current.release_slot(None)
             access.release_unfinished(current)
 
     app.after_request(hand_over)
@@ -61,6 +62,7 @@ def init_app(app: Flask, log_access: bool, record_metrics: bool) -> None:
 def _ended(gate: "Gate | None", key_metrics: "AccessMetrics | None", served: "Upstream",
            current: "Call", principal: "Principal | None", method: str, route: str,
            status: int, stream: bool, log_access: bool, record_metrics: bool) -> None:
+    current.release_slot(current.meter.prompt() + current.meter.completion())
     latency = perf_counter() - current.started
     ttft = current.first_token_at - current.started if current.first_token_at else None
     model = _known(served, current.model)

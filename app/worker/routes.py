@@ -55,7 +55,10 @@ class WorkerState:
     embedder: EmbeddingModel | None = None
 
     def status(self) -> dict[str, Any]:
-        return {"model_names": self.names, "speed": 1, "queue_length": self.slots.queue_length}
+        # limit_worker_concurrency: how many generations run at once, so that a gateway
+        # holds the excess and shares it fairly (stock FastChat ignores the extra field).
+        return {"model_names": self.names, "speed": 1, "queue_length": self.slots.queue_length,
+                "limit_worker_concurrency": self.slots.limit}
 
     def require_chat(self) -> ChatModel:
         if self.chat is None:
