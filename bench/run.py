@@ -1,6 +1,6 @@
 """The benchmark: every phase through the gateway and straight at the worker, in one run.
 
-    python bench/run.py [--workers 1] [--seconds 5] [--capacity 5000]
+    python bench/run.py [--workers 1] [--seconds 5] [--capacity 5000] [--model-capacity N]
 
 Starts, on 127.0.0.1: flaskchat's controller (with a request counter), the fast fake worker
 (bench/fast_worker.py) and the gateway under gunicorn with gevent workers. Writes a Markdown
@@ -202,7 +202,9 @@ class Bench:
             str(self.args.workers), "--worker-connections", "20000", "--controller-address",
             self.controller, "--log-level", "warning",
             "--openai-upstream", f"{RELAY_MODEL}={self.worker}/v1",
-            "--database-url", self.database_url()])
+            "--database-url", self.database_url()]
+            + (["--model-capacity", f"{MODEL}={self.args.model_capacity}"]
+               if self.args.model_capacity else []))
         self.processes.append(gateway)
         self.gateway_pid = gateway.pid
         self.gateway = f"http://127.0.0.1:{self.gateway_port}"
@@ -333,6 +335,10 @@ def main() -> None:
     parser.add_argument("--capacity-delay", type=float, default=1.0)
     parser.add_argument("--capacity-tokens", type=int, default=30)
     parser.add_argument("--ramp", type=float, default=1000.0, help="new streams per second")
+    parser.add_argument("--model-capacity", type=int, default=0,
+                        help="the worker's capacity for the gateway's fair-share line "
+                        "(0: not known, no line); a large one measures the line's cost "
+                        "when nothing waits")
     parser.add_argument("--database-url", default="",
                         help="the gateway's database (default: a new SQLite file)")
     parser.add_argument("--stock", action="store_true",

@@ -42,6 +42,8 @@ class WorkerStatusSchema(_Strict):
     model_names = fields.List(Str(), required=True)
     speed = Number(load_default=1.0)
     queue_length = Int(load_default=0)
+    # flaskchat's worker: generations it runs at once (gateways hold the excess)
+    limit_worker_concurrency = Int(load_default=None, allow_none=True)
 
 
 class RegisterWorkerSchema(_Strict):

@@ -17,7 +17,7 @@ import requests
 
 from tests.conftest import Server, new_database_url, start_controller, start_fake_worker, \
     start_gateway, wait_for
-from tests.test_keys import FAST, make_key
+from tests.test_keys import FAST, admin, make_key
 
 CAPACITY = 2
 REPLY = 16  # tokens a reply has
@@ -234,6 +234,10 @@ def test_a_client_that_leaves_while_waiting_is_never_sent(
                      b"\r\nContent-Type: application/json\r\nContent-Length: "
                      + str(len(body)).encode() + b"\r\n\r\n" + body)
         wait_for(lambda: waiting(gateway) == 1, what="the request to wait")
+        shown = admin(gateway, "GET", "/queues").json()["data"]
+        line = next(server for server in shown if server["model"] == "shared")
+        assert line["capacity"] == CAPACITY and line["in_flight"] == CAPACITY
+        assert line["waiting"] == [{"tenant": "light", "tier": "default", "requests": 1}]
     wait_for(lambda: waiting(gateway) == 0, what="the place to be freed")
     for holder in holders:
         holder.join(60)

@@ -29,11 +29,13 @@ class WorkerRecord:
     multimodal: bool
     last_heart_beat: float
     order: int = 0  # registration order, FastChat's tie-break
+    capacity: int | None = None  # its limit_worker_concurrency, where it says
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "model_names": self.model_names, "speed": self.speed,
                 "queue_length": self.queue_length, "check_heart_beat": self.check_heart_beat,
-                "multimodal": self.multimodal, "last_heart_beat": self.last_heart_beat}
+                "multimodal": self.multimodal, "last_heart_beat": self.last_heart_beat,
+                "limit_worker_concurrency": self.capacity}
 
 
 @dataclass
@@ -63,7 +65,8 @@ class Registry:
                 speed=float(status.get("speed", 1.0)),
                 queue_length=int(status.get("queue_length", 0)),
                 check_heart_beat=check_heart_beat, multimodal=multimodal,
-                last_heart_beat=self.clock(), order=self._counter)
+                last_heart_beat=self.clock(), order=self._counter,
+                capacity=_capacity(status.get("limit_worker_concurrency")))
         log.info("registered worker %s for %s", name, ", ".join(status["model_names"]))
         return True
 
@@ -145,3 +148,8 @@ class Registry:
             # Counted until the next heartbeat reports the worker's real queue.
             chosen.queue_length += 1
         return chosen.name
+
+
+def _capacity(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 \
+        else None

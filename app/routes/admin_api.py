@@ -1,5 +1,6 @@
 """The admin API, behind admin keys only: API keys (list, make, read, change, revoke) and
-usage (totals by key, team, model or day; tokens per day per team for the chart)."""
+usage (totals by key, team, model or day; tokens per day per team for the chart); the
+busy model servers' lines."""
 from __future__ import annotations
 
 from flask import Blueprint, request
@@ -9,6 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.access.reports import parse_since, tokens_per_team_per_day, usage_report
 from app.errors import InvalidRequest, UpstreamUnavailable
 from app.web.access import access, require_admin_key
+from app.web.context import upstream
 from app.web.handlers import error_response
 from app.web.json_io import json_response, read_json_object
 from app.web.validation import load
@@ -76,6 +78,13 @@ def get_usage() -> ResponseReturnValue:
     return json_response({"object": "list", "group_by": query["group_by"],
                           "since": since.isoformat(timespec="seconds") + "Z", "data": rows,
                           "has_more": more})
+
+
+@bp.get("/queues")
+def get_queues() -> ResponseReturnValue:
+    """Each model server whose capacity is known, as this process sees it: its capacity
+    (this process's share), the slots in use, and who waits, by team and tier."""
+    return json_response({"object": "list", "data": upstream().slots.snapshot()})
 
 
 @bp.get("/usage/daily")

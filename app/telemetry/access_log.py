@@ -43,8 +43,10 @@ def finished(call: Call, method: str, route: str, status: int, stream: bool,
         fields = {"method": method, "route": route, "status": status, "model": label,
                   "stream": stream, "latency_ms": round(seconds * 1000, 2),
                   "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None,
-                  "completion_tokens": completion_tokens}
-        ACCESS.log(level, "%s %s %d model=%s latency_ms=%.2f ttft_ms=%s tokens=%d",
+                  "completion_tokens": completion_tokens,
+                  "queue_ms": round(call.queue_seconds * 1000, 2) if call.queued else None}
+        ACCESS.log(level, "%s %s %d model=%s latency_ms=%.2f ttft_ms=%s queue_ms=%s tokens=%d",
                    method, route, status, label, seconds * 1000,
-                   f"{ttft * 1000:.2f}" if ttft is not None else "-", completion_tokens,
+                   f"{ttft * 1000:.2f}" if ttft is not None else "-",
+                   f"{call.queue_seconds * 1000:.2f}" if call.queued else "-", completion_tokens,
                    extra={"request_id": call.request_id, "fields": fields})

@@ -51,9 +51,9 @@ class Upstream:
         waits = Waits(settings.max_waiting, settings.max_waiting_per_team,
                       (settings.queue_timeout, settings.queue_timeout,
                        settings.flex_queue_timeout))
-        # Without Redis, each of the processes takes its share of every server.
-        self.slots = Slots(waits, 1 if settings.redis_url else settings.workers,
-                           observer=queues)
+        # Each of the processes takes its share of every server (the slots are not
+        # shared through Redis yet).
+        self.slots = Slots(waits, settings.workers, observer=queues)
         if targets is None:
             targets = load_targets(settings.openai_upstreams, settings.upstreams_file,
                                    settings.connect_timeout)
@@ -67,9 +67,14 @@ class Upstream:
         return self.workers.context_length(model)
 
     def worker_capacity(self, address: str, model: str) -> int | None:
-        """Generations the worker runs at once: as it says, else --model-capacity, else
-        None (not known: requests go to it at once, as FastChat's API server sends them)."""
-        return self.workers.capacity(address) or self.capacities.get(model)
+        """Generations the worker runs at once: as it says (through flaskchat's controller,
+        at no cost; a stock controller's workers are asked, and that is cached), else
+        --model-capacity, else None (not known: requests go to it at once, as FastChat's
+        API server sends them)."""
+        directory = self.controller.directory()
+        said = self.workers.capacity(address) if directory.stock else \
+            directory.capacities.get(address)
+        return said or self.capacities.get(model)
 
     def close(self) -> None:
         self.session.close()

@@ -35,6 +35,7 @@ class WorkerInfo:
     speed: float = 1.0
     multimodal: bool = False
     last_heart_beat: float | None = None
+    capacity: int | None = None  # generations it runs at once, where it says
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Directory:
     multimodal: set[str] = field(default_factory=set)
     workers: dict[str, list[WorkerInfo]] = field(default_factory=dict)
     stock: bool = False
+    capacities: dict[str, int] = field(default_factory=dict)  # address -> as it says
 
 
 class ControllerClient:
@@ -253,21 +255,31 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _capacity(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 \
+        else None
+
+
 def _directory_from_workers(body: dict[str, Any]) -> Directory:
     workers: dict[str, list[WorkerInfo]] = {}
     multimodal: set[str] = set()
+    capacities: dict[str, int] = {}
     for item in body.get("workers") or ():
         try:
             info = WorkerInfo(address=str(item["name"]).rstrip("/"),
                               model_names=tuple(str(m) for m in item["model_names"]),
                               speed=float(item.get("speed") or 1.0),
                               multimodal=bool(item.get("multimodal")),
-                              last_heart_beat=_number(item.get("last_heart_beat")))
+                              last_heart_beat=_number(item.get("last_heart_beat")),
+                              capacity=_capacity(item.get("limit_worker_concurrency")))
         except (KeyError, TypeError, ValueError):
             log.warning("skipping malformed worker entry from the controller: %r", item)
             continue
+        if info.capacity is not None:
+            capacities[info.address] = info.capacity
         for model in info.model_names:
             workers.setdefault(model, []).append(info)
             if info.multimodal:
                 multimodal.add(model)
-    return Directory(models=sorted(workers), multimodal=multimodal, workers=workers)
+    return Directory(models=sorted(workers), multimodal=multimodal, workers=workers,
+                     capacities=capacities)

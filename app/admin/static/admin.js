@@ -54,6 +54,21 @@ function cell(row, text, className) {
   return td;
 }
 
+function renderQueues(servers) {
+  const body = $("queues").querySelector("tbody");
+  body.replaceChildren();
+  for (const server of servers) {
+    const row = document.createElement("tr");
+    cell(row, server.model);
+    cell(row, server.server);
+    cell(row, server.capacity, "number");
+    cell(row, server.in_flight, "number");
+    cell(row, server.waiting.map((w) => `${w.tenant} (${w.tier}): ${w.requests}`).join(", ")
+      || "none");
+    body.append(row);
+  }
+}
+
 function renderKeys(keys) {
   const body = $("keys").querySelector("tbody");
   body.replaceChildren();
@@ -167,9 +182,11 @@ async function load() {
   }
   setStatus("Loading…");
   try {
-    const [keys, daily] = await Promise.all([api("GET", "keys"), api("GET", "usage/daily?days=30")]);
+    const [keys, daily, queues] = await Promise.all([
+      api("GET", "keys"), api("GET", "usage/daily?days=30"), api("GET", "queues")]);
     showKeyPanel(false);
     renderKeys(keys.data);
+    renderQueues(queues.data);
     renderChart(daily);
     setStatus(`${keys.data.length} keys.`);
   } catch (err) {
