@@ -171,7 +171,8 @@ def http_stack(tiny_dir: Path, request: pytest.FixtureRequest) -> Iterator[dict[
 def test_worker_protocol_endpoints(http_stack: dict[str, Server]) -> None:
     worker = http_stack["worker"].url
     status = requests.post(worker + "/worker_get_status", json={}).json()
-    assert status == {"model_names": ["tiny"], "speed": 1, "queue_length": 0}
+    assert status == {"model_names": ["tiny"], "speed": 1, "queue_length": 0,
+                      "limit_worker_concurrency": 1}  # started with 1: gateways hold the rest
     details = requests.post(worker + "/model_details", json={"model": "tiny"}).json()
     assert details == {"context_length": 2048, "capabilities": [
         "length_check", "messages", "sampling_defaults", "generate_progress"]}

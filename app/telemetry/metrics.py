@@ -78,6 +78,23 @@ OTHER_KEYS = "_other"
 NO_KEY = "_none"
 
 
+class BoundedLabels:
+    """Names as metric labels: the first ``room`` a process sees are themselves, later
+    ones "_other", so the series stay bounded however many names exist."""
+
+    def __init__(self, room: int) -> None:
+        self.room = max(room, 0)
+        self._labels: set[str] = set()
+
+    def __call__(self, name: str) -> str:
+        if name in self._labels:
+            return name
+        if len(self._labels) < self.room:
+            self._labels.add(name)
+            return name
+        return OTHER_KEYS
+
+
 class AccessMetrics:
     """Refusals, the usage ledger and per-key counts. Key names are labels only for the
     first ``key_labels`` names a process sees; later ones count as "_other", so the series
@@ -85,8 +102,7 @@ class AccessMetrics:
     never from a client)."""
 
     def __init__(self, key_labels: int) -> None:
-        self._room = max(key_labels, 0)
-        self._labels: set[str] = set()
+        self._label = BoundedLabels(key_labels)
         self._pending: dict[str, list[int]] = {}  # label -> [requests, prompt, completion]
 
     def refused(self, reason: str) -> None:
@@ -106,7 +122,7 @@ class AccessMetrics:
         USAGE_REJECTED.inc(records)
 
     def used(self, key_name: str | None, prompt_tokens: int, completion_tokens: int) -> None:
-        if not self._room:
+        if not self._label.room:
             return
         counts = self._pending.get(key_name or NO_KEY)
         if counts is None:
@@ -124,22 +140,13 @@ class AccessMetrics:
             if completion:
                 KEY_TOKENS.labels(label, "completion").inc(completion)
 
-    def _label(self, name: str) -> str:
-        if name in self._labels:
-            return name
-        if len(self._labels) < self._room:
-            self._labels.add(name)
-            return name
-        return OTHER_KEYS
-
 
 class QueueMetrics:
     """What the model servers' lines report (``app.scheduling.slots.QueueObserver``).
     Team names are labels for the first ``team_labels`` a process sees, as key names."""
 
     def __init__(self, team_labels: int) -> None:
-        self._room = max(team_labels, 0)
-        self._labels: set[str] = set()
+        self._label = BoundedLabels(team_labels)
 
     def waiting(self, model: str, tier: str, change: int) -> None:
         QUEUE_WAITING.labels(model, tier).inc(change)
@@ -152,14 +159,6 @@ class QueueMetrics:
 
     def slots(self, server: str, in_use: int, change: int) -> None:
         SLOTS_IN_USE.labels(server).inc(change)
-
-    def _label(self, name: str) -> str:
-        if name in self._labels:
-            return name
-        if len(self._labels) < self._room:
-            self._labels.add(name)
-            return name
-        return OTHER_KEYS
 
 
 class UpstreamFailures:
