@@ -17,6 +17,7 @@ import requests
 
 from tests.conftest import Server, new_database_url, start_controller, start_fake_worker, \
     start_gateway, wait_for
+from tests.databases import redis_server
 from tests.test_keys import FAST, admin, make_key
 
 CAPACITY = 2
@@ -35,6 +36,8 @@ def servers() -> Iterator[dict[str, Server]]:
                                               "--report-capacity")
         started["stock"] = start_fake_worker(url, "--models", "stock", *limit)
         started["capped"] = start_fake_worker(url, "--models", "capped", *limit)
+        started["fleet"] = start_fake_worker(url, "--models", "fleet", *limit,
+                                             "--report-capacity")
         yield started
     finally:
         for server in reversed(list(started.values())):
@@ -42,10 +45,15 @@ def servers() -> Iterator[dict[str, Server]]:
 
 
 @pytest.fixture(scope="module")
-def gateway(servers: dict[str, Server]) -> Iterator[Server]:
+def database_url() -> str:
+    return new_database_url()
+
+
+@pytest.fixture(scope="module")
+def gateway(servers: dict[str, Server], database_url: str) -> Iterator[Server]:
     server = start_gateway(
         servers["controller"].url, "--workers", "1", "--model-capacity", "capped=2",
-        env={**FAST, "FLASKCHAT_DATABASE_URL": new_database_url(),
+        env={**FAST, "FLASKCHAT_DATABASE_URL": database_url,
              "FLASKCHAT_FLEX_QUEUE_TIMEOUT": "1.5", "FLASKCHAT_MAX_WAITING_PER_TEAM": "20",
              "FLASKCHAT_LOG_LEVEL": "warning"})
     wait_for(lambda: requests.get(server.url + "/ready", timeout=5).status_code == 200,
@@ -127,11 +135,11 @@ class Loop:
         return sum(1 for at in self.done if start <= at < end)
 
 
-def latencies(gateway: Server, key: str, count: int) -> list[float]:
+def latencies(gateway: Server, key: str, count: int, model: str = "shared") -> list[float]:
     found = []
     for _ in range(count):
         began = time.monotonic()
-        reply = chat(gateway, key)
+        reply = chat(gateway, key, model)
         assert reply.status_code == 200, reply.text
         found.append(time.monotonic() - began)
     return found
@@ -279,3 +287,34 @@ def test_the_queue_shows_in_server_timing(gateway: Server, keys: dict[str, str])
     reply = chat(gateway, keys["light"])
     assert "queue;dur=" in reply.headers["Server-Timing"]
     assert "queue;dur=" not in chat(gateway, keys["light"], "stock").headers["Server-Timing"]
+
+
+def test_two_gateway_processes_sharing_redis_share_the_worker_fairly(
+        servers: dict[str, Server], database_url: str, keys: dict[str, str]) -> None:
+    """Heavy's 16 streams land on one gateway process, light's questions on another: with
+    --redis-url they share the worker's 2 slots and one fair line."""
+    with redis_server() as redis:
+        fleet = [start_gateway(servers["controller"].url, "--workers", "1", "--redis-url",
+                               redis.url, env={**FAST, "FLASKCHAT_DATABASE_URL": database_url})
+                 for _ in range(2)]
+        try:
+            for gateway in fleet:
+                wait_for(lambda: chat(gateway, keys["light"], "fleet").status_code == 200,
+                         what="the gateways to see the worker")
+            solo = statistics.median(latencies(fleet[1], keys["light"], 5, "fleet"))
+            stats(servers["fleet"], reset=True)
+            with Loop(fleet[0], keys["heavy"], 16, model="fleet") as heavy:
+                wait_for(lambda: stats(servers["fleet"])["running"] == CAPACITY,
+                         what="heavy's load")
+                contended = statistics.median(latencies(fleet[1], keys["light"], 7,
+                                                        "fleet"))
+            seen = stats(servers["fleet"])
+        finally:
+            for gateway in fleet:
+                gateway.stop()
+    print(f"\ntwo gateways on Redis: light alone {solo:.3f} s, behind heavy's 16 streams on "
+          f"the other gateway {contended:.3f} s ({contended / solo:.2f}x); the worker saw "
+          f"at most {seen['peak_arrived']} requests at once")
+    assert seen["peak_arrived"] <= CAPACITY  # the fleet never sent it more
+    assert contended <= 2 * solo
+    assert heavy.done and not heavy.failed

@@ -55,10 +55,11 @@ def gateway_settings(build: Callable[[], Settings]) -> Settings:
         print(f"flaskchat: warning: {settings.workers} processes and no --redis-url: each "
               f"process enforces 1/{settings.workers} of every key's rpm, tpm and parallel "
               "limit (set --redis-url to share exact counters)", file=sys.stderr, flush=True)
-    if _accepted is None and settings.workers > 1:
+    if _accepted is None and settings.workers > 1 and not settings.redis_url:
         print(f"flaskchat: warning: {settings.workers} processes: each sends a model server "
               f"whose capacity is known 1/{settings.workers} of it (at least one request "
-              "at a time), and keeps its own fair-share line", file=sys.stderr, flush=True)
+              "at a time), and keeps its own fair-share line (set --redis-url to share "
+              "them)", file=sys.stderr, flush=True)
     if _accepted is None:  # before the first fork: the workers share it
         settings = dataclasses.replace(settings, state_dir=state_dir.prepare(
             settings.state_dir))

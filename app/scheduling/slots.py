@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from app.errors import APIError, ClientClosedRequest, RateLimitExceeded, UpstreamUnavailable
+from app.errors import ClientClosedRequest, RateLimitExceeded, UpstreamUnavailable
 from app.scheduling.fair_queue import Refused, ServerQueue, Ticket
 from app.scheduling.tiers import RANK, TIERS
 
@@ -62,13 +62,30 @@ class Waits:
     timeouts: tuple[float, ...] = (10.0, 10.0, 600.0)  # by tier rank
 
 
+class SlotStore(Protocol):
+    """Where a Held slot goes back to: this process's Slots, or RedisSlots."""
+
+    def release(self, held: "Held", used: float | None) -> None: ...
+
+
+class Lines(Protocol):
+    """What serving asks of the servers' lines: this process's Slots, or RedisSlots."""
+
+    def take(self, server: str, model: str, capacity: int, place: Place,
+             client_gone: Callable[[], bool], retry: bool = False) -> "Held": ...
+
+    def server_failed(self, server: str) -> None: ...
+    def snapshot(self) -> list[dict[str, Any]]: ...
+
+
 class Held:
     """A request's slot on a server; ``release`` it (once is enough; more are harmless)
-    with what the request used, in tokens, where known."""
+    with what the request used, in tokens, where known. ``ticket``: its Ticket here, or
+    what RedisSlots knows it by."""
 
     __slots__ = ("_slots", "server", "ticket", "waited")
 
-    def __init__(self, slots: "Slots", server: str, ticket: Ticket, waited: float) -> None:
+    def __init__(self, slots: SlotStore, server: str, ticket: Any, waited: float) -> None:
         self._slots = slots
         self.server = server
         self.ticket = ticket
@@ -107,7 +124,8 @@ class Slots:
                 granted = queue.enter(ticket, retry)
             except Refused as refused:
                 self._refused(model, place.tier, refused.reason)
-                raise self._full(queue, place, refused.reason) from None
+                raise self.full_error(refused.reason, retry_after(
+                    queue.drain_seconds(queue.waiting))) from None
         observer = self._observer
         if not granted:
             if observer is not None:
@@ -127,7 +145,8 @@ class Slots:
     def release(self, held: Held, used: float | None) -> None:
         with self._lock:
             queue = self._queues.get(held.server)
-            if queue is None or held.ticket.state != "granted":
+            if queue is None or not isinstance(held.ticket, Ticket) \
+                    or held.ticket.state != "granted":
                 return
             if used is not None:
                 queue.settle(held.ticket, used)
@@ -193,18 +212,19 @@ class Slots:
                     f"The model is busy: this request waited {self.waits.timeouts[ticket.rank]:g}"
                     f" s at the {TIERS[ticket.rank]} tier without getting a turn; retry "
                     "later.", "requests",
-                    headers={"Retry-After": _seconds(queue.drain_seconds(ahead))})
+                    headers={"Retry-After": retry_after(queue.drain_seconds(ahead))})
 
-    def _full(self, queue: ServerQueue, place: Place, reason: str) -> APIError:
-        retry = {"Retry-After": _seconds(queue.drain_seconds(queue.waiting))}
+    def full_error(self, reason: str, retry: str) -> RateLimitExceeded:
+        """The 429 for a full line (``reason``: queue_full, tenant_queue_full)."""
+        headers = {"Retry-After": retry}
         if reason == "tenant_queue_full":
             return RateLimitExceeded(
                 f"The model is busy and your team already has "
                 f"{self.waits.max_waiting_per_tenant} requests waiting for it; retry once "
-                "some have been served.", "requests", headers=retry)
+                "some have been served.", "requests", headers=headers)
         return RateLimitExceeded(f"The model is busy: {self.waits.max_waiting} requests "
                                  "already wait for it; retry later.", "requests",
-                                 headers=retry)
+                                 headers=headers)
 
     def _refused(self, model: str, tier: str, reason: str) -> None:
         if self._observer is not None:
@@ -221,5 +241,6 @@ class Slots:
             event.set()
 
 
-def _seconds(estimate: float) -> str:
+def retry_after(estimate: float) -> str:
+    """A Retry-After value from an estimate in seconds."""
     return str(min(max(math.ceil(estimate), 1), MAX_RETRY_AFTER))

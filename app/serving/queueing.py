@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
 
-from app.scheduling.slots import Place, Slots
+from app.scheduling.slots import Lines, Place
 from app.serving.call import Call
 
 K = TypeVar("K")
@@ -18,7 +18,7 @@ ANONYMOUS = Place("anonymous", 1.0, "default", 0.0)
 class CallQueue(Generic[K]):
     """``server(key)``: the server's name and its capacity (None: not known, no line)."""
 
-    def __init__(self, slots: Slots, call: Call,
+    def __init__(self, slots: Lines, call: Call,
                  server: Callable[[K], tuple[str, int | None]]) -> None:
         self._slots = slots
         self._call = call

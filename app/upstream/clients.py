@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from app.scheduling.slots import QueueObserver, Slots, Waits
+from app.scheduling.redis_slots import RedisSlots
+from app.scheduling.slots import Lines, QueueObserver, Slots, Waits
 from app.upstream.controller import ControllerClient
 from app.upstream.failover import FailureLog, NoLog
 from app.upstream.openai_client import OpenAIClient
@@ -51,9 +52,12 @@ class Upstream:
         waits = Waits(settings.max_waiting, settings.max_waiting_per_team,
                       (settings.queue_timeout, settings.queue_timeout,
                        settings.flex_queue_timeout))
-        # Each of the processes takes its share of every server (the slots are not
-        # shared through Redis yet).
-        self.slots = Slots(waits, settings.workers, observer=queues)
+        # Without Redis, each of the processes takes its share of every server (and with
+        # it, while Redis cannot be reached).
+        local = Slots(waits, settings.workers, observer=queues)
+        self.slots: Lines = \
+            RedisSlots(settings.redis_url, waits, local, queues) if settings.redis_url \
+            else local
         if targets is None:
             targets = load_targets(settings.openai_upstreams, settings.upstreams_file,
                                    settings.connect_timeout)
