@@ -48,6 +48,7 @@ def create_app(settings: "Settings | None" = None,
     access.init_app(app, keys_and_usage, access_metrics)
     keys_and_usage.start()
     lifecycle.lifecycle_of(app).on_stop(keys_and_usage.stop)
+    lifecycle.lifecycle_of(app).on_stop(app.extensions[UPSTREAM].slots.drain)
     admission.init_app(app, settings.max_in_flight, settings.max_queued,
                        settings.queue_timeout,
                        on_refused=access_metrics.refused if access_metrics else None)

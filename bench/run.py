@@ -204,7 +204,8 @@ class Bench:
             "--openai-upstream", f"{RELAY_MODEL}={self.worker}/v1",
             "--database-url", self.database_url()]
             + (["--model-capacity", f"{MODEL}={self.args.model_capacity}"]
-               if self.args.model_capacity else []))
+               if self.args.model_capacity else [])
+            + (["--redis-url", self.args.redis_url] if self.args.redis_url else []))
         self.processes.append(gateway)
         self.gateway_pid = gateway.pid
         self.gateway = f"http://127.0.0.1:{self.gateway_port}"
@@ -335,6 +336,8 @@ def main() -> None:
     parser.add_argument("--capacity-delay", type=float, default=1.0)
     parser.add_argument("--capacity-tokens", type=int, default=30)
     parser.add_argument("--ramp", type=float, default=1000.0, help="new streams per second")
+    parser.add_argument("--redis-url", default="",
+                        help="a Redis for the gateway (limits and the fair-share lines)")
     parser.add_argument("--model-capacity", type=int, default=0,
                         help="the worker's capacity for the gateway's fair-share line "
                         "(0: not known, no line); a large one measures the line's cost "

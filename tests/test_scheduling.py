@@ -188,3 +188,20 @@ def test_slots_share_a_servers_capacity_among_processes_without_redis() -> None:
     second.release()
     second.release()
     assert [s["in_flight"] for s in slots.snapshot()] == [0]
+
+
+def test_a_padded_prompt_refunded_at_the_end_buys_no_turns() -> None:
+    queue = ServerQueue(1, 1000, 1000)
+    padded = ticket("cheat", cost=4_000_000.0)  # a body of whitespace, counted as prompt
+    assert queue.enter(padded)
+    others = [ticket("honest") for _ in range(3)]
+    for one in others:
+        queue.enter(one)
+    queue.settle(padded, 50.0)  # it really used 50 tokens
+    later = [ticket("cheat") for _ in range(3)]
+    for one in later:
+        queue.enter(one)
+    order = serve(queue, [padded], 1)
+    held = [t for t in others + later if t.state == "granted"]
+    order += serve(queue, held, 3)
+    assert order.count("cheat") <= 2  # alternating, not every turn

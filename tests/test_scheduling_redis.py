@@ -146,3 +146,19 @@ def in_flight(slots: RedisSlots, server: str) -> int:
     shown = next(s for s in slots.snapshot() if s["server"] == server)
     count: int = shown["in_flight"]
     return count
+
+
+def test_a_redis_restart_puts_the_waiting_requests_back_in_line(redis: Redis) -> None:
+    import redis as redis_client
+
+    one = lines(redis.url)
+    server = SERVER + "/f"
+    holder = one.take(server, "m", 1, place("a"), lambda: False)
+    waiter = Waiting(one, server, 1, place("b"))
+    wait_for(lambda: waiting_in(one, server) == 1, what="one waiting")
+    redis_client.Redis(port=redis.port).flushall()  # what a restart without saving does
+    # Its poll finds Redis lost it: it enters again, and gets the slot Redis forgot.
+    wait_for(waiter.done, what="the waiter back in line and served")
+    assert waiter.held is not None
+    waiter.held.release()
+    holder.release()

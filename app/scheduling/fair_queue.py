@@ -6,9 +6,9 @@ waits), then fairly across tenants with virtual token counters (Sheng et al., "F
 in Serving Large Language Models", OSDI 2024):
 
 - Each tenant has a counter of the tokens it was served, over its weight: a request adds
-  its prompt when it gets a slot, and ``settle`` adds the rest of what it used when it
-  ends. (A guess of the reply counted in advance, and refunded at the end, made a
-  newcomer wait behind the refunds of requests already running.)
+  its prompt (up to ``MAX_COST``) when it gets a slot, and ``settle`` adds the rest of
+  what it used when it ends. (A guess of the reply counted in advance, and refunded at
+  the end, made a newcomer wait behind the refunds of requests already running.)
 - When a slot frees, the waiting tenant with the least counter goes next (ties: the one
   holding fewer slots, then the earliest request), its requests in arrival order.
 - A tenant that starts waiting is lifted to the least counter of those already waiting
@@ -26,6 +26,10 @@ from app.scheduling.tiers import TIERS
 
 SMOOTHING = 0.2  # how much each release moves the measured time between releases
 MAX_GAP = 60.0  # seconds: a longer pause between releases (an idle server) counts as this
+# Tokens of a prompt counted when it gets a slot, at most (the rest when it ends): what a
+# request's end can give back is bounded, so a prompt padded to look big and refunded
+# at the end buys a turn or two, not the server.
+MAX_COST = 256.0
 MAX_LEAD = 32_768.0  # weighted tokens a returning tenant may be counted ahead of the rest
 FORGET_AFTER = 4096  # tenants' counters kept before those of idle tenants are dropped
 
@@ -78,6 +82,7 @@ class ServerQueue:
         failed over from another server goes to the head of its tenant's line. Raises
         Refused past the waiting caps."""
         key = (ticket.tenant, ticket.rank)
+        ticket.cost = min(ticket.cost, MAX_COST)
         ticket.seq = next(self._seq)
         if key not in self._lines:  # it starts waiting: lifted to the others
             self._lift(key)
@@ -212,10 +217,14 @@ class ServerQueue:
         self._last[ticket.rank] = counter
         self._counters[key] = counter + ticket.cost / ticket.weight
 
+    def _floor(self, rank: int, key: tuple[str, int]) -> float:
+        """The least counter of the others waiting at ``rank``, else the last served's."""
+        waiting = [self._counters.get(other, 0.0) for other in self._lines
+                   if other[1] == rank and other != key]
+        return min(waiting) if waiting else self._last[rank]
+
     def _lift(self, key: tuple[str, int]) -> None:
-        rank = key[1]
-        waiting = [self._counters.get(other, 0.0) for other in self._lines if other[1] == rank]
-        floor = min(waiting) if waiting else self._last[rank]
+        floor = self._floor(key[1], key)
         counter = self._counters.get(key, 0.0)
         self._counters[key] = min(max(counter, floor), floor + MAX_LEAD)
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from app.access.redis_pipe import Call, Pipeline, Script
 from app.errors import ClientClosedRequest, RateLimitExceeded
-from app.scheduling.fair_queue import MAX_LEAD
+from app.scheduling.fair_queue import MAX_COST, MAX_LEAD
 from app.scheduling.slots import (TICK, Held, Place, QueueObserver, ServerLeft, Slots,
                                   Waits, retry_after)
 from app.scheduling.tiers import RANK, TIERS
@@ -47,6 +47,18 @@ KEY_TTL = 86400  # seconds the keys of a server nobody uses any more are kept
 _LIB = """
 local P = ARGV[1]
 local function num(v) return tonumber(v or '0') or 0 end
+-- Redis's clock, not each host's: leases and liveness mean the same on every host
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function floor_of(rank, tenant)
+  local least = redis.call('ZRANGE', P..':lines:'..rank, 0, 1, 'WITHSCORES')
+  for i = 1, #least, 2 do
+    if least[i] ~= tenant then return tonumber(least[i + 1]) end
+  end
+  return num(redis.call('GET', P..':last:'..rank))
+end
 local function rec(id)
   local r = redis.call('HGET', P..':t', id)
   if not r then return nil end
@@ -133,19 +145,22 @@ local function grant(capacity, now, lease)
   return granted
 end
 local function touch(ttl)
-  for _, name in ipairs({'inflight', 't', 'hold', 'wait', 'waiting', 'seq'}) do
+  for _, name in ipairs({'inflight', 't', 'hold', 'wait', 'waiting', 'seq', 'c:0', 'c:1',
+                         'c:2', 'lines:0', 'lines:1', 'lines:2', 'last:0', 'last:1',
+                         'last:2'}) do
     redis.call('EXPIRE', P..':'..name, ttl)
   end
 end
 """
 
-# ARGV: prefix, channel, id, tenant, rank, cost, weight, capacity, now, lease, alive,
+# ARGV: prefix, channel, id, tenant, rank, cost, weight, capacity, (unused), lease, alive,
 # max_waiting, max_per_tenant, retry, max_lead, ttl -> {1: granted | 0: waiting |
 # -1: line full | -2: the tenant's line full, waiting}
 _ENTER = Script(_LIB + """
 local id, tenant = ARGV[3], ARGV[4]
-local rank, cost, weight = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local capacity, now, lease = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local rank, cost, weight = tonumber(ARGV[5]), math.min(tonumber(ARGV[6]), tonumber(ARGV[17])),
+  tonumber(ARGV[7])
+local capacity, now, lease = tonumber(ARGV[8]), clock(), tonumber(ARGV[10])
 local alive, maxw, maxt = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
 local retry, maxlead = ARGV[14] == '1', tonumber(ARGV[15])
 touch(tonumber(ARGV[16]))
@@ -153,8 +168,7 @@ purge(now)
 local line = P..':line:'..rank..':'..tenant
 local own_line = redis.call('EXISTS', line) == 1
 if not own_line then  -- it starts waiting: lifted to those waiting (or the last served)
-  local least = redis.call('ZRANGE', P..':lines:'..rank, 0, 0, 'WITHSCORES')
-  local floor = #least > 0 and tonumber(least[2]) or num(redis.call('GET', P..':last:'..rank))
+  local floor = floor_of(rank, tenant)
   local c = counter(rank, tenant)
   c = math.min(math.max(c, floor), floor + maxlead)
   redis.call('HSET', P..':c:'..rank, tenant, c)
@@ -192,10 +206,10 @@ redis.call('HINCRBY', P..':wait', tenant, 1)
 return {0, waiting + 1}
 """)
 
-# ARGV: prefix, channel, id, used (-1: not known), capacity, now, lease -> granted ids
+# ARGV: prefix, channel, id, used (-1: not known), capacity, (unused), lease -> granted ids
 _RELEASE = Script(_LIB + """
 local id, used = ARGV[3], tonumber(ARGV[4])
-local capacity, now, lease = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local capacity, now, lease = tonumber(ARGV[5]), clock(), tonumber(ARGV[7])
 local r = rec(id)
 if redis.call('ZREM', P..':inflight', id) == 1 and r then
   redis.call('HINCRBY', P..':hold', r.tenant, -1)
@@ -221,27 +235,30 @@ redis.call('HDEL', P..':t', id)
 return 1
 """)
 
-# ARGV: prefix, channel, capacity, now, lease, alive, then ids: keeps the waiting ones
-# alive and the held ones leased, grants what fits -> the given ids that hold a slot
+# ARGV: prefix, channel, capacity, lease, alive, the number of waiting ids, the waiting
+# ids, the held ids: keeps the waiting ones alive and renews the held ones' leases,
+# grants what fits -> {the waiting ids that hold a slot, the waiting ids Redis lost}
 _POLL = Script(_LIB + """
-local capacity, now = tonumber(ARGV[3]), tonumber(ARGV[4])
-local lease, alive = tonumber(ARGV[5]), tonumber(ARGV[6])
+local capacity, now = tonumber(ARGV[3]), clock()
+local lease, alive, waiting = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 purge(now)
-for i = 7, #ARGV do
-  local id = ARGV[i]
-  if redis.call('ZSCORE', P..':inflight', id) then
-    redis.call('ZADD', P..':inflight', 'XX', now + lease, id)
-  else
-    local r = rec(id)
-    if r then r.alive = now + alive; put(id, r) end
+for i = 7 + waiting, #ARGV do
+  redis.call('ZADD', P..':inflight', 'XX', now + lease, ARGV[i])
+end
+for i = 7, 6 + waiting do
+  local r = rec(ARGV[i])
+  if r and not redis.call('ZSCORE', P..':inflight', ARGV[i]) then
+    r.alive = now + alive
+    put(ARGV[i], r)
   end
 end
 grant(capacity, now, lease)
-local holding = {}
-for i = 7, #ARGV do
-  if redis.call('ZSCORE', P..':inflight', ARGV[i]) then holding[#holding + 1] = ARGV[i] end
+local holding, lost = {}, {}
+for i = 7, 6 + waiting do
+  if redis.call('ZSCORE', P..':inflight', ARGV[i]) then holding[#holding + 1] = ARGV[i]
+  elseif redis.call('HEXISTS', P..':t', ARGV[i]) == 0 then lost[#lost + 1] = ARGV[i] end
 end
-return holding
+return {holding, lost}
 """)
 
 # ARGV: prefix, channel -> {in flight, rank, tenant, waiting, rank, tenant, waiting...}
@@ -259,12 +276,13 @@ return out
 
 
 class _Waiter:
-    __slots__ = ("server", "event", "granted")
+    __slots__ = ("server", "event", "granted", "lost")
 
     def __init__(self, server: str) -> None:
         self.server = server
         self.event = threading.Event()
         self.granted = False
+        self.lost = False  # Redis forgot it (a restart): it enters the line again
 
 
 class RedisSlots:
@@ -304,35 +322,46 @@ class RedisSlots:
             self._waiters[ticket] = waiter  # before ENTER: a grant may come at once
             self._capacity[server] = capacity
             self._models[server] = model
-        answer = self._pipe.ask(Call(_ENTER, [], [
-            _prefix(server), CHANNEL, ticket, place.tenant, rank, place.cost, place.weight,
-            capacity, _now(), LEASE, ALIVE, self.waits.max_waiting,
-            self.waits.max_waiting_per_tenant, int(retry), MAX_LEAD, KEY_TTL],
-            threading.Event()), REDIS_WAIT)
-        if answer is None or isinstance(answer, Exception):
+        try:
+            state = self._enter(server, capacity, place, ticket, retry)
+            if state is None:  # Redis is down or slow: this process's share
+                return self._local.take(server, model, capacity, place, client_gone, retry)
+            if state == 0:
+                self._wait(server, model, capacity, place, ticket, waiter,
+                           began + self.waits.timeouts[rank], client_gone)
+        finally:
             with self._lock:
                 self._waiters.pop(ticket, None)
-            return self._local.take(server, model, capacity, place, client_gone, retry)
-        state, waiting = int(answer[0]), int(answer[1])
-        if state < 0:
-            with self._lock:
-                self._waiters.pop(ticket, None)
-            self._refused(model, place.tier, "queue_full" if state == -1
-                          else "tenant_queue_full")
-            raise self._local.full_error(
-                "queue_full" if state == -1 else "tenant_queue_full",
-                retry_after(self._drain_seconds(server, capacity, waiting)))
-        if state == 0:
-            self._wait(server, model, capacity, place, ticket, waiter,
-                       began + self.waits.timeouts[rank], client_gone)
         with self._lock:
-            self._waiters.pop(ticket, None)
             self._held[ticket] = (server, capacity)
         held = Held(self, server, _RemoteTicket(ticket, place), time.monotonic() - began)
         if self._observer is not None:
             self._observer.waited(model, place.tier, place.tenant, held.waited)
             self._observer.slots(server, 0, 1)
         return held
+
+    def _enter(self, server: str, capacity: int, place: Place, ticket: str,
+               retry: bool) -> int | None:
+        """Puts the ticket in the server's line: 1 (it holds a slot), 0 (it waits), None
+        (Redis cannot be asked); a full line is a 429."""
+        answer = self._pipe.ask(Call(_ENTER, [], [
+            _prefix(server), CHANNEL, ticket, place.tenant, RANK.get(place.tier, 1),
+            place.cost, place.weight, capacity, 0, LEASE, ALIVE, self.waits.max_waiting,
+            self.waits.max_waiting_per_tenant, int(retry), MAX_LEAD, KEY_TTL, MAX_COST],
+            threading.Event()), REDIS_WAIT)
+        if answer is None or isinstance(answer, Exception):
+            return None
+        state, waiting = int(answer[0]), int(answer[1])
+        if state < 0:
+            reason = "queue_full" if state == -1 else "tenant_queue_full"
+            self._refused(self._models.get(server, ""), place.tier, reason)
+            raise self._local.full_error(reason, retry_after(
+                self._drain_seconds(server, capacity, waiting)))
+        return state
+
+    def drain(self) -> None:
+        """On a graceful stop: the releases still queued go to Redis."""
+        self._pipe.drain()
 
     def release(self, held: Held, used: float | None) -> None:
         ticket = held.ticket
@@ -346,7 +375,7 @@ class RedisSlots:
         server, capacity = known
         self._pipe.send(Call(_RELEASE, [], [
             _prefix(server), CHANNEL, ticket.id, -1 if used is None else used, capacity,
-            _now(), LEASE], None))
+            0, LEASE], None))
         if self._observer is not None:
             self._observer.slots(server, 0, -1)
 
@@ -393,7 +422,13 @@ class RedisSlots:
                 if waiter.event.wait(min(TICK, max(remaining, 0.0))):
                     if waiter.granted:
                         return
-                    waiter.event.clear()  # its server failed: leave the line
+                    waiter.event.clear()
+                    if waiter.lost:  # Redis restarted: back in line, at its head
+                        waiter.lost = False
+                        if self._enter(server, capacity, place, ticket, True) != 0:
+                            return  # granted at once (or Redis is gone: it goes on)
+                        continue
+                    # its server failed: leave the line
                     self._cancel(server, capacity, ticket, gone=True)
                     raise ServerLeft("The model server this request waited for failed.")
                 gone = client_gone()
@@ -423,7 +458,7 @@ class RedisSlots:
         if answer == 2:
             if gone:
                 self._pipe.send(Call(_RELEASE, [], [_prefix(server), CHANNEL, ticket, -1,
-                                                    capacity, _now(), LEASE], None))
+                                                    capacity, 0, LEASE], None))
                 return True
             return True
         return False
@@ -481,6 +516,14 @@ class RedisSlots:
                     waiter.granted = True
                     waiter.event.set()
 
+    def _lost(self, ids: list[str]) -> None:
+        with self._lock:
+            for ticket in ids:
+                waiter = self._waiters.get(ticket)
+                if waiter is not None and not waiter.granted:
+                    waiter.lost = True
+                    waiter.event.set()
+
     def _poll(self) -> None:
         while True:
             time.sleep(POLL)
@@ -494,18 +537,21 @@ class RedisSlots:
         if renew:
             self._renewed_at = time.monotonic()
         with self._lock:
-            by_server: dict[str, list[str]] = {}
+            waiting: dict[str, list[str]] = {}
+            held: dict[str, list[str]] = {}
             for ticket, waiter in self._waiters.items():
-                by_server.setdefault(waiter.server, []).append(ticket)
+                waiting.setdefault(waiter.server, []).append(ticket)
             if renew:
                 for ticket, (server, _) in self._held.items():
-                    by_server.setdefault(server, []).append(ticket)
-        for server, tickets in by_server.items():
+                    held.setdefault(server, []).append(ticket)
+        for server in set(waiting) | set(held):
+            mine = waiting.get(server, [])
             answer = self._pipe.ask(Call(_POLL, [], [
-                _prefix(server), CHANNEL, self._capacity.get(server, 1), _now(), LEASE,
-                ALIVE, *tickets], threading.Event()), REDIS_WAIT)
-            if isinstance(answer, list):
-                self._granted([_text(ticket) for ticket in answer])
+                _prefix(server), CHANNEL, self._capacity.get(server, 1), LEASE, ALIVE,
+                len(mine), *mine, *held.get(server, [])], threading.Event()), REDIS_WAIT)
+            if isinstance(answer, list) and len(answer) == 2:
+                self._granted([_text(ticket) for ticket in answer[0]])
+                self._lost([_text(ticket) for ticket in answer[1]])
 
     def _refused(self, model: str, tier: str, reason: str) -> None:
         if self._observer is not None:
@@ -525,11 +571,6 @@ class _RemoteTicket:
 
 def _prefix(server: str) -> str:
     return "fc:q:{" + server + "}"
-
-
-def _now() -> float:
-    """Seconds, as every host's clock says (leases and liveness across hosts)."""
-    return time.time()
 
 
 def _text(value: Any) -> str:

@@ -76,6 +76,7 @@ class Lines(Protocol):
 
     def server_failed(self, server: str) -> None: ...
     def snapshot(self) -> list[dict[str, Any]]: ...
+    def drain(self) -> None: ...
 
 
 class Held:
@@ -153,6 +154,9 @@ class Slots:
             self._wake(queue.release(held.ticket, self._clock()))
             if self._observer is not None:
                 self._observer.slots(held.server, queue.in_flight, -1)
+
+    def drain(self) -> None:
+        """Nothing to send anywhere on a stop (RedisSlots sends its releases)."""
 
     def server_failed(self, server: str) -> None:
         """Whoever waits for ``server`` goes elsewhere."""

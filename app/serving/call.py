@@ -88,7 +88,9 @@ class Call:
     # Who the request waits as for a busy model's slots, and the tier it is served at
     # (set by admission, from the key and requested_tier).
     place: Any = None  # an app.scheduling.slots.Place
-    held: Any = None  # the app.scheduling.slots.Held slot it holds on a server, if any
+    # The app.scheduling.slots.Held slots it holds on servers (an embeddings request's
+    # batches may hold several at once).
+    held: list[Any] = field(default_factory=list)
     queued: bool = False  # it went through a server's line (whose capacity is known)
     queue_seconds: float = 0.0  # time spent waiting for a slot
 
@@ -98,10 +100,11 @@ class Call:
         return self.place.tier if self.place is not None else "default"
 
     def release_slot(self, used: float | None) -> None:
-        """Gives back the request's slot on its server (``used``: tokens, where known)."""
-        held, self.held = self.held, None
-        if held is not None:
-            held.release(used)
+        """Gives back the request's slots (``used``: the tokens it used, where known,
+        counted once)."""
+        while self.held:
+            self.held.pop().release(used)
+            used = None
 
     def use_model(self, model: str) -> None:
         """The request is for ``model``; a model its key may not use is, as OpenAI answers,

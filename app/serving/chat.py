@@ -52,6 +52,7 @@ def complete(body: ChatRequest, upstream: Upstream, call: Call) -> dict[str, Any
                         "logprobs": None, "finish_reason": reason})
     totals = usage.total()
     call.meter.report(totals["prompt_tokens"], totals["completion_tokens"])
+    call.release_slot(totals["total_tokens"])  # the worker is done: its slot goes on now
     return {"id": new_id("chatcmpl-"), "object": "chat.completion",
             "created": int(time.time()), "model": body["model"], "choices": choices,
             "usage": totals, "service_tier": call.service_tier}

@@ -59,6 +59,7 @@ def complete(body: CompletionRequest, upstream: Upstream, call: Call) -> dict[st
                         "finish_reason": reason})
     totals = usage.total()
     call.meter.report(totals["prompt_tokens"], totals["completion_tokens"])
+    call.release_slot(totals["total_tokens"])  # the worker is done: its slot goes on now
     return {"id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()),
             "model": body["model"], "choices": choices, "usage": totals,
             "service_tier": call.service_tier}

@@ -49,9 +49,16 @@ def _embed_batch(upstream: Upstream, call: Call, model: str,
     # are float16 for some models (FastChat weakness), so we encode float32 ourselves.
     payload = {"model": model, "input": batch, "encoding_format": None}
     address, result = on_worker(upstream, model, partial(
-        upstream.workers.embeddings, payload=payload, request_id=call.request_id), call)
+        upstream.workers.embeddings, payload=payload, request_id=call.request_id), call,
+        used=_tokens)
     upstream.controller.release(address)
     return result
+
+
+def _tokens(result: dict[str, Any]) -> float:
+    """What a batch of embeddings used: its inputs' tokens."""
+    count = result.get("token_num")
+    return count if isinstance(count, int) else 0
 
 
 def _encode(vector: Any, encoding_format: str) -> Any:

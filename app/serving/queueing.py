@@ -4,7 +4,7 @@ request waits in the gateway for a slot (``app.scheduling``) before it is sent; 
 request's end gives the slot back (``app.web.request_end``)."""
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from app.scheduling.slots import Lines, Place
 from app.serving.call import Call
@@ -23,6 +23,7 @@ class CallQueue(Generic[K]):
         self._slots = slots
         self._call = call
         self._server = server
+        self._held: Any = None  # the slot this line gave (one attempt at a time)
 
     def wait(self, key: K, retry: bool) -> None:
         name, capacity = self._server(key)
@@ -33,10 +34,21 @@ class CallQueue(Generic[K]):
                                 call.client_gone, retry)
         call.queued = True
         call.queue_seconds += held.waited
-        call.held = held
+        call.held.append(held)
+        self._held = held
 
     def leave(self) -> None:
-        self._call.release_slot(None)
+        """The attempt failed: its slot goes back (the request's others stay)."""
+        self.done(None)
+
+    def done(self, used: float | None) -> None:
+        """This line's slot goes back (``used``: tokens, where known); the request's
+        others stay."""
+        held, self._held = self._held, None
+        if held is not None:
+            if held in self._call.held:
+                self._call.held.remove(held)
+            held.release(used)
 
     def down(self, key: K) -> None:
         self._slots.server_failed(self._server(key)[0])

@@ -55,12 +55,13 @@ def complete(path: str, payload: dict[str, Any], model: str, upstream: Upstream,
     upstream.openai.release(target)
     if "model" in answer:
         answer["model"] = model
-    if path != EMBEDDINGS:
-        answer["service_tier"] = call.service_tier
+    if path != EMBEDDINGS and not answer.get("service_tier"):
+        answer["service_tier"] = call.service_tier  # an upstream that says nothing
     # An upstream that gives no usage is charged what its answer holds (a token per four
     # characters).
     call.meter.report(prompt_tokens(answer),
                       completion_tokens(answer) or answer_tokens(answer))
+    call.release_slot(call.meter.prompt() + call.meter.completion())  # done: it goes on
     return answer
 
 
@@ -130,6 +131,7 @@ def _relay(stream: UpstreamStream[bytes], target: OpenAITarget, events: "_Events
             for data in batch:
                 if data == b"[DONE]":
                     done = True
+                    call.release_slot(call.meter.prompt() + call.meter.completion())
                     break
                 try:
                     relayed = events.relayed(data)

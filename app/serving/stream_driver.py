@@ -64,7 +64,9 @@ def drive(source: WorkerStreams, fmt: ChunkFormat, trackers: Sequence[TextTracke
             if out:
                 yield out[0] if len(out) == 1 else b"".join(out)
             if not remaining:
-                yield (fmt.usage(usage.total()) if include_usage else b"") + fmt.closing
+                totals = usage.total()  # the workers are done: their slot goes on at once
+                call.release_slot(totals["prompt_tokens"] + totals["completion_tokens"])
+                yield (fmt.usage(totals) if include_usage else b"") + fmt.closing
                 drain(items)
                 return
         yield fmt.closing  # unreachable: every choice ends before its source does

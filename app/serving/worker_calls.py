@@ -21,15 +21,21 @@ T = TypeVar("T")
 
 
 def on_worker(upstream: Upstream, model: str, attempt: Callable[[str], T],
-              call: Call | None = None) -> tuple[str, T]:
+              call: Call | None = None,
+              used: Callable[[T], float] | None = None) -> tuple[str, T]:
     """``with_failover`` over the model's FastChat workers; with ``call``, the attempt
-    (a generation, embeddings) waits for a slot on a busy worker first."""
+    (a generation, embeddings) waits for a slot on a busy worker first. ``used``: the
+    attempt's answer is all of it (embeddings), so its slot goes back as soon as it
+    returns, counted at what ``used`` says; else the request gives it back."""
     queue = None if call is None else CallQueue(
         upstream.slots, call, lambda address: (address,
                                                upstream.worker_capacity(address, model)))
-    return with_failover(upstream.controller, model, attempt, upstream.failures,
-                         forget=lambda address: upstream.workers.forget(address, model),
-                         queue=queue)
+    key, result = with_failover(upstream.controller, model, attempt, upstream.failures,
+                                forget=lambda address: upstream.workers.forget(address, model),
+                                queue=queue)
+    if queue is not None and used is not None:
+        queue.done(used(result))
+    return key, result
 
 
 def text_model_details(upstream: Upstream, call: Call, address: str,
