@@ -163,7 +163,6 @@ local rank, cost, weight = tonumber(ARGV[5]), math.min(tonumber(ARGV[6]), tonumb
 local capacity, now, lease = tonumber(ARGV[8]), clock(), tonumber(ARGV[10])
 local alive, maxw, maxt = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
 local retry, maxlead = ARGV[14] == '1', tonumber(ARGV[15])
-touch(tonumber(ARGV[16]))
 purge(now)
 local line = P..':line:'..rank..':'..tenant
 local own_line = redis.call('EXISTS', line) == 1
@@ -175,6 +174,7 @@ if not own_line then  -- it starts waiting: lifted to those waiting (or the last
 end
 local r = {tenant = tenant, rank = rank, cost = cost, weight = weight, alive = now + alive,
            seq = redis.call('INCR', P..':seq')}
+if r.seq % 64 == 1 then touch(tonumber(ARGV[16])) end  -- now and then is enough
 put(id, r)
 local before = own_line
 if not before then
@@ -335,7 +335,7 @@ class RedisSlots:
         with self._lock:
             self._held[ticket] = (server, capacity)
         held = Held(self, server, _RemoteTicket(ticket, place), time.monotonic() - began)
-        if self._observer is not None:
+        if self._observer is not None and state == 0:
             self._observer.waited(model, place.tier, place.tenant, held.waited)
             self._observer.slots(server, 0, 1)
         return held

@@ -117,8 +117,6 @@ class Slots:
         began = self._clock()
         rank = RANK.get(place.tier, RANK["default"])
         ticket = Ticket(place.tenant, place.weight, rank, place.cost)
-        event = threading.Event()
-        ticket.extra["event"] = event
         with self._lock:
             queue = self._queue(server, model, capacity)
             try:
@@ -127,6 +125,8 @@ class Slots:
                 self._refused(model, place.tier, refused.reason)
                 raise self.full_error(refused.reason, retry_after(
                     queue.drain_seconds(queue.waiting))) from None
+            if not granted:  # made under the lock: a release may set it at once
+                event = ticket.extra["event"] = threading.Event()
         observer = self._observer
         if not granted:
             if observer is not None:
@@ -137,9 +137,10 @@ class Slots:
             finally:
                 if observer is not None:
                     observer.waiting(model, place.tier, -1)
-        held = Held(self, server, ticket, self._clock() - began)
+        held = Held(self, server, ticket, self._clock() - began if not granted else 0.0)
         if observer is not None:
-            observer.waited(model, place.tier, place.tenant, held.waited)
+            if not granted:
+                observer.waited(model, place.tier, place.tenant, held.waited)
             observer.slots(server, queue.in_flight, 1)
         return held
 

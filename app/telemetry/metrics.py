@@ -68,8 +68,8 @@ QUEUE_WAITING = Gauge("flaskchat_queue_waiting",
                       "model and service tier.", ["model", "tier"],
                       multiprocess_mode="livesum")
 QUEUE_WAIT = Histogram("flaskchat_queue_wait_seconds",
-                       "Time requests waited for a model server's slot, by team (bounded "
-                       "as key names are: see --metrics-key-labels).", ["team"],
+                       "Time the requests that waited for a model server's slot waited, by "
+                       "team (bounded as key names are: see --metrics-key-labels).", ["team"],
                        buckets=LATENCY_BUCKETS)
 SLOTS_IN_USE = Gauge("flaskchat_server_slots_in_use",
                      "Requests holding a slot of a model server whose capacity is known, "
