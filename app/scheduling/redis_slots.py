@@ -484,16 +484,23 @@ class RedisSlots:
     def _listen(self) -> None:
         import redis
 
+        lost = False
         while True:
             try:
                 client = redis.Redis.from_url(self._url, socket_connect_timeout=2.0)
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(CHANNEL)
+                if lost:
+                    log.info("listening to the queue's Redis channel again")
+                    lost = False
                 for message in pubsub.listen():  # type: ignore[no-untyped-call]
                     if message.get("type") == "message":
                         self._heard(_text(message["data"]))
             except Exception as exc:  # redis' errors: the polls cover the gap
-                log.warning("lost the queue's Redis channel (%s); listening again", exc)
+                if not lost:  # once, not every second while Redis is away
+                    log.warning("lost the queue's Redis channel (%s); listening again "
+                                "when it is back", exc)
+                    lost = True
                 time.sleep(1.0)
 
     def _heard(self, message: str) -> None:
