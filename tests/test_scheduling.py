@@ -205,3 +205,15 @@ def test_a_padded_prompt_refunded_at_the_end_buys_no_turns() -> None:
     held = [t for t in others + later if t.state == "granted"]
     order += serve(queue, held, 3)
     assert order.count("cheat") <= 2  # alternating, not every turn
+
+
+def test_a_request_takes_a_slot_per_generation_it_runs_at_once() -> None:
+    queue = ServerQueue(4, 100, 100)
+    wide = Ticket("a", 1.0, RANK["default"], 10.0, size=3)  # n=3
+    assert queue.enter(wide) and queue.in_flight == 3
+    pair, single = Ticket("b", 1.0, 1, 10.0, size=2), ticket("c")
+    assert not queue.enter(pair)  # two do not fit in the one left
+    assert not queue.enter(single)  # nor may a later one pass it
+    assert queue.release(wide, 0.0) == [pair, single]
+    huge = Ticket("d", 1.0, 1, 10.0, size=50)  # more than the server: all of it, alone
+    assert not queue.enter(huge) and huge.size == 4

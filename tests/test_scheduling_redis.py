@@ -162,3 +162,16 @@ def test_a_redis_restart_puts_the_waiting_requests_back_in_line(redis: Redis) ->
     assert waiter.held is not None
     waiter.held.release()
     holder.release()
+
+
+def test_n_generations_take_n_slots(redis: Redis) -> None:
+    one = lines(redis.url)
+    server = SERVER + "/g"
+    wide = one.take(server, "m", 2, Place("a", 1.0, "default", 10.0, size=2), lambda: False)
+    assert in_flight(one, server) == 2
+    waiter = Waiting(one, server, 2, place("b"))
+    wait_for(lambda: waiting_in(one, server) == 1, what="the next to wait")
+    wide.release()
+    wait_for(waiter.done, what="its turn")
+    assert waiter.held is not None and in_flight(one, server) == 1
+    waiter.held.release()

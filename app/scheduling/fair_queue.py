@@ -42,6 +42,7 @@ class Ticket:
     weight: float
     rank: int  # its tier's index in TIERS
     cost: float  # tokens, as estimated when it asked
+    size: int = 1  # slots it takes: the generations it runs at once (n), at most capacity
     seq: int = 0
     state: str = "new"  # new, waiting, granted, cancelled, released
     extra: dict[str, object] = field(default_factory=dict)  # the caller's own (its wakeup)
@@ -86,7 +87,8 @@ class ServerQueue:
         ticket.seq = next(self._seq)
         if key not in self._lines:  # it starts waiting: lifted to the others
             self._lift(key)
-        if self.in_flight < self.capacity and not self._waits_before(ticket):
+        ticket.size = max(min(ticket.size, self.capacity), 1)
+        if self._fits(ticket) and not self._waits_before(ticket):
             self._hold(ticket)
             return True
         if self.waiting >= self.max_waiting:
@@ -126,7 +128,7 @@ class ServerQueue:
         if ticket.state != "granted":
             return []
         ticket.state = "released"
-        self.in_flight -= 1
+        self.in_flight -= ticket.size
         held = self._holding.get(ticket.tenant, 0) - 1
         if held > 0:
             self._holding[ticket.tenant] = held
@@ -191,6 +193,8 @@ class ServerQueue:
         while self.in_flight < self.capacity and self._lines:
             key = self._next()
             line = self._lines[key]
+            if not self._fits(line[0]):
+                break  # the next one needs more slots than are free: it waits for them
             ticket = line.popleft()
             if not line:
                 del self._lines[key]
@@ -208,9 +212,12 @@ class ServerQueue:
             key[1], self._counters.get(key, 0.0), self._holding.get(key[0], 0),
             self._lines[key][0].seq))
 
+    def _fits(self, ticket: Ticket) -> bool:
+        return self.in_flight + min(ticket.size, self.capacity) <= self.capacity
+
     def _hold(self, ticket: Ticket) -> None:
         ticket.state = "granted"
-        self.in_flight += 1
+        self.in_flight += ticket.size
         self._holding[ticket.tenant] = self._holding.get(ticket.tenant, 0) + 1
         key = (ticket.tenant, ticket.rank)
         counter = self._counters.get(key, 0.0)

@@ -65,12 +65,15 @@ local function rec(id)
   local f = {}
   for part in string.gmatch(r, '[^\\t]+') do f[#f + 1] = part end
   return {tenant = f[1], rank = tonumber(f[2]), cost = tonumber(f[3]),
-          weight = tonumber(f[4]), alive = tonumber(f[5]), seq = tonumber(f[6]), raw = f}
+          weight = tonumber(f[4]), alive = tonumber(f[5]), seq = tonumber(f[6]),
+          size = tonumber(f[7] or '1')}
 end
 local function put(id, r)
   redis.call('HSET', P..':t', id, r.tenant..'\\t'..r.rank..'\\t'..r.cost..'\\t'..r.weight..
-             '\\t'..r.alive..'\\t'..r.seq)
+             '\\t'..r.alive..'\\t'..r.seq..'\\t'..r.size)
 end
+-- slots in use: the sizes of the tickets holding them
+local function used() return num(redis.call('GET', P..':used')) end
 local function counter(rank, tenant) return num(redis.call('HGET', P..':c:'..rank, tenant)) end
 local function set_counter(rank, tenant, value)
   redis.call('HSET', P..':c:'..rank, tenant, value)
@@ -80,13 +83,17 @@ local function purge(now)
   local expired = redis.call('ZRANGEBYSCORE', P..':inflight', '-inf', now)
   for _, id in ipairs(expired) do
     local r = rec(id)
-    if r then redis.call('HINCRBY', P..':hold', r.tenant, -1) end
+    if r then
+      redis.call('HINCRBY', P..':hold', r.tenant, -1)
+      redis.call('DECRBY', P..':used', r.size)
+    end
     redis.call('HDEL', P..':t', id)
     redis.call('ZREM', P..':inflight', id)
   end
 end
 local function hold(id, r, expiry)
   redis.call('ZADD', P..':inflight', expiry, id)
+  redis.call('INCRBY', P..':used', r.size)
   redis.call('HINCRBY', P..':hold', r.tenant, 1)
   local c = counter(r.rank, r.tenant)
   redis.call('SET', P..':last:'..r.rank, c)
@@ -126,9 +133,13 @@ local function unwait(rank, tenant)
 end
 local function grant(capacity, now, lease)
   local granted = {}
-  while redis.call('ZCARD', P..':inflight') < capacity do
+  while used() < capacity do
     local rank, tenant = best()
     if not rank then break end
+    local head = rec(redis.call('LINDEX', P..':line:'..rank..':'..tenant, 0) or '')
+    if head and head.alive >= now and used() + head.size > capacity then
+      break  -- the next one needs more slots than are free: it waits for them
+    end
     local id = redis.call('LPOP', P..':line:'..rank..':'..tenant)
     unwait(rank, tenant)
     local r = id and rec(id)
@@ -145,7 +156,8 @@ local function grant(capacity, now, lease)
   return granted
 end
 local function touch(ttl)
-  for _, name in ipairs({'inflight', 't', 'hold', 'wait', 'waiting', 'seq', 'c:0', 'c:1',
+  for _, name in ipairs({'inflight', 'used', 't', 'hold', 'wait', 'waiting', 'seq', 'c:0',
+                         'c:1',
                          'c:2', 'lines:0', 'lines:1', 'lines:2', 'last:0', 'last:1',
                          'last:2'}) do
     redis.call('EXPIRE', P..':'..name, ttl)
@@ -173,7 +185,8 @@ if not own_line then  -- it starts waiting: lifted to those waiting (or the last
   redis.call('HSET', P..':c:'..rank, tenant, c)
 end
 local r = {tenant = tenant, rank = rank, cost = cost, weight = weight, alive = now + alive,
-           seq = redis.call('INCR', P..':seq')}
+           seq = redis.call('INCR', P..':seq'),
+           size = math.max(math.min(tonumber(ARGV[18]), capacity), 1)}
 if r.seq % 64 == 1 then touch(tonumber(ARGV[16])) end  -- now and then is enough
 put(id, r)
 local before = own_line
@@ -186,7 +199,7 @@ if not before then
   end
 end
 local waiting = num(redis.call('GET', P..':waiting'))
-if redis.call('ZCARD', P..':inflight') < capacity and not before then
+if used() + r.size <= capacity and not before then
   hold(id, r, now + lease)
   return {1, waiting}
 end
@@ -213,6 +226,7 @@ local capacity, now, lease = tonumber(ARGV[5]), clock(), tonumber(ARGV[7])
 local r = rec(id)
 if redis.call('ZREM', P..':inflight', id) == 1 and r then
   redis.call('HINCRBY', P..':hold', r.tenant, -1)
+  redis.call('DECRBY', P..':used', r.size)
   if used >= 0 then
     set_counter(r.rank, r.tenant,
                 math.max(counter(r.rank, r.tenant) + (used - r.cost) / r.weight, 0))
@@ -263,7 +277,7 @@ return {holding, lost}
 
 # ARGV: prefix, channel -> {in flight, rank, tenant, waiting, rank, tenant, waiting...}
 _SNAPSHOT = Script(_LIB + """
-local out = {redis.call('ZCARD', P..':inflight')}
+local out = {used()}
 for rank = 0, 2 do
   for _, tenant in ipairs(redis.call('ZRANGE', P..':lines:'..rank, 0, -1)) do
     out[#out + 1] = rank
@@ -347,7 +361,8 @@ class RedisSlots:
         answer = self._pipe.ask(Call(_ENTER, [], [
             _prefix(server), CHANNEL, ticket, place.tenant, RANK.get(place.tier, 1),
             place.cost, place.weight, capacity, 0, LEASE, ALIVE, self.waits.max_waiting,
-            self.waits.max_waiting_per_tenant, int(retry), MAX_LEAD, KEY_TTL, MAX_COST],
+            self.waits.max_waiting_per_tenant, int(retry), MAX_LEAD, KEY_TTL, MAX_COST,
+            place.size],
             threading.Event()), REDIS_WAIT)
         if answer is None or isinstance(answer, Exception):
             return None

@@ -34,6 +34,7 @@ class Place:
     weight: float
     tier: str
     cost: float  # tokens counted when it gets a slot (its prompt)
+    size: int = 1  # the generations it runs at once on the server (n)
 
 
 class QueueObserver(Protocol):
@@ -116,7 +117,7 @@ class Slots:
              client_gone: Callable[[], bool], retry: bool = False) -> Held:
         began = self._clock()
         rank = RANK.get(place.tier, RANK["default"])
-        ticket = Ticket(place.tenant, place.weight, rank, place.cost)
+        ticket = Ticket(place.tenant, place.weight, rank, place.cost, place.size)
         with self._lock:
             queue = self._queue(server, model, capacity)
             try:

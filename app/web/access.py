@@ -102,17 +102,20 @@ def _admit(gate: "Gate", principal: "Principal", counts_request: bool, current: 
               context, counts_request)
     admitted = gate.admit(principal, ask)
     current.admitted = admitted
-    current.place = place_of(principal, current.requested_tier, ask.prompt)
+    current.place = place_of(principal, current.requested_tier, ask.prompt, choices)
     return admitted.cap
 
 
-def place_of(principal: "Principal", requested: str | None, cost: float) -> Place:
+def place_of(principal: "Principal", requested: str | None, cost: float,
+             generations: int = 1) -> Place:
     """Who the request waits as, for a busy model: its tenant (team, else key) with the
     tenant's weight, at the tier asked for, never above the key's highest. ``cost``: its
     prompt, counted when it gets a slot; what it generates is counted when it ends (as
-    the virtual token counter counts output as it is made, a reply is not guessed)."""
+    the virtual token counter counts output as it is made, a reply is not guessed).
+    ``generations``: the slots it takes, one per generation it runs at once (n)."""
     return Place(principal.tenant, principal.weight,
-                 granted_tier(requested, principal.default_tier, principal.max_tier), cost)
+                 granted_tier(requested, principal.default_tier, principal.max_tier), cost,
+                 max(generations, 1))
 
 
 def admit_ticket(principal: "Principal", body_bytes: int) -> None:
