@@ -351,7 +351,7 @@ class RedisSlots:
         held = Held(self, server, _RemoteTicket(ticket, place), time.monotonic() - began)
         if self._observer is not None and state == 0:
             self._observer.waited(model, place.tier, place.tenant, held.waited)
-            self._observer.slots(server, 0, 1)
+            self._observer.slots(server, 0, min(place.size, capacity))
         return held
 
     def _enter(self, server: str, capacity: int, place: Place, ticket: str,
@@ -392,7 +392,7 @@ class RedisSlots:
             _prefix(server), CHANNEL, ticket.id, -1 if used is None else used, capacity,
             0, LEASE], None))
         if self._observer is not None:
-            self._observer.slots(server, 0, -1)
+            self._observer.slots(server, 0, -min(ticket.place.size, capacity))
 
     def server_failed(self, server: str) -> None:
         self._local.server_failed(server)

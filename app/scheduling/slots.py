@@ -142,7 +142,7 @@ class Slots:
         if observer is not None:
             if not granted:
                 observer.waited(model, place.tier, place.tenant, held.waited)
-            observer.slots(server, queue.in_flight, 1)
+            observer.slots(server, queue.in_flight, ticket.size)
         return held
 
     def release(self, held: Held, used: float | None) -> None:
@@ -155,7 +155,7 @@ class Slots:
                 queue.settle(held.ticket, used)
             self._wake(queue.release(held.ticket, self._clock()))
             if self._observer is not None:
-                self._observer.slots(held.server, queue.in_flight, -1)
+                self._observer.slots(held.server, queue.in_flight, -held.ticket.size)
 
     def drain(self) -> None:
         """Nothing to send anywhere on a stop (RedisSlots sends its releases)."""
