@@ -13,6 +13,7 @@ import requests
 
 from app.cli import main
 from app.config import Settings, add_arguments, parse_list
+from app.upstream.openai_config import UpstreamConfigError, load_targets
 from tests.conftest import Server, Stack, start_on_socket
 
 
@@ -57,6 +58,26 @@ def test_bad_flag_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None
         with pytest.raises(SystemExit) as exit_info:
             main(["worker", flag, value])
         assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_model_capacities_and_upstream_concurrency_are_checked(tmp_path: Path) -> None:
+    settings = parse(["--model-capacity", "a=2", "--model-capacity", "b=8"],
+                     {"FLASKCHAT_MODEL_CAPACITY": "c=1"})
+    assert settings.model_capacities == {"a": 2, "b": 8}  # the flags beat the variable
+    assert parse([], {"FLASKCHAT_MODEL_CAPACITY": "c=1,d=3"}).model_capacities == \
+        {"c": 1, "d": 3}
+    for bad in ("a", "a=0", "a=-1", "=2", "a=two"):
+        with pytest.raises(SystemExit, match="model-capacity|MODEL_CAPACITY"):
+            parse(["--model-capacity", bad], {})
+    upstreams = tmp_path / "upstreams.toml"
+    for bad in ("0", "-2", "1.5", '"8"', "true"):
+        upstreams.write_text('[[upstream]]\nbase_url = "http://gpu:8000/v1"\n'
+                             f'models = ["m"]\nmax_concurrency = {bad}\n')
+        with pytest.raises(UpstreamConfigError, match="max_concurrency must be a positive"):
+            load_targets((), str(upstreams), 5.0)
+    upstreams.write_text('[[upstream]]\nbase_url = "http://gpu:8000/v1"\n'
+                         'models = ["m"]\nmax_concurrency = 8\n')
+    assert load_targets((), str(upstreams), 5.0)["m"][0].max_concurrency == 8
 
 
 def test_one_duration_format_for_flags_the_cli_and_the_admin_api(tmp_path: Path) -> None:
