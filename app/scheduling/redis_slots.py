@@ -29,7 +29,7 @@ import time
 from typing import Any, Callable
 
 from app.access.redis_pipe import Call, Pipeline, Script
-from app.errors import ClientClosedRequest, RateLimitExceeded
+from app.errors import ClientClosedRequest
 from app.scheduling.fair_queue import MAX_COST, MAX_LEAD
 from app.scheduling.slots import (TICK, Held, Place, QueueObserver, ServerLeft, Slots,
                                   Waits, retry_after)
@@ -371,7 +371,7 @@ class RedisSlots:
             reason = "queue_full" if state == -1 else "tenant_queue_full"
             self._refused(self._models.get(server, ""), place.tier, reason)
             raise self._local.full_error(reason, retry_after(
-                self._drain_seconds(server, capacity, waiting)))
+                self._drain_seconds(server, waiting)))
         return state
 
     def drain(self) -> None:
@@ -404,11 +404,8 @@ class RedisSlots:
     def snapshot(self) -> list[dict[str, Any]]:
         found = []
         for server, capacity in sorted(self._capacity.items()):
-            try:
-                answer = self._pipe.ask(Call(_SNAPSHOT, [], [_prefix(server), CHANNEL],
-                                             threading.Event()), REDIS_WAIT)
-            except Exception:  # pragma: no cover - the pipeline returns errors, never raises
-                answer = None
+            answer = self._pipe.ask(Call(_SNAPSHOT, [], [_prefix(server), CHANNEL],
+                                         threading.Event()), REDIS_WAIT)
             if answer is None or isinstance(answer, Exception):
                 continue
             rows = list(answer[1:])
@@ -420,9 +417,6 @@ class RedisSlots:
                                       for i in range(0, len(rows), 3)],
                           "shared": True})
         return found or self._local.snapshot()
-
-    def full_error(self, reason: str, retry: str) -> RateLimitExceeded:
-        return self._local.full_error(reason, retry)
 
     # ---- waiting ---------------------------------------------------------------------
 
@@ -455,12 +449,8 @@ class RedisSlots:
                     raise ClientClosedRequest("The client closed the connection while the "
                                               "request waited for the model.")
                 self._refused(model, place.tier, "timeout")
-                raise RateLimitExceeded(
-                    f"The model is busy: this request waited "
-                    f"{self.waits.timeouts[RANK.get(place.tier, 1)]:g} s at the {place.tier} "
-                    "tier without getting a turn; retry later.", "requests",
-                    headers={"Retry-After": retry_after(
-                        self._drain_seconds(server, capacity, 0))})
+                raise self._local.timeout_error(RANK.get(place.tier, 1), retry_after(
+                    self._drain_seconds(server, 0)))
         finally:
             if observer is not None:
                 observer.waiting(model, place.tier, -1)
@@ -478,7 +468,7 @@ class RedisSlots:
             return True
         return False
 
-    def _drain_seconds(self, server: str, capacity: int, ahead: int) -> float:
+    def _drain_seconds(self, server: str, ahead: int) -> float:
         """How long ``ahead`` requests take, from how often this server's slots have been
         handed on (as every process hears it)."""
         interval = self._intervals.get(server, (0.0, 0.0))[1] or 1.0
@@ -583,12 +573,11 @@ class RedisSlots:
 class _RemoteTicket:
     """What a Held slot from Redis carries: its ticket id."""
 
-    __slots__ = ("id", "place", "state")
+    __slots__ = ("id", "place")
 
     def __init__(self, ticket: str, place: Place) -> None:
         self.id = ticket
         self.place = place
-        self.state = "granted"
 
 
 def _prefix(server: str) -> str:

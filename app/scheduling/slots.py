@@ -214,11 +214,14 @@ class Slots:
                     raise ClientClosedRequest("The client closed the connection while "
                                               "the request waited for the model.")
                 self._refused(model, TIERS[ticket.rank], "timeout")
-                raise RateLimitExceeded(
-                    f"The model is busy: this request waited {self.waits.timeouts[ticket.rank]:g}"
-                    f" s at the {TIERS[ticket.rank]} tier without getting a turn; retry "
-                    "later.", "requests",
-                    headers={"Retry-After": retry_after(queue.drain_seconds(ahead))})
+                raise self.timeout_error(ticket.rank, retry_after(queue.drain_seconds(ahead)))
+
+    def timeout_error(self, rank: int, retry: str) -> RateLimitExceeded:
+        """The 429 for a request that waited its tier's whole timeout."""
+        return RateLimitExceeded(
+            f"The model is busy: this request waited {self.waits.timeouts[rank]:g} s at the "
+            f"{TIERS[rank]} tier without getting a turn; retry later.", "requests",
+            headers={"Retry-After": retry})
 
     def full_error(self, reason: str, retry: str) -> RateLimitExceeded:
         """The 429 for a full line (``reason``: queue_full, tenant_queue_full)."""
