@@ -98,3 +98,27 @@ class ResponseFormat(fields.Field[dict[str, Any]]):
             if "schema" in spec and not isinstance(spec["schema"], dict):
                 raise ValidationError("json_schema.schema must be a JSON Schema object")
         return value
+
+
+MAX_CHOICES = 256
+
+
+class GuidedChoice(fields.Field[list[str]]):
+    """vLLM's ``guided_choice``: the reply is exactly one of these strings."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None,
+                     **kwargs: Any) -> list[str]:
+        if not isinstance(value, list) or not value or len(value) > MAX_CHOICES or \
+                not all(isinstance(choice, str) and choice for choice in value):
+            raise ValidationError(f"must be a list of 1 to {MAX_CHOICES} non-empty strings")
+        return value
+
+
+class GuidedJson(fields.Field[Any]):
+    """vLLM's ``guided_json``: a JSON schema, as an object or a string holding one."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None,
+                     **kwargs: Any) -> Any:
+        if not isinstance(value, (dict, str)):
+            raise ValidationError("must be a JSON schema object (or a string holding one)")
+        return value

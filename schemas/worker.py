@@ -7,6 +7,7 @@ from marshmallow import EXCLUDE, Schema, fields, post_load
 
 from schemas.fields import Bool, Int, Number, Stop, Str, TextInputs, at_least
 from schemas.messages import ChatMessage, Messages
+from schemas.tools import GuidedChoice, GuidedJson, ResponseFormat, ToolChoice, Tools
 
 
 class GenerationParams(TypedDict):
@@ -24,6 +25,14 @@ class GenerationParams(TypedDict):
     echo: bool
     logprobs: int | None
     seed: int | None
+    # flaskchat's structured outputs (capabilities "response_format", "tools", "guided")
+    response_format: dict[str, Any] | None
+    tools: list[dict[str, Any]] | None
+    tool_choice: Any
+    parallel_tool_calls: bool | None
+    guided_json: Any
+    guided_regex: str | None
+    guided_choice: list[str] | None
 
 
 class GenerationSchema(Schema):
@@ -56,6 +65,13 @@ class GenerationSchema(Schema):
     echo = Bool(allow_none=True, load_default=None)
     logprobs = Int(allow_none=True, load_default=None, validate=at_least(0, "logprobs"))
     seed = Int(allow_none=True, load_default=None)
+    response_format = ResponseFormat(allow_none=True, load_default=None)
+    tools = Tools(allow_none=True, load_default=None)
+    tool_choice = ToolChoice(allow_none=True, load_default=None)
+    parallel_tool_calls = Bool(allow_none=True, load_default=None)
+    guided_json = GuidedJson(allow_none=True, load_default=None)
+    guided_regex = Str(allow_none=True, load_default=None)
+    guided_choice = GuidedChoice(allow_none=True, load_default=None)
 
     @post_load
     def _defaults(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:

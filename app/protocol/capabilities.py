@@ -21,3 +21,7 @@ EMBEDDING_ONLY = "embedding_only"
 TOOLS = "tools"
 RESPONSE_FORMAT = "response_format"
 LOGPROBS = "logprobs"
+# vLLM's guided decoding parameters: guided_json, guided_regex, guided_choice.
+GUIDED = "guided"
+# The deprecated "functions" (answered with "function_call"): no flaskchat worker has it.
+FUNCTIONS = "functions"

@@ -7,6 +7,8 @@ from typing import Any, Iterator, Protocol
 
 from app.protocol.error_codes import CONTEXT_OVERFLOW
 from app.worker.generation import Generation, Job
+from app.worker.structured.planning import StructuredOutputs
+from app.worker.structured.tool_prompt import template_messages
 from app.worker.templates import template_for
 from schemas.messages import ChatMessage
 from schemas.worker import GenerationParams
@@ -49,6 +51,8 @@ class ChatModel:
         self.conv = template_for(getattr(tokenizer, "chat_template", None), conv_template,
                                  self._default_system())
         self.eos_ids = _eos_ids(engine, tokenizer)
+        self.structured = StructuredOutputs(tokenizer, _vocabulary(engine, tokenizer),
+                                            _grammar_eos(self.eos_ids, tokenizer))
         # what an omitted temperature / top_p / top_k means: the model's own values first
         self.sampling_defaults = {**FASTCHAT_SAMPLING, **(sampling_defaults or {})}
 
@@ -59,9 +63,10 @@ class ChatModel:
         for name, value in self.sampling_defaults.items():
             if params.get(name) is None:
                 params[name] = value  # type: ignore[literal-required]
+        plan = self.structured.plan(params)
         prompt = params["prompt"]
         if params["messages"] and self.has_chat_template:
-            prompt = self.render(params["messages"])
+            prompt = self.render(params["messages"], plan.tools)
         input_ids = self.encode(prompt)
         room = self.context_length - len(input_ids)
         if room <= 0 or not input_ids:
@@ -69,12 +74,16 @@ class ChatModel:
                 f"This model's maximum context length is {self.context_length} tokens. "
                 f"However, your messages resulted in {len(input_ids)} tokens. Please reduce "
                 "the length of the messages.")
-        return Job(params, prompt, input_ids, min(params["max_new_tokens"], room))
+        return Job(params, prompt, input_ids, min(params["max_new_tokens"], room),
+                   plan.constraint, plan.tool_format)
 
-    def render(self, messages: list[ChatMessage]) -> str:
-        plain = [{"role": m["role"], "content": m.get("content", "")} for m in messages]
-        text: str = self.tokenizer.apply_chat_template(plain, tokenize=False,
-                                                       add_generation_prompt=True)
+    def render(self, messages: list[ChatMessage],
+               tools: list[dict[str, Any]] | None = None) -> str:
+        renders_tools = self.structured.renders_tools
+        shown = template_messages([dict(m) for m in messages], tools, renders_tools)
+        extra = {"tools": tools} if tools and renders_tools else {}
+        text: str = self.tokenizer.apply_chat_template(shown, tokenize=False,
+                                                       add_generation_prompt=True, **extra)
         return text
 
     def encode(self, text: str) -> list[int]:
@@ -113,6 +122,25 @@ def context_length(config: Any) -> int:
         if isinstance(value, int) and value > 0:
             return int(value * factor)
     return 2048
+
+
+def _vocabulary(engine: Engine, tokenizer: Any) -> int:
+    """How many scores a step gives: the model's vocabulary (it may pad the tokenizer's)."""
+    size = getattr(engine.config, "vocab_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else len(tokenizer)
+
+
+def _grammar_eos(eos_ids: set[int], tokenizer: Any) -> int:
+    """The token that ends a constrained reply: the model's EOS, else its template's end
+    of turn, else its first special token (a model without an EOS)."""
+    if eos_ids:
+        return min(eos_ids)
+    for token in ("<|im_end|>", "<|eot_id|>", "</s>"):
+        found = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(found, int) and found != tokenizer.unk_token_id and found >= 0:
+            return found
+    specials = getattr(tokenizer, "all_special_ids", None) or [0]
+    return int(specials[0])
 
 
 def _eos_ids(engine: Engine, tokenizer: Any) -> set[int]:

@@ -11,6 +11,8 @@ import torch
 from app.protocol.stop_strings import TextTracker
 from app.worker.detokenize import IncrementalText
 from app.worker.sampling import Sampling, new_rng, next_token
+from app.worker.structured.matchers import Constraint
+from app.worker.structured.tool_calls import ToolCallParser, ToolFormat
 from schemas.worker import GenerationParams
 
 
@@ -22,6 +24,8 @@ class Job:
     prompt: str
     input_ids: list[int]
     max_new_tokens: int
+    constraint: Constraint | None = None  # the grammar the reply follows
+    tool_format: ToolFormat | None = None  # the reply is parsed for tool calls
 
 
 class Generation:
@@ -38,6 +42,8 @@ class Generation:
         self.detokenizer = IncrementalText(tokenizer)
         self.logprobs = Logprobs(tokenizer, params["logprobs"]) \
             if params["logprobs"] is not None else None
+        self.constraint = job.constraint
+        self.tool_calls = ToolCallParser(job.tool_format) if job.tool_format else None
         self.reply: list[int] = []
         self.text = ""
         self.finish: str | None = None  # set once the reply is over
@@ -55,16 +61,18 @@ class Generation:
     def step(self, scores: torch.Tensor) -> dict[str, Any] | None:
         """Chooses the next token from the last position's ``scores``; returns a frame when
         one is due. Sets ``finish`` when the reply is over (the final frame is separate)."""
-        token = next_token(scores, self.job.input_ids, self.reply, self.sampling, self.rng)
-        if token in self.stop_ids:
+        constraint = self.constraint
+        allowed = scores if constraint is None else self._masked(scores, constraint)
+        token = next_token(allowed, self.job.input_ids, self.reply, self.sampling, self.rng)
+        if token in self.stop_ids or (constraint is not None and token == constraint.eos):
             self.finish = "stop"
             return None
         self.reply.append(token)
         if self.logprobs is not None:
             self.logprobs.add(token, scores)
         self.text += self.tracker.feed(self.detokenizer.add(token))
-        if self.tracker.stopped:
-            self.finish = "stop"
+        if self.tracker.stopped or (constraint is not None and constraint.advance(token)):
+            self.finish = "stop"  # a stop string, or the grammar's end: nothing may follow
             return None
         if len(self.reply) >= self.job.max_new_tokens:
             self.finish = "length"
@@ -72,6 +80,14 @@ class Generation:
         if (len(self.reply) - 1) % self.stream_interval == 0:
             return self.frame(None)
         return None
+
+    @staticmethod
+    def _masked(scores: torch.Tensor, constraint: Constraint) -> torch.Tensor:
+        """A copy of the scores with what the grammar forbids at -inf (the row itself
+        stays as the model gave it, for logprobs)."""
+        allowed = scores.detach().float().cpu().numpy().copy()
+        constraint.mask(allowed)
+        return torch.from_numpy(allowed)
 
     @property
     def last_token(self) -> int:
@@ -86,11 +102,21 @@ class Generation:
     def frame(self, finish: str | None) -> dict[str, Any]:
         prompt_tokens = len(self.job.input_ids)
         generated = len(self.reply)
-        return {"text": self.prefix + self.text, "error_code": 0,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
-                          "total_tokens": prompt_tokens + generated},
-                "finish_reason": finish,
-                "logprobs": self.logprobs.as_dict() if self.logprobs is not None else None}
+        frame: dict[str, Any] = {"text": self.prefix + self.text}
+        if self.tool_calls is not None:
+            # The text before any call, and the calls so far (flaskchat's protocol: each
+            # frame carries them all, their arguments growing, as "text" grows).
+            content, calls = self.tool_calls.parse(self.text, final=finish is not None)
+            frame = {"text": self.prefix + (content or ""), "tool_calls": calls}
+            if calls and finish == "stop":
+                finish = "tool_calls"
+        frame.update({"error_code": 0,
+                      "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                                "total_tokens": prompt_tokens + generated},
+                      "finish_reason": finish,
+                      "logprobs": self.logprobs.as_dict() if self.logprobs is not None
+                      else None})
+        return frame
 
 
 class Logprobs:

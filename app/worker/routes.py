@@ -20,8 +20,9 @@ from flask.typing import ResponseReturnValue
 
 from app.config import WorkerSettings
 from app.errors import InvalidRequest
-from app.protocol.capabilities import (EMBEDDING_ONLY, GENERATE_PROGRESS, LENGTH_CHECK,
-                                       RENDERS_MESSAGES, SAMPLING_DEFAULTS)
+from app.protocol.capabilities import (EMBEDDING_ONLY, GENERATE_PROGRESS, GUIDED,
+                                       LENGTH_CHECK, RENDERS_MESSAGES, RESPONSE_FORMAT,
+                                       SAMPLING_DEFAULTS, TOOLS)
 from app.protocol.error_codes import CUDA_OUT_OF_MEMORY, INTERNAL_ERROR
 from app.protocol.frames import DELIMITER, encode_frame
 from app.web.json_io import json_response, read_json_object
@@ -138,9 +139,9 @@ def model_details() -> ResponseReturnValue:
     if worker.chat is None:
         capabilities.append(EMBEDDING_ONLY)
     else:
-        if worker.chat.has_chat_template:
-            capabilities.append(RENDERS_MESSAGES)
-        capabilities += [SAMPLING_DEFAULTS, GENERATE_PROGRESS]
+        if worker.chat.has_chat_template:  # tools go into the prompt through it
+            capabilities += [RENDERS_MESSAGES, TOOLS]
+        capabilities += [SAMPLING_DEFAULTS, GENERATE_PROGRESS, RESPONSE_FORMAT, GUIDED]
     return json_response({"context_length": model.context_length,
                           "capabilities": capabilities})
 

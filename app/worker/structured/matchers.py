@@ -1,0 +1,94 @@
+"""Grammars compiled for the model's tokenizer (llguidance), and the per-request constraint
+that masks each step's scores to the tokens the grammar allows.
+
+llguidance was chosen over xgrammar and outlines-core by measurement (bench/RESULTS.md,
+issue 25): on SmolLM2's 49,152-token vocabulary its mask costs tens of microseconds a
+token with no compile step to speak of, and it names the schema keywords it cannot
+enforce instead of ignoring them.
+
+A grammar is checked and compiled once (a request waits for no slot to learn it is
+invalid) and kept, by its text, in a small LRU; each request then runs a copy of the
+compiled matcher, which is cheap.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import numpy as np
+from llguidance.numpy import (allocate_token_bitmask, apply_token_bitmask_inplace,
+                              fill_next_token_bitmask)
+
+from app.errors import InvalidRequest
+from app.worker.structured.grammars import Grammar
+
+CACHED_GRAMMARS = 256
+_UNIMPLEMENTED = re.compile(r"Unimplemented keys: \[(.*?)\]")
+
+
+class Constraint:
+    """One reply's grammar state: which tokens may come next, and whether it is over."""
+
+    def __init__(self, matcher: Any, vocabulary: int, eos: int) -> None:
+        self._matcher = matcher
+        self._bitmask = allocate_token_bitmask(1, vocabulary)
+        self.eos = eos
+
+    def mask(self, scores: np.ndarray[Any, Any]) -> None:
+        """Sets the scores of the tokens the grammar forbids to -inf, in place."""
+        fill_next_token_bitmask(self._matcher, self._bitmask, 0)
+        apply_token_bitmask_inplace(scores, self._bitmask)
+
+    def advance(self, token: int) -> bool:
+        """Takes the chosen token; True when the grammar allows nothing more."""
+        self._matcher.consume_token(token)
+        return bool(self._matcher.is_stopped())
+
+
+class Grammars:
+    def __init__(self, tokenizer: Any, vocabulary: int, eos: int) -> None:
+        self.vocabulary = vocabulary
+        self.eos = eos
+        self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocabulary,
+                                                       eos_token=eos)
+        self._compiled: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def compile(self, grammar: Grammar) -> Any:
+        """The compiled matcher (kept); an InvalidRequest naming the field if the grammar
+        cannot be enforced."""
+        with self._lock:
+            matcher = self._compiled.get(grammar.text)
+            if matcher is not None:
+                self._compiled.move_to_end(grammar.text)
+                return matcher
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            grammar.text, self._tokenizer)
+        if failed:
+            raise InvalidRequest(_explain(grammar.param, messages), grammar.param)
+        matcher = llguidance.LLMatcher(self._tokenizer, grammar.text)
+        if matcher.is_error():
+            raise InvalidRequest(_explain(grammar.param, [matcher.get_error()]), grammar.param)
+        with self._lock:
+            self._compiled[grammar.text] = matcher
+            while len(self._compiled) > CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        return matcher
+
+    def constraint(self, compiled: Any) -> Constraint:
+        return Constraint(compiled.deep_copy(), self.vocabulary, self.eos)
+
+
+def _explain(param: str, messages: list[str]) -> str:
+    detail = "; ".join(messages) or "it cannot be compiled"
+    unimplemented = _UNIMPLEMENTED.search(detail)
+    if unimplemented is not None:
+        keywords = unimplemented.group(1).replace('"', "'")
+        return f"The JSON schema in '{param}' uses {keywords}, which this server cannot " \
+            "enforce while generating: leave it out (and check it in your code), or send " \
+            "the request without the schema."
+    return f"'{param}' cannot be enforced while generating: {detail[:500]}"

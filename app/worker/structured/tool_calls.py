@@ -1,0 +1,182 @@
+"""Tool calls in a model's reply: the formats models write them in, and the parser that
+finds them in the reply's text as it grows.
+
+Hermes format (Qwen 2.5 and 3, Hermes, SmolLM3, and every model whose chat template knows
+no tools: flaskchat then describes the tools in a system message that asks for it)::
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+one block per call. Llama 3.1 format: the whole reply is one JSON object
+``{"name": ..., "parameters": {...}}``.
+
+The parser is fed the cumulative reply each time and gives back the content before the
+first call and the calls so far, each call's ``arguments`` growing only by appending (the
+gateway streams the difference), so a call shows up once its name is complete and its
+arguments stream as they are written.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import shortuuid
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    name: str
+    open: str  # what starts a call ("" : the reply itself is the call)
+    close: str
+    arguments_key: str
+
+    def block(self, name: str, arguments: str) -> str:
+        """A call written in this format (for the history a template cannot render)."""
+        body = '{"name": ' + orjson.dumps(name).decode() + f', "{self.arguments_key}": ' \
+            + arguments + "}"
+        return f"{self.open}\n{body}\n{self.close}" if self.open else body
+
+
+HERMES = ToolFormat("hermes", "<tool_call>", "</tool_call>", "arguments")
+LLAMA3 = ToolFormat("llama3", "", "", "parameters")
+
+# The start of a call object, name first: what lets a call stream before it is complete.
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"'
+                   r'\s*:\s*')
+
+
+def new_call_id() -> str:
+    return "call_" + shortuuid.random(24)
+
+
+class ToolCallParser:
+    def __init__(self, fmt: ToolFormat) -> None:
+        self.format = fmt
+        self._ids: list[str] = []  # one per call found so far, stable across feeds
+
+    def parse(self, text: str, final: bool) -> tuple[str | None, list[dict[str, Any]]]:
+        """(content, calls) of the reply so far. ``content`` is None when the reply is
+        only calls. When ``final``, a reply whose calls do not parse is all content."""
+        if self.format.open:
+            content, bodies = self._hermes(text, final)
+        else:
+            content, bodies = self._whole(text, final)
+        calls = []
+        for index, (body, complete) in enumerate(bodies):
+            found = _call(body, complete)
+            if found is None:
+                if final and complete:
+                    return text, []  # not a call after all: the text is the answer
+                break
+            calls.append(self._tool_call(index, *found))
+        if final and not calls:
+            return text, []
+        return (content if content.strip() or not calls else None), calls
+
+    def _hermes(self, text: str, final: bool) -> tuple[str, list[tuple[str, bool]]]:
+        opening, closing = self.format.open, self.format.close
+        start = text.find(opening)
+        if start < 0:
+            held = 0 if final else _held(text, opening)
+            return text[:len(text) - held], []
+        bodies = []
+        while start >= 0:
+            begin = start + len(opening)
+            end = text.find(closing, begin)
+            if end < 0:
+                bodies.append((text[begin:], False))
+                break
+            bodies.append((text[begin:end], True))
+            start = text.find(opening, end + len(closing))
+        return text[:text.find(opening)], bodies
+
+    @staticmethod
+    def _whole(text: str, final: bool) -> tuple[str, list[tuple[str, bool]]]:
+        stripped = text.lstrip()
+        if stripped.startswith("<|python_tag|>"):
+            stripped = stripped[len("<|python_tag|>"):].lstrip()
+        if not stripped:
+            return ("" if not final else text), []
+        if not stripped.startswith("{"):
+            return text, []
+        return "", [(stripped, final)]
+
+    def _tool_call(self, index: int, name: str, arguments: str) -> dict[str, Any]:
+        while len(self._ids) <= index:
+            self._ids.append(new_call_id())
+        return {"id": self._ids[index], "type": "function",
+                "function": {"name": name, "arguments": arguments}}
+
+
+def _call(body: str, complete: bool) -> tuple[str, str] | None:
+    """(name, arguments so far) of one call's text, or None while (or if) it is not one."""
+    head = _HEAD.match(body)
+    if head is not None:
+        try:
+            name = orjson.loads('"' + head.group(1) + '"')
+        except orjson.JSONDecodeError:
+            return None
+        rest = body[head.end():]
+        if rest.startswith('"') and not complete:
+            return name, ""  # arguments written as a string: given whole once complete
+        end = value_end(rest)
+        if end is not None:
+            written = rest[:end]
+            if written.startswith('"'):
+                decoded = _loads(written)
+                return (name, decoded) if isinstance(decoded, str) else None
+            return (name, written) if _loads(written) is not None else None
+        return None if complete else (name, rest)
+    if not complete:
+        return None
+    parsed = _loads(body)
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("name"), str):
+        return None
+    arguments = parsed.get("arguments", parsed.get("parameters", {}))
+    if isinstance(arguments, str):
+        return parsed["name"], arguments
+    return parsed["name"], orjson.dumps(arguments).decode()
+
+
+def value_end(text: str) -> int | None:
+    """Where the JSON object, array or string that ``text`` starts with ends (the index
+    after it), or None if it has not ended yet."""
+    depth = 0
+    in_string = escaped = False
+    for position, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+                if depth == 0:
+                    return position + 1
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+            if depth <= 0:
+                return position + 1
+    return None
+
+
+def _loads(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _held(text: str, marker: str) -> int:
+    """How many characters at the end of ``text`` could be the start of ``marker``."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-size:]):
+            return size
+    return 0
