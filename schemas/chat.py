@@ -5,10 +5,10 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, post_load, validates_schema
 
-from schemas.fields import Bool, Int, Number, at_least, between
+from schemas.fields import Bool, Int, Number, Str, at_least, between
 from schemas.messages import ChatMessage, Messages
 from schemas.sampling import SamplingRequest, SamplingSchema, check_best_of
-from schemas.tools import Functions, ResponseFormat, ToolChoice, Tools
+from schemas.tools import Functions, GuidedChoice, GuidedJson, ResponseFormat, ToolChoice, Tools
 
 
 class ChatRequest(SamplingRequest):
@@ -17,6 +17,11 @@ class ChatRequest(SamplingRequest):
     functions: list[dict[str, Any]] | None  # deprecated form of tools
     tool_choice: Any
     response_format: dict[str, Any] | None
+    parallel_tool_calls: bool | None
+    # vLLM's guided decoding, which its users send through the openai client's extra_body
+    guided_json: Any
+    guided_regex: str | None
+    guided_choice: list[str] | None
     logprobs: bool
     top_logprobs: int | None
     best_of: int | None  # an extension some upstreams (vLLM) take: candidates per prompt
@@ -30,6 +35,9 @@ class ChatSchema(SamplingSchema):
     function_call = fields.Raw(allow_none=True, load_default=None)
     parallel_tool_calls = Bool(allow_none=True, load_default=None)
     response_format = ResponseFormat(allow_none=True, load_default=None)
+    guided_json = GuidedJson(allow_none=True, load_default=None)
+    guided_regex = Str(allow_none=True, load_default=None)
+    guided_choice = GuidedChoice(allow_none=True, load_default=None)
     logprobs = Bool(allow_none=True, load_default=None)
     top_logprobs = Int(allow_none=True, load_default=None, validate=between(0, 20, "top_logprobs"))
     best_of = Int(allow_none=True, load_default=None, validate=at_least(1, "best_of"))
@@ -58,7 +66,6 @@ class ChatSchema(SamplingSchema):
         if preferred is not None:
             data["max_tokens"] = preferred
         data["logprobs"] = bool(data.get("logprobs"))
-        data.pop("parallel_tool_calls", None)
         data.pop("function_call", None)
         return data
 

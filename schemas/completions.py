@@ -7,6 +7,7 @@ from marshmallow import ValidationError, post_load, validates_schema
 
 from schemas.fields import Bool, Int, Str, TextInputs, at_least, between
 from schemas.sampling import SamplingRequest, SamplingSchema, check_best_of
+from schemas.tools import GuidedChoice, GuidedJson
 
 
 class CompletionRequest(SamplingRequest):
@@ -15,6 +16,9 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None
     best_of: int | None
     use_beam_search: bool | None
+    guided_json: Any
+    guided_regex: str | None
+    guided_choice: list[str] | None
 
 
 class CompletionSchema(SamplingSchema):
@@ -24,6 +28,10 @@ class CompletionSchema(SamplingSchema):
     best_of = Int(allow_none=True, load_default=None, validate=at_least(1, "best_of"))
     use_beam_search = Bool(allow_none=True, load_default=None)
     suffix = Str(allow_none=True, load_default=None)
+    # vLLM's guided decoding (the openai client's extra_body)
+    guided_json = GuidedJson(allow_none=True, load_default=None)
+    guided_regex = Str(allow_none=True, load_default=None)
+    guided_choice = GuidedChoice(allow_none=True, load_default=None)
 
     def __init__(self, *, max_inputs: int = 2048, **kwargs: Any) -> None:
         super().__init__(**kwargs)

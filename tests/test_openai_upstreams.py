@@ -190,11 +190,18 @@ def test_fastchat_workers_refuse_what_they_cannot_do(servers: dict[str, Server])
     for extra, param in (({"tools": tools}, "tools"),
                          ({"response_format": {"type": "json_object"}}, "response_format"),
                          ({"logprobs": True, "top_logprobs": 1}, "logprobs"),
-                         ({"functions": [{"name": "f"}]}, "functions")):
+                         ({"functions": [{"name": "f"}]}, "functions"),
+                         ({"guided_choice": ["a", "b"]}, "guided_choice"),
+                         ({"guided_regex": "a+"}, "guided_regex"),
+                         ({"guided_json": {"type": "object"}}, "guided_json")):
         response = post(servers, "/v1/chat/completions", chat_body("fastchat-model", **extra))
         assert response.status_code == 400, extra
         error = response.json()["error"]
         assert error["param"] == param and param in error["message"]
+    response = post(servers, "/v1/completions", {"model": "fastchat-model", "prompt": "x",
+                                                 "guided_regex": "a+"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "guided_regex"
     # Asking for nothing the worker lacks is fine.
     for extra in ({"response_format": {"type": "text"}},
                   {"tools": tools, "tool_choice": "none"}, {"logprobs": False}):
@@ -205,6 +212,10 @@ def test_fastchat_workers_refuse_what_they_cannot_do(servers: dict[str, Server])
                          ({"tool_choice": "sometimes"}, "tool_choice"),
                          ({"response_format": {"type": "yaml"}}, "response_format"),
                          ({"top_logprobs": 3}, "top_logprobs"),
+                         ({"guided_choice": []}, "guided_choice"),
+                         ({"guided_choice": "yes"}, "guided_choice"),
+                         ({"guided_json": 3}, "guided_json"),
+                         ({"guided_regex": 5}, "guided_regex"),
                          ({"logprobs": True, "top_logprobs": 99}, "top_logprobs")):
         for model in ("fastchat-model", "same"):
             response = post(servers, "/v1/chat/completions", chat_body(model, **extra))

@@ -175,7 +175,8 @@ def test_worker_protocol_endpoints(http_stack: dict[str, Server]) -> None:
                       "limit_worker_concurrency": 1}  # started with 1: gateways hold the rest
     details = requests.post(worker + "/model_details", json={"model": "tiny"}).json()
     assert details == {"context_length": 2048, "capabilities": [
-        "length_check", "messages", "sampling_defaults", "generate_progress"]}
+        "length_check", "messages", "tools", "sampling_defaults", "generate_progress",
+        "response_format", "guided"]}
     count = requests.post(worker + "/count_token", json={"model": "tiny", "prompt": "Hello"})
     assert count.json()["error_code"] == 0 and count.json()["count"] > 0
     conv = requests.post(worker + "/worker_get_conv_template", json={"model": "tiny"}).json()

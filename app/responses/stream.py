@@ -63,6 +63,10 @@ class ResponseEvents:
         self._sequence += 1
         return self._delta_template % (self._sequence, orjson.dumps(text))
 
+    def calls(self, deltas: list[dict[str, Any]]) -> bytes:
+        """Chat tool_calls deltas as function_call items and their arguments' events."""
+        return b"".join(self._call_delta(delta) for delta in deltas)
+
     def finished(self, reason: str | None, usage: dict[str, Any] | None) -> None:
         self._finish_reason = reason or self._finish_reason
         self._usage = usage or self._usage
@@ -217,6 +221,9 @@ class EventChunks:
 
     def delta(self, index: int, text: str, frame: Any) -> bytes:
         return self._events.text(text) if text else b""
+
+    def tool_calls(self, index: int, deltas: list[dict[str, Any]]) -> bytes:
+        return self._events.calls(deltas)
 
     def finish(self, index: int, reason: str) -> bytes:
         self._events.finished(reason, None)

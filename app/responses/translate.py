@@ -261,6 +261,8 @@ def chat_body(chat: dict[str, Any]) -> ChatRequest:
             "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": None,
             "seed": None, "tools": chat.get("tools"), "functions": None,
             "tool_choice": chat.get("tool_choice"),
+            "parallel_tool_calls": chat.get("parallel_tool_calls"),
+            "guided_json": None, "guided_regex": None, "guided_choice": None,
             "response_format": chat.get("response_format"), "logprobs": False,
             "top_logprobs": None, "best_of": None, "service_tier": chat.get("service_tier")}
 

@@ -9,7 +9,8 @@ from typing import Any, Callable, Iterator
 import orjson
 
 from app.errors import InvalidRequest, UpstreamError
-from app.protocol.capabilities import LOGPROBS, RENDERS_MESSAGES, RESPONSE_FORMAT, TOOLS
+from app.protocol.capabilities import (FUNCTIONS, GUIDED, LOGPROBS, RENDERS_MESSAGES,
+                                       RESPONSE_FORMAT, TOOLS)
 from app.protocol.stop_strings import TextTracker, final_text
 from app.serving.call import Call
 from app.serving.events import DONE
@@ -47,15 +48,22 @@ def complete(body: ChatRequest, upstream: Upstream, call: Call) -> dict[str, Any
     choices = []
     for index, frame in enumerate(frames):
         usage.record(index, frame)
-        text, reason = final_text(frame, plan.stops)
-        choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                        "logprobs": None, "finish_reason": reason})
+        choices.append(_choice(index, frame, plan.stops))
     totals = usage.total()
     call.meter.report(totals["prompt_tokens"], totals["completion_tokens"])
     call.release_slot(totals["total_tokens"])  # the worker is done: its slot goes on now
     return {"id": new_id("chatcmpl-"), "object": "chat.completion",
             "created": int(time.time()), "model": body["model"], "choices": choices,
             "usage": totals, "service_tier": call.service_tier}
+
+
+def _choice(index: int, frame: dict[str, Any], stops: list[str]) -> dict[str, Any]:
+    text, reason = final_text(frame, stops)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    calls = frame.get("tool_calls")
+    if calls:  # flaskchat's worker found tool calls in the reply
+        message = {"role": "assistant", "content": text or None, "tool_calls": calls}
+    return {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
 
 
 def open_stream(body: ChatRequest, upstream: Upstream, call: Call,
@@ -124,7 +132,8 @@ def _plan(body: ChatRequest, upstream: Upstream, call: Call, address: str) -> Ch
 
 # OpenAI chat features a FastChat worker may list among its capabilities: request field ->
 # capability. Without it, asking for the feature is a 400 naming the field.
-FEATURES = {"tools": TOOLS, "functions": TOOLS, "response_format": RESPONSE_FORMAT,
+FEATURES = {"tools": TOOLS, "functions": FUNCTIONS, "response_format": RESPONSE_FORMAT,
+            "guided_json": GUIDED, "guided_regex": GUIDED, "guided_choice": GUIDED,
             "logprobs": LOGPROBS}
 
 
@@ -137,16 +146,24 @@ def _features(body: ChatRequest, capabilities: frozenset[str],
         asked["tools"] = body["tools"]
         if body["tool_choice"] is not None:
             asked["tool_choice"] = body["tool_choice"]
+        if body["parallel_tool_calls"] is not None:
+            asked["parallel_tool_calls"] = body["parallel_tool_calls"]
     if body["functions"]:
         asked["functions"] = body["functions"]
     format_ = body["response_format"]
     if format_ is not None and format_["type"] != "text":
         asked["response_format"] = format_
+    for guided in ("guided_json", "guided_regex", "guided_choice"):
+        if body[guided] is not None:
+            asked[guided] = body[guided]
     if body["logprobs"]:
         asked["logprobs"] = True
         asked["top_logprobs"] = body["top_logprobs"] or 0
     for field, capability in FEATURES.items():
         if field in asked and capability not in capabilities:
+            if field == "functions" and TOOLS in capabilities:
+                raise InvalidRequest("'functions' is deprecated and this model's worker does "
+                                     "not take it: send 'tools' instead.", field)
             raise InvalidRequest(
                 f"The model '{model}' is served by a FastChat worker that does not support "
                 f"'{field}'; send the request without it, or use a model served by an "
@@ -205,6 +222,10 @@ class ChatChunks:
 
     def delta(self, index: int, text: str, frame: dict[str, Any]) -> bytes:
         return (self._prefix(index) + b'{"content":' + orjson.dumps(text)
+                + b'},"logprobs":null,"finish_reason":null}]' + self._tail)
+
+    def tool_calls(self, index: int, deltas: list[dict[str, Any]]) -> bytes:
+        return (self._prefix(index) + b'{"tool_calls":' + orjson.dumps(deltas)
                 + b'},"logprobs":null,"finish_reason":null}]' + self._tail)
 
     def finish(self, index: int, reason: str) -> bytes:

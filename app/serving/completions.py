@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterator
 
 import orjson
 
-from app.protocol.capabilities import RENDERS_MESSAGES
+from app.errors import InvalidRequest
+from app.protocol.capabilities import GUIDED, RENDERS_MESSAGES
 from app.protocol.stop_strings import TextTracker, final_text
 from app.serving.call import Call
 from app.serving.events import DONE
@@ -120,6 +121,7 @@ def _plans(body: CompletionRequest, upstream: Upstream, call: Call,
         base["best_of"] = body["best_of"]
     if body["use_beam_search"] is not None:
         base["use_beam_search"] = body["use_beam_search"]
+    base.update(_guided(body, details.capabilities, model))
     plans = []
     for prompt in body["prompt"]:
         max_new_tokens, prompt_tokens = token_budget(
@@ -127,6 +129,19 @@ def _plans(body: CompletionRequest, upstream: Upstream, call: Call,
         params = dict(base, prompt=prompt, max_new_tokens=max_new_tokens)
         plans.append(PromptPlan(params, len(prompt) if body["echo"] else 0, prompt_tokens))
     return plans
+
+
+def _guided(body: CompletionRequest, capabilities: frozenset[str],
+            model: str) -> dict[str, Any]:
+    """vLLM's guided decoding parameters, for a worker that takes them; else a 400."""
+    asked = {name: body[name] for name in ("guided_json", "guided_regex", "guided_choice")
+             if body[name] is not None}
+    if asked and GUIDED not in capabilities:
+        raise InvalidRequest(f"The model '{model}' is served by a FastChat worker that does "
+                             f"not support '{next(iter(asked))}'; send the request without it, "
+                             "or use a model served by flaskchat's worker or vLLM.",
+                             next(iter(asked)))
+    return asked
 
 
 class CompletionChunks:
@@ -151,6 +166,9 @@ class CompletionChunks:
     def delta(self, index: int, text: str, frame: dict[str, Any]) -> bytes:
         logprobs = self._new_logprobs(index, frame.get("logprobs"))
         return self._choice(index, text, logprobs, None)
+
+    def tool_calls(self, index: int, deltas: list[dict[str, Any]]) -> bytes:
+        return b""  # text completions ask for no tools
 
     def finish(self, index: int, reason: str) -> bytes:
         return self._choice(index, "", None, reason)

@@ -26,6 +26,7 @@ class ChunkFormat(Protocol):
 
     def opening(self, index: int) -> bytes: ...
     def delta(self, index: int, text: str, frame: Frame) -> bytes: ...
+    def tool_calls(self, index: int, deltas: list[dict[str, Any]]) -> bytes: ...
     def finish(self, index: int, reason: str) -> bytes: ...
     def usage(self, usage: dict[str, int]) -> bytes: ...
 
@@ -37,6 +38,7 @@ def drive(source: WorkerStreams, fmt: ChunkFormat, trackers: Sequence[TextTracke
     that leaves early included), the tokens the workers counted so far."""
     done = [False] * len(trackers)
     remaining = len(trackers)
+    calls_sent: list[list[int]] = [[] for _ in trackers]  # arguments sent, per call
     items = source.items()
     try:
         opening = b"".join(fmt.opening(i) for i in range(len(trackers)))
@@ -51,10 +53,14 @@ def drive(source: WorkerStreams, fmt: ChunkFormat, trackers: Sequence[TextTracke
                 if done[index]:
                     continue  # read on to the end, so the connection can be reused
                 text, reason, frame = _advance(trackers[index], frames, usage, index)
+                deltas = _call_deltas(frame, calls_sent[index]) if "tool_calls" in frame \
+                    else None
                 if text:
                     out.append(fmt.delta(index, text, frame))
-                    if call.first_token_at is None:
-                        call.first_token()
+                if deltas:
+                    out.append(fmt.tool_calls(index, deltas))
+                if (text or deltas) and call.first_token_at is None:
+                    call.first_token()
                 if reason is not None:
                     out.append(fmt.finish(index, reason))
                     done[index] = True
@@ -89,6 +95,29 @@ def _advance(tracker: TextTracker, frames: list[Frame] | None, usage: UsageTally
     reason = finish_reason(frame)
     text = tracker.feed(frame.get("text") or "", final=reason is not None)
     return text, "stop" if tracker.stopped else reason, frame
+
+
+def _call_deltas(frame: Frame, sent: list[int]) -> list[dict[str, Any]]:
+    """What is new in a frame's tool calls (flaskchat's worker sends them all each time, as
+    it does the text), as OpenAI's tool_calls deltas: a new call with its id and name, then
+    the pieces of its arguments. ``sent``: the length of each call's arguments sent."""
+    calls = frame.get("tool_calls")
+    deltas: list[dict[str, Any]] = []
+    for position, found in enumerate(calls if isinstance(calls, list) else []):
+        function = found.get("function") if isinstance(found, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+            break  # not a call: nothing from here on can be trusted to line up
+        arguments: str = function["arguments"]
+        if position == len(sent):
+            deltas.append({"index": position, "id": found.get("id"), "type": "function",
+                           "function": {"name": function.get("name"),
+                                        "arguments": arguments}})
+            sent.append(len(arguments))
+        elif len(arguments) > sent[position]:
+            deltas.append({"index": position,
+                           "function": {"arguments": arguments[sent[position]:]}})
+            sent[position] = len(arguments)
+    return deltas
 
 
 def drain(items: Iterator[Any]) -> None:

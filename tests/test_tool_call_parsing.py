@@ -1,0 +1,93 @@
+"""Tool calls found in a reply as it grows (flaskchat's worker), and the OpenAI deltas the
+gateway streams from them: pure logic, no model, no sockets."""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from app.serving.stream_driver import _call_deltas
+from app.worker.structured.tool_calls import HERMES, LLAMA3, ToolCallParser, value_end
+
+HERMES_REPLY = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": '
+                '{"city": "Paris", "days": [1, 2]}}\n</tool_call>\n<tool_call>\n'
+                '{"name": "add", "arguments": {"a": 1, "b": "}{\\""}}\n</tool_call>')
+
+
+def feed_by_character(parser: ToolCallParser, reply: str) -> list[tuple[Any, Any]]:
+    return [parser.parse(reply[:end], final=end == len(reply))
+            for end in range(1, len(reply) + 1)]
+
+
+def test_hermes_calls_grow_by_appending_and_parse_in_the_end() -> None:
+    parser = ToolCallParser(HERMES)
+    steps = feed_by_character(parser, HERMES_REPLY)
+    content, calls = steps[-1]
+    assert content == "Let me look.\n"
+    assert [call["function"]["name"] for call in calls] == ["get_weather", "add"]
+    assert orjson.loads(calls[0]["function"]["arguments"]) == {"city": "Paris",
+                                                               "days": [1, 2]}
+    assert orjson.loads(calls[1]["function"]["arguments"]) == {"a": 1, "b": '}{"'}
+    assert all(call["id"].startswith("call_") and call["type"] == "function"
+               for call in calls)
+    # Never a character of the marker in the content, and every step's arguments are a
+    # prefix of the next step's (what lets the gateway stream the difference).
+    previous: dict[int, str] = {}
+    for step_content, step_calls in steps:
+        assert "<" not in (step_content or "")
+        for index, call in enumerate(step_calls):
+            assert call["id"] == calls[index]["id"]
+            assert call["function"]["arguments"].startswith(previous.get(index, ""))
+            previous[index] = call["function"]["arguments"]
+
+
+def test_a_reply_without_calls_or_with_a_broken_one_is_all_content() -> None:
+    assert ToolCallParser(HERMES).parse("Just text <tool", final=False) == ("Just text ", [])
+    assert ToolCallParser(HERMES).parse("Just text <tool", final=True) == \
+        ("Just text <tool", [])
+    broken = "<tool_call>\nnot json\n</tool_call>"
+    assert ToolCallParser(HERMES).parse(broken, final=True) == (broken, [])
+
+
+def test_a_call_whose_name_comes_last_is_given_whole_once_complete() -> None:
+    reply = '<tool_call>{"arguments": {"x": 1}, "name": "f"}</tool_call>'
+    parser = ToolCallParser(HERMES)
+    assert parser.parse(reply[:-12], final=False)[1] == []  # not yet a call
+    content, calls = parser.parse(reply, final=True)
+    assert content is None and calls[0]["function"] == {"name": "f", "arguments": '{"x":1}'}
+
+
+def test_llama3_replies_are_one_json_call() -> None:
+    reply = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    content, calls = feed_by_character(ToolCallParser(LLAMA3), reply)[-1]
+    assert content is None
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert ToolCallParser(LLAMA3).parse("Paris is sunny.", final=True) == \
+        ("Paris is sunny.", [])
+    assert ToolCallParser(LLAMA3).parse('{"answer": 42}', final=True) == ('{"answer": 42}', [])
+
+
+@pytest.mark.parametrize("text,end", [('{"a": "}"} tail', 10), ('[1, [2]], 3', 8),
+                                      ('"a\\"b" x', 6), ('{"a": {', None), ("", None)])
+def test_value_end(text: str, end: int | None) -> None:
+    assert value_end(text) == end
+
+
+def test_the_gateway_streams_new_calls_then_argument_pieces() -> None:
+    sent: list[int] = []
+    first = {"tool_calls": [{"id": "call_1", "type": "function",
+                             "function": {"name": "f", "arguments": '{"a"'}}]}
+    assert _call_deltas(first, sent) == [{"index": 0, "id": "call_1", "type": "function",
+                                          "function": {"name": "f", "arguments": '{"a"'}}]
+    grown = {"tool_calls": [{"id": "call_1", "type": "function",
+                             "function": {"name": "f", "arguments": '{"a": 1}'}},
+                            {"id": "call_2", "type": "function",
+                             "function": {"name": "g", "arguments": ""}}]}
+    assert _call_deltas(grown, sent) == [
+        {"index": 0, "function": {"arguments": ": 1}"}},
+        {"index": 1, "id": "call_2", "type": "function",
+         "function": {"name": "g", "arguments": ""}}]
+    assert _call_deltas(grown, sent) == []  # nothing new
+    assert _call_deltas({"tool_calls": [{"function": None}]}, []) == []  # a bad frame
+    assert _call_deltas({"tool_calls": "nonsense"}, []) == []
