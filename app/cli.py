@@ -50,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="comma-separated API keys (or FLASKCHAT_API_KEYS)")
     up.add_argument("--api-keys-file", default=None, help="file with one API key per line")
     up.add_argument("--workers", type=int, default=1, help="API server processes")
-    up.add_argument("--limit-worker-concurrency", type=int, default=5)
+    up.add_argument("--limit-worker-concurrency", type=int, default=0,
+                    help="generations at once in each worker (default: the engine's)")
     up.add_argument("--controller-port", type=int, default=0, help="0: any free port")
     up.set_defaults(run=_up)
 

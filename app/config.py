@@ -401,6 +401,13 @@ class ControllerSettings:
                       prefix="FLASKCHAT_CONTROLLER_")
 
 
+# The worker's generations at once when --limit-worker-concurrency is not given: the onnx
+# engine's batch is fastest at 16 rows here (bench/structured_speed.py --sweep; a row's
+# cache is allocated as it fills, so idle rows cost nothing), the others keep FastChat's 5.
+ONNX_CONCURRENCY = 16
+FASTCHAT_CONCURRENCY = 5
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """The model worker settings (FastChat's model_worker flags). FLASKCHAT_WORKER_*."""
@@ -417,8 +424,10 @@ class WorkerSettings:
                            "folder, or an embedded model: smollm2, all-minilm-l6-v2")
     model_names: tuple[str, ...] = _opt((), "--model-names", parse_list,
                                         "comma-separated names to serve the model as")
-    limit_worker_concurrency: int = _opt(5, "--limit-worker-concurrency", _positive(int),
-                                         "generations (or embedding batches) at once")
+    limit_worker_concurrency: int = _opt(0, "--limit-worker-concurrency", _positive(int),
+                                         "generations (or embedding batches) at once; "
+                                         "default: the engine's (onnx: the batch it runs "
+                                         "fastest, 16; otherwise FastChat's 5)")
     engine: str = _opt("auto", "--engine", _engine,
                        "onnx (onnxruntime, int4 weights, continuous batching; CPU), "
                        "transformers (PyTorch, one sequence at a time), or auto: onnx on a "
@@ -450,6 +459,12 @@ class WorkerSettings:
     @property
     def address(self) -> str:
         return (self.worker_address or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def concurrency(self, engine: str) -> int:
+        """--limit-worker-concurrency, else the default of the engine the model runs on."""
+        if self.limit_worker_concurrency:
+            return self.limit_worker_concurrency
+        return ONNX_CONCURRENCY if engine == "onnx" else FASTCHAT_CONCURRENCY
 
     @classmethod
     def from_args(cls, args: argparse.Namespace,

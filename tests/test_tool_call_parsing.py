@@ -8,7 +8,8 @@ import orjson
 import pytest
 
 from app.serving.stream_driver import _call_deltas
-from app.worker.structured.tool_calls import HERMES, LLAMA3, ToolCallParser, value_end
+from app.worker.structured.tool_calls import (HERMES, LLAMA3, ToolCallParser, ValueEnd,
+                                              value_end)
 
 HERMES_REPLY = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": '
                 '{"city": "Paris", "days": [1, 2]}}\n</tool_call>\n<tool_call>\n'
@@ -91,3 +92,12 @@ def test_the_gateway_streams_new_calls_then_argument_pieces() -> None:
     assert _call_deltas(grown, sent) == []  # nothing new
     assert _call_deltas({"tool_calls": [{"function": None}]}, []) == []  # a bad frame
     assert _call_deltas({"tool_calls": "nonsense"}, []) == []
+
+
+def test_the_end_of_a_growing_value_is_found_reading_each_character_once() -> None:
+    text = '{"a": "x\\"}", "b": [1, {"c": "]"}]} and after'
+    scanner = ValueEnd()
+    found = [scanner.scan(text[:size]) for size in range(len(text) + 1)]
+    end = value_end(text)
+    assert end == text.index(" and")
+    assert found[:end] == [None] * end and set(found[end:]) == {end}

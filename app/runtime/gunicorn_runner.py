@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from gunicorn.app.base import BaseApplication
 
-from app.config import ControllerSettings, Settings, WorkerSettings
+from app.config import ONNX_CONCURRENCY, ControllerSettings, Settings, WorkerSettings
 from app.runtime import state_dir
 from app.upstream.openai_config import Targets
 
@@ -123,7 +123,8 @@ def worker_config(settings: WorkerSettings) -> dict[str, Any]:
     # Never monkey-patched: generation is CPU/GPU-bound and runs in real threads. One
     # process holds one copy of the model; the long timeout covers a first GGUF conversion.
     return {"bind": [f"{settings.host}:{settings.port}"], "workers": 1,
-            "worker_class": "gthread", "threads": settings.limit_worker_concurrency + 16,
+            "worker_class": "gthread",
+            "threads": (settings.limit_worker_concurrency or ONNX_CONCURRENCY) + 16,
             "timeout": 300, "keepalive": KEEPALIVE, "control_socket_disable": True,
             "loglevel": settings.log_level}
 

@@ -75,10 +75,11 @@ class Stack:
             # The embedded SmolLM2 runs in float16: 2.5x the tokens/s of float32 on the
             # 2-core EPYC this was measured on, with the same greedy answers.
             dtype = "float16" if model.lower() == "smollm2" else "auto"
+            limit = ["--limit-worker-concurrency", str(plan.concurrency)] \
+                if plan.concurrency > 0 else []  # else the engine's own default
             self._spawn(role, ["worker", "--host", "127.0.0.1", "--port", str(port),
                                "--controller-address", controller, "--model-path", model,
-                               "--limit-worker-concurrency", str(plan.concurrency),
-                               "--heart-beat-interval", "15", "--dtype", dtype])
+                               *limit, "--heart-beat-interval", "15", "--dtype", dtype])
         env = {"FLASKCHAT_API_KEYS": ",".join(plan.api_keys)} if plan.api_keys else {}
         self._spawn("gateway", ["serve", "--host", plan.host, "--port", str(plan.port),
                                 "--controller-address", controller,

@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterator
@@ -26,6 +27,7 @@ import torch
 from app.worker.generation import Generation
 from app.worker.onnx_decoder import OnnxDecoder
 from app.worker.prefix_cache import PrefixCache
+from app.worker.structured.matchers import Constraint
 
 log = logging.getLogger("flaskchat.worker")
 
@@ -52,6 +54,7 @@ class Batcher:
         self._rows: list[_Entry] = []  # index = cache row; the last may be mid-prompt
         self._decoding = 0
         self._wake = threading.Condition()
+        self._masks = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         threading.Thread(target=self._loop, name="batcher", daemon=True).start()
 
     def generate(self, generation: Generation,
@@ -143,7 +146,14 @@ class Batcher:
 
     def _decode(self) -> None:
         tokens = [self._rows[row].generation.last_token for row in range(self._decoding)]
+        constraints = [c for c in (self._rows[row].generation.constraint
+                                   for row in range(self._decoding)) if c is not None]
+        # The grammars' next masks are worked out while onnxruntime computes the scores
+        # (both let go of the GIL): structured rows then cost the batch next to nothing.
+        masks = self._masks.submit(_prepare_all, constraints) if constraints else None
         logits = torch.from_numpy(self.decoder.decode(tokens))
+        if masks is not None:
+            masks.result()
         for row in reversed(range(len(tokens))):
             self._advance(row, logits[row])
 
@@ -192,6 +202,11 @@ class Batcher:
             self.decoder.free(row)
         self._rows.clear()
         self._decoding = 0
+
+
+def _prepare_all(constraints: list[Constraint]) -> None:
+    for constraint in constraints:
+        constraint.prepare()
 
 
 def _chunk_end(fed: int, length: int) -> int:

@@ -53,5 +53,5 @@ def _onnx(folder: Path, settings: WorkerSettings) -> Engine:
         generation_config = GenerationConfig.from_pretrained(folder)
     except OSError:  # no generation_config.json
         generation_config = None
-    return OnnxEngine(export, config, generation_config, settings.limit_worker_concurrency,
+    return OnnxEngine(export, config, generation_config, settings.concurrency("onnx"),
                       settings.max_context, settings.prefix_cache_mib)

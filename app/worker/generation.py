@@ -85,9 +85,7 @@ class Generation:
     def _masked(scores: torch.Tensor, constraint: Constraint) -> torch.Tensor:
         """A copy of the scores with what the grammar forbids at -inf (the row itself
         stays as the model gave it, for logprobs)."""
-        allowed = scores.detach().float().cpu().numpy().copy()
-        constraint.mask(allowed)
-        return torch.from_numpy(allowed)
+        return torch.from_numpy(constraint.masked(scores.detach().float().cpu().numpy()))
 
     @property
     def last_token(self) -> int:

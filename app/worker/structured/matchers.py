@@ -35,18 +35,29 @@ class Constraint:
     def __init__(self, matcher: Any, vocabulary: int, eos: int) -> None:
         self._matcher = matcher
         self._bitmask = allocate_token_bitmask(1, vocabulary)
+        self._ready = False  # the bitmask holds the next step's allowed tokens
         self.eos = eos
 
-    def mask(self, scores: np.ndarray[Any, Any]) -> None:
-        """Sets the scores of the tokens the grammar forbids to -inf, in place. (numpy's
-        unpackbits and copyto: half the time of llguidance's own apply, bench/RESULTS.md)"""
-        fill_next_token_bitmask(self._matcher, self._bitmask, 0)
+    def prepare(self) -> None:
+        """Works out which tokens may come next. Safe in another thread while the model
+        computes the step's scores (it only reads the tokens taken so far, and llguidance
+        lets go of the GIL): the onnx engine does it then, so it costs no time."""
+        if not self._ready:
+            fill_next_token_bitmask(self._matcher, self._bitmask, 0)
+            self._ready = True
+
+    def masked(self, scores: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """A copy of the scores with the tokens the grammar forbids at -inf. (numpy's
+        unpackbits and where: half the time of llguidance's own apply, bench/RESULTS.md)"""
+        self.prepare()
         allowed = np.unpackbits(self._bitmask.view(np.uint8), count=len(scores),
                                 bitorder="little").view(bool)
-        np.copyto(scores, -np.inf, where=~allowed)
+        result: np.ndarray[Any, Any] = np.where(allowed, scores, -np.inf)
+        return result
 
     def advance(self, token: int) -> bool:
         """Takes the chosen token; True when the grammar allows nothing more."""
+        self._ready = False
         self._matcher.consume_token(token)
         return bool(self._matcher.is_stopped())
 

@@ -14,7 +14,8 @@ one block per call. Llama 3.1 format: the whole reply is one JSON object
 The parser is fed the cumulative reply each time and gives back the content before the
 first call and the calls so far, each call's ``arguments`` growing only by appending (the
 gateway streams the difference), so a call shows up once its name is complete and its
-arguments stream as they are written.
+arguments stream as they are written. It runs in the batch's loop, once per frame: the
+character scan that finds where arguments end only reads what was appended since.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class ToolCallParser:
     def __init__(self, fmt: ToolFormat) -> None:
         self.format = fmt
         self._ids: list[str] = []  # one per call found so far, stable across feeds
+        self._ends: list[ValueEnd] = []  # where each call's arguments end, scanned so far
 
     def parse(self, text: str, final: bool) -> tuple[str | None, list[dict[str, Any]]]:
         """(content, calls) of the reply so far. ``content`` is None when the reply is
@@ -66,7 +68,9 @@ class ToolCallParser:
             content, bodies = self._whole(text, final)
         calls = []
         for index, (body, complete) in enumerate(bodies):
-            found = _call(body, complete)
+            if len(self._ends) <= index:
+                self._ends.append(ValueEnd())
+            found = _call(body, complete, self._ends[index])
             if found is None:
                 if final and complete:
                     return text, []  # not a call after all: the text is the answer
@@ -111,18 +115,21 @@ class ToolCallParser:
                 "function": {"name": name, "arguments": arguments}}
 
 
-def _call(body: str, complete: bool) -> tuple[str, str] | None:
-    """(name, arguments so far) of one call's text, or None while (or if) it is not one."""
+def _call(body: str, complete: bool, ends: "ValueEnd") -> tuple[str, str] | None:
+    """(name, arguments so far) of one call's text, or None while (or if) it is not one.
+    ``ends`` scans this call's arguments (the same call's text, longer each time)."""
     head = _HEAD.match(body)
     if head is not None:
         try:
             name = orjson.loads('"' + head.group(1) + '"')
         except orjson.JSONDecodeError:
             return None
-        rest = body[head.end():]
+        rest = body[head.end():]  # starts where the arguments do, once they have started
+        if not rest:
+            return None if complete else (name, "")
         if rest.startswith('"') and not complete:
             return name, ""  # arguments written as a string: given whole once complete
-        end = value_end(rest)
+        end = ends.scan(rest)
         if end is not None:
             written = rest[:end]
             if written.startswith('"'):
@@ -141,30 +148,46 @@ def _call(body: str, complete: bool) -> tuple[str, str] | None:
     return parsed["name"], orjson.dumps(arguments).decode()
 
 
-def value_end(text: str) -> int | None:
-    """Where the JSON object, array or string that ``text`` starts with ends (the index
-    after it), or None if it has not ended yet."""
-    depth = 0
-    in_string = escaped = False
-    for position, char in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
+class ValueEnd:
+    """Where the JSON object, array or string a text starts with ends (the index after
+    it), for a text that only grows: each scan reads only what was appended."""
+
+    def __init__(self) -> None:
+        self._scanned = 0
+        self._depth = 0
+        self._in_string = self._escaped = False
+        self._end: int | None = None
+
+    def scan(self, text: str) -> int | None:
+        if self._end is not None:
+            return self._end
+        for position in range(self._scanned, len(text)):
+            char = text[position]
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif char == "\\":
+                    self._escaped = True
+                elif char == '"':
+                    self._in_string = False
+                    if self._depth == 0:
+                        self._end = position + 1
+                        return self._end
             elif char == '"':
-                in_string = False
-                if depth == 0:
-                    return position + 1
-        elif char == '"':
-            in_string = True
-        elif char in "{[":
-            depth += 1
-        elif char in "}]":
-            depth -= 1
-            if depth <= 0:
-                return position + 1
-    return None
+                self._in_string = True
+            elif char in "{[":
+                self._depth += 1
+            elif char in "}]":
+                self._depth -= 1
+                if self._depth <= 0:
+                    self._end = position + 1
+                    return self._end
+        self._scanned = len(text)
+        return None
+
+
+def value_end(text: str) -> int | None:
+    return ValueEnd().scan(text)
 
 
 def _loads(text: str) -> Any:
