@@ -12,7 +12,7 @@
    prompt it then feeds for its next request counts against it).
 3. With --sweep: the onnx engine's total tokens/s at 8 and 16 concurrent free streams for
    --limit-worker-concurrency 5, 8, 16 and 32 (the batch holds at most that many rows),
-   for the default's choice.
+   for the default's choice (--limits to choose them, --sweep-only to skip 1 and 2).
 
 Not a test: numbers depend on the machine. Run it on an idle one.
 """
@@ -117,7 +117,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--limits", type=int, nargs="+", default=[5, 8, 16, 32])
+    parser.add_argument("--sweep-only", action="store_true")
     args = parser.parse_args()
+    if not args.sweep_only:
+        measure(args)
+    if args.sweep or args.sweep_only:
+        sweep(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     model = load(16)
     list(model.generate(model.prepare(params("Hi", 8, False)), threading.Event()))  # warm
     first, cached = compile_times(model)
@@ -130,12 +139,12 @@ def main() -> None:
         held, ended = tokens_per_second(model, clients, args.tokens, args.rounds, True)
         print(f"| {clients} | {free:.1f} | {held:.1f} | {held / free:.2f} | "
               f"{ended} of {clients * args.rounds} |")
-    if not args.sweep:
-        return
-    del model
+
+
+def sweep(args: argparse.Namespace) -> None:
     print("\n| --limit-worker-concurrency | 8 streams tokens/s | 16 streams tokens/s |")
     print("|---|---|---|")
-    for slots in (5, 8, 16, 32):
+    for slots in args.limits:
         sized = load(slots)
         eight, _ = tokens_per_second(sized, 8, args.tokens, 2, False)
         sixteen, _ = tokens_per_second(sized, 16, args.tokens, 2, False)

@@ -145,6 +145,50 @@ def test_tool_history_renders_through_the_template(tiny: ChatModel) -> None:
     assert "<tool_response>\nsunny\n</tool_response>" in prompt
 
 
+# A Qwen-like template that renders tools itself and asks for <tool_call> blocks, and a
+# Llama-3.1-like one that asks for a bare JSON call.
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %}\n{{ t | tojson }}"
+    "{% endfor %}\nCall one in <tool_call></tool_call> tags.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3_TEMPLATE = HERMES_TEMPLATE.replace(
+    "Call one in <tool_call></tool_call> tags.",
+    'Reply with {\"name\": function name, \"parameters\": arguments}.').replace(
+    "<tool_call>{{ c.function | tojson }}</tool_call>", "{{ c.function | tojson }}")
+
+
+@pytest.mark.parametrize("template,opening", [(HERMES_TEMPLATE, "<tool_call>\n"),
+                                              (LLAMA3_TEMPLATE, "")])
+def test_a_template_that_knows_tools_renders_them(tiny_dir: Path, tmp_path: Path,
+                                                  template: str, opening: str) -> None:
+    """Its tools and history go through the template (no system message of ours), an
+    auto reply is free text parsed for calls in the template's format, and a required
+    call is written in that format."""
+    import shutil
+
+    folder = tmp_path / "tools-template"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "chat_template.jinja").write_text(template)
+    model = load_tiny(folder, "transformers")
+    assert model.structured.renders_tools
+    history = ASK + [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3"}]
+    job = model.prepare(params(messages=history, tools=TOOLS, tool_choice="auto"))
+    assert '"name": "get_weather"' in job.prompt and "<tools>" not in job.prompt
+    assert '"arguments": {"a": 1, "b": 2}' in job.prompt  # parsed for the template
+    assert job.constraint is None and job.tool_format is not None
+    frames = run(model, messages=ASK, tools=TOOLS, tool_choice="required", seed=3,
+                 parallel_tool_calls=False, max_new_tokens=300)
+    final = frames[-1]
+    assert final["finish_reason"] == "tool_calls"
+    check_calls(final["tool_calls"])
+
+
 @pytest.mark.parametrize("values,param,named", [
     ({"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "array", "uniqueItems": True}}}},

@@ -101,3 +101,17 @@ def test_the_end_of_a_growing_value_is_found_reading_each_character_once() -> No
     end = value_end(text)
     assert end == text.index(" and")
     assert found[:end] == [None] * end and set(found[end:]) == {end}
+
+
+def test_a_call_that_repeats_an_earlier_one_ends_the_reply_before_it() -> None:
+    parser = ToolCallParser(HERMES)
+    first = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+    other = '\n<tool_call>\n{"name": "f", "arguments": {"a": 2}}\n</tool_call>'
+    again = '\n<tool_call>\n{"name": "f", "arguments": {"a":1}}\n</tool_call>'
+    assert parser.repeated_call(first) is None
+    assert parser.repeated_call(first + other) is None
+    assert parser.repeated_call(first + other + again) == len(first + other) + 1
+    assert parser.repeated_call(first + other + again[:-3]) is None  # not closed yet
+    # A later call is not shown until complete (it might be a repeat, then dropped).
+    assert len(parser.parse(first + other[:-5], final=False)[1]) == 1
+    assert len(parser.parse(first + other, final=False)[1]) == 2

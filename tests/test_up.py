@@ -140,9 +140,13 @@ def test_smollm2_structured_outputs(client: openai.OpenAI) -> None:
                 response_format=schema).choices[0].message.content or ""
         jsonschema.validate(json.loads(text), PERSON)
     whatever = client.chat.completions.create(
-        model="SmolLM2-135M-Instruct", messages=ask, max_tokens=100,
-        response_format={"type": "json_object"})
-    assert isinstance(json.loads(whatever.choices[0].message.content or ""), dict)
+        model="SmolLM2-135M-Instruct", max_tokens=200, response_format={"type": "json_object"},
+        messages=[{"role": "user", "content": "The capital of France, as JSON."}])
+    text = whatever.choices[0].message.content or ""
+    if whatever.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:  # any object may hold a string as long as the model likes: cut, as OpenAI does
+        assert whatever.choices[0].finish_reason == "length" and text.startswith("{")
     weather: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
     choices: list[Any] = ["required", {"type": "function", "function": {"name": "get_weather"}}]
     for choice in choices:

@@ -74,6 +74,12 @@ class Generation:
         if self.tracker.stopped or (constraint is not None and constraint.advance(token)):
             self.finish = "stop"  # a stop string, or the grammar's end: nothing may follow
             return None
+        if self.tool_calls is not None:
+            repeat = self.tool_calls.repeated_call(self.text)
+            if repeat is not None:  # never sent (a later call shows once complete)
+                self.text = self.text[:repeat].rstrip()
+                self.finish = "stop"
+                return None
         if len(self.reply) >= self.job.max_new_tokens:
             self.finish = "length"
             return None

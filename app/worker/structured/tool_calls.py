@@ -68,6 +68,8 @@ class ToolCallParser:
             content, bodies = self._whole(text, final)
         calls = []
         for index, (body, complete) in enumerate(bodies):
+            if index and not complete:
+                break  # a later call shows once complete: it may yet be a repeat (dropped)
             if len(self._ends) <= index:
                 self._ends.append(ValueEnd())
             found = _call(body, complete, self._ends[index])
@@ -79,6 +81,22 @@ class ToolCallParser:
         if final and not calls:
             return text, []
         return (content if content.strip() or not calls else None), calls
+
+    def repeated_call(self, text: str) -> int | None:
+        """Where the call that ``text`` just closed starts, if it repeats an earlier call
+        of the reply word for word (small models, allowed several calls, repeat the
+        first until max_tokens): the reply then ends before it."""
+        opening, closing = self.format.open, self.format.close
+        if not closing or not text.endswith(closing):
+            return None
+        start = text.rfind(opening)
+        if start <= 0:
+            return None
+        last = _loads(text[start + len(opening):len(text) - len(closing)])
+        if last is None:
+            return None
+        _, bodies = self._hermes(text[:start], final=True)
+        return start if any(_loads(body) == last for body, _ in bodies) else None
 
     def _hermes(self, text: str, final: bool) -> tuple[str, list[tuple[str, bool]]]:
         opening, closing = self.format.open, self.format.close
