@@ -5,10 +5,11 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, post_load, validates_schema
 
-from schemas.fields import Bool, Int, Number, Str, at_least, between
+from schemas.fields import Bool, Int, Number, at_least, between
 from schemas.messages import ChatMessage, Messages
 from schemas.sampling import SamplingRequest, SamplingSchema, check_best_of
-from schemas.tools import Functions, GuidedChoice, GuidedJson, ResponseFormat, ToolChoice, Tools
+from schemas.tools import (Functions, GuidedChoice, GuidedJson, GuidedRegex, ResponseFormat,
+                           ToolChoice, Tools)
 
 
 class ChatRequest(SamplingRequest):
@@ -36,7 +37,7 @@ class ChatSchema(SamplingSchema):
     parallel_tool_calls = Bool(allow_none=True, load_default=None)
     response_format = ResponseFormat(allow_none=True, load_default=None)
     guided_json = GuidedJson(allow_none=True, load_default=None)
-    guided_regex = Str(allow_none=True, load_default=None)
+    guided_regex = GuidedRegex(allow_none=True, load_default=None)
     guided_choice = GuidedChoice(allow_none=True, load_default=None)
     logprobs = Bool(allow_none=True, load_default=None)
     top_logprobs = Int(allow_none=True, load_default=None, validate=between(0, 20, "top_logprobs"))

@@ -7,7 +7,7 @@ from marshmallow import ValidationError, post_load, validates_schema
 
 from schemas.fields import Bool, Int, Str, TextInputs, at_least, between
 from schemas.sampling import SamplingRequest, SamplingSchema, check_best_of
-from schemas.tools import GuidedChoice, GuidedJson
+from schemas.tools import GuidedChoice, GuidedJson, GuidedRegex
 
 
 class CompletionRequest(SamplingRequest):
@@ -30,7 +30,7 @@ class CompletionSchema(SamplingSchema):
     suffix = Str(allow_none=True, load_default=None)
     # vLLM's guided decoding (the openai client's extra_body)
     guided_json = GuidedJson(allow_none=True, load_default=None)
-    guided_regex = Str(allow_none=True, load_default=None)
+    guided_regex = GuidedRegex(allow_none=True, load_default=None)
     guided_choice = GuidedChoice(allow_none=True, load_default=None)
 
     def __init__(self, *, max_inputs: int = 2048, **kwargs: Any) -> None:

@@ -6,6 +6,7 @@ gets a 400 naming the parameter (``app.serving.chat``), never a silent drop.
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Mapping
 
@@ -14,6 +15,49 @@ from marshmallow import ValidationError, fields
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TOOL_CHOICES = ("none", "auto", "required")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+# What a worker can enforce while generating without one request slowing the batch it
+# shares with others: a grammar's literal (a const, an enum value, a pattern, a choice) is
+# matched character by character at every step, about half a millisecond per KB.
+MAX_TOOLS = 128
+MAX_NESTING = 32
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_LITERAL = 1000
+MAX_REGEX = 2000
+MAX_CHOICES = 256
+MAX_CHOICES_BYTES = 16 * 1024
+# Keywords whose values are not enforced (any length is fine), and keywords whose values
+# map names to schemas (where a key is a name, not a keyword).
+ANNOTATIONS = frozenset({"description", "title", "examples", "default", "$comment"})
+SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions",
+                         "dependentSchemas"})
+
+
+def schema_problem(schema: Any) -> str | None:
+    """What makes a JSON schema too big to enforce while generating, or None."""
+    size = 0
+    stack: list[tuple[Any, int, bool, bool]] = [(schema, 1, False, False)]
+    while stack:  # (value, depth, inside an annotation, a map of names to schemas)
+        value, depth, annotation, names = stack.pop()
+        if depth > MAX_NESTING:
+            return f"nests deeper than {MAX_NESTING} levels"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                size += len(key)
+                if not annotation and len(key) > MAX_LITERAL:
+                    return f"has a name longer than {MAX_LITERAL} characters"
+                skip = annotation or (not names and key in ANNOTATIONS)
+                stack.append((item, depth + 1, skip, not names and key in SCHEMA_MAPS))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1, annotation, False) for item in value)
+        elif isinstance(value, str):
+            size += len(value)
+            if not annotation and len(value) > MAX_LITERAL:
+                return f"has a string longer than {MAX_LITERAL} characters (a const, an " \
+                    "enum value or a pattern is matched character by character)"
+        if size > MAX_SCHEMA_BYTES:
+            return f"is larger than {MAX_SCHEMA_BYTES // 1024} KiB"
+    return None
 
 
 def function_problem(value: Any) -> tuple[str, str] | None:
@@ -26,6 +70,9 @@ def function_problem(value: Any) -> tuple[str, str] | None:
         return "name", "must be 1-64 letters, digits, '_' or '-'"
     if "parameters" in value and not isinstance(value["parameters"], dict):
         return "parameters", "must be a JSON Schema object"
+    problem = schema_problem(value.get("parameters"))
+    if problem is not None:
+        return "parameters", problem
     if "description" in value and not isinstance(value["description"], str):
         return "description", "must be a string"
     return None
@@ -45,6 +92,8 @@ class Tools(fields.Field[list[dict[str, Any]]]):
                      **kwargs: Any) -> list[dict[str, Any]]:
         if not isinstance(value, list):
             raise ValidationError("must be an array of tools")
+        if len(value) > MAX_TOOLS:
+            raise ValidationError(f"must hold at most {MAX_TOOLS} tools")
         for index, tool in enumerate(value):
             if not isinstance(tool, dict) or tool.get("type") != "function":
                 raise ValidationError(f"[{index}] must be {{\"type\": \"function\", "
@@ -97,10 +146,10 @@ class ResponseFormat(fields.Field[dict[str, Any]]):
                                       "schema)")
             if "schema" in spec and not isinstance(spec["schema"], dict):
                 raise ValidationError("json_schema.schema must be a JSON Schema object")
+            problem = schema_problem(spec.get("schema"))
+            if problem is not None:
+                raise ValidationError(f"json_schema.schema {problem}")
         return value
-
-
-MAX_CHOICES = 256
 
 
 class GuidedChoice(fields.Field[list[str]]):
@@ -111,6 +160,21 @@ class GuidedChoice(fields.Field[list[str]]):
         if not isinstance(value, list) or not value or len(value) > MAX_CHOICES or \
                 not all(isinstance(choice, str) and choice for choice in value):
             raise ValidationError(f"must be a list of 1 to {MAX_CHOICES} non-empty strings")
+        if max(map(len, value)) > MAX_LITERAL or sum(map(len, value)) > MAX_CHOICES_BYTES:
+            raise ValidationError(f"choices must be at most {MAX_LITERAL} characters each and "
+                                  f"{MAX_CHOICES_BYTES // 1024} KiB in all")
+        return value
+
+
+class GuidedRegex(fields.Field[str]):
+    """vLLM's ``guided_regex``: the reply matches it whole."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None,
+                     **kwargs: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise ValidationError("must be a non-empty string")
+        if len(value) > MAX_REGEX:
+            raise ValidationError(f"must be at most {MAX_REGEX} characters")
         return value
 
 
@@ -121,4 +185,16 @@ class GuidedJson(fields.Field[Any]):
                      **kwargs: Any) -> Any:
         if not isinstance(value, (dict, str)):
             raise ValidationError("must be a JSON schema object (or a string holding one)")
+        schema = value
+        if isinstance(value, str):
+            try:
+                schema = json.loads(value)
+            except (ValueError, RecursionError):
+                raise ValidationError("must be a JSON schema: the string is not JSON") \
+                    from None
+        if not isinstance(schema, dict):
+            raise ValidationError("must be a JSON schema object")
+        problem = schema_problem(schema)
+        if problem is not None:
+            raise ValidationError(problem)
         return value

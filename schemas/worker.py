@@ -7,7 +7,8 @@ from marshmallow import EXCLUDE, Schema, fields, post_load
 
 from schemas.fields import Bool, Int, Number, Stop, Str, TextInputs, at_least
 from schemas.messages import ChatMessage, Messages
-from schemas.tools import GuidedChoice, GuidedJson, ResponseFormat, ToolChoice, Tools
+from schemas.tools import (GuidedChoice, GuidedJson, GuidedRegex, ResponseFormat, ToolChoice,
+                           Tools)
 
 
 class GenerationParams(TypedDict):
@@ -70,7 +71,7 @@ class GenerationSchema(Schema):
     tool_choice = ToolChoice(allow_none=True, load_default=None)
     parallel_tool_calls = Bool(allow_none=True, load_default=None)
     guided_json = GuidedJson(allow_none=True, load_default=None)
-    guided_regex = Str(allow_none=True, load_default=None)
+    guided_regex = GuidedRegex(allow_none=True, load_default=None)
     guided_choice = GuidedChoice(allow_none=True, load_default=None)
 
     @post_load

@@ -140,7 +140,7 @@ def test_tool_history_renders_through_the_template(tiny: ChatModel) -> None:
              "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
     prompt = tiny.prepare(params(messages=history, tools=TOOLS)).prompt
-    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city":"Paris","days":1}}' \
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}' \
         in prompt
     assert "<tool_response>\nsunny\n</tool_response>" in prompt
 
@@ -181,12 +181,26 @@ def test_a_template_that_knows_tools_renders_them(tiny_dir: Path, tmp_path: Path
     job = model.prepare(params(messages=history, tools=TOOLS, tool_choice="auto"))
     assert '"name": "get_weather"' in job.prompt and "<tools>" not in job.prompt
     assert '"arguments": {"a": 1, "b": 2}' in job.prompt  # parsed for the template
-    assert job.constraint is None and job.tool_format is not None
+    assert job.constraint is None and job.tool_calls is not None
     frames = run(model, messages=ASK, tools=TOOLS, tool_choice="required", seed=3,
                  parallel_tool_calls=False, max_new_tokens=300)
     final = frames[-1]
     assert final["finish_reason"] == "tool_calls"
     check_calls(final["tool_calls"])
+
+
+def test_a_template_that_refuses_the_messages_is_a_400(tiny_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "strict-template"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "chat_template.jinja").write_text(
+        "{% if tools %}{{ raise_exception('This template needs a user message first') }}"
+        "{% endif %}" + HERMES_TEMPLATE)
+    model = load_tiny(folder, "transformers")
+    with pytest.raises(InvalidRequest) as refused:
+        model.prepare(params(messages=ASK, tools=TOOLS))
+    assert refused.value.param == "tools" and "user message first" in refused.value.message
 
 
 @pytest.mark.parametrize("values,param,named", [
@@ -198,7 +212,9 @@ def test_a_template_that_knows_tools_renders_them(tiny_dir: Path, tmp_path: Path
         "type": "object", "properties": {"x": {"type": "array", "uniqueItems": True}}}}}],
       "tool_choice": "required"}, "tools", "uniqueItems"),
     ({"guided_regex": "(unclosed"}, "guided_regex", "unclosed"),
-    ({"guided_json": "{not json"}, "guided_json", "JSON schema"),
+    ({"guided_json": {"type": "object", "properties": {"n": {"type": "integer",
+                                                             "minimum": "low"}}}},
+     "guided_json", "minimum"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "one of"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice", "nope"),
@@ -208,6 +224,48 @@ def test_what_cannot_be_enforced_is_refused_naming_it(tiny: ChatModel, values: d
     with pytest.raises(InvalidRequest) as refused:
         tiny.prepare(params(prompt="x", **values))
     assert refused.value.param == param and named in refused.value.message
+
+
+def nested(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"x": schema}}
+    return schema
+
+
+@pytest.mark.parametrize("values,param,says", [
+    ({"guided_regex": "a" * 2001}, "guided_regex", "2000"),
+    ({"guided_choice": ["x" * 1001]}, "guided_choice", "1000"),
+    ({"guided_choice": ["x" * 900] * 20}, "guided_choice", "16 KiB"),
+    ({"guided_json": nested(40)}, "guided_json", "deeper than 32"),
+    ({"guided_json": "{not json"}, "guided_json", "not JSON"),
+    ({"guided_json": {"const": "x" * 5000}}, "guided_json", "character by character"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"enum": ["y" * 1001]}}}}, "response_format", "longer"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "description": "d" * 70_000}}}},
+     "response_format", "64 KiB"),
+    ({"tools": [TOOLS[0]] * 129}, "tools", "128"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": nested(40)}}]},
+     "tools", "deeper than 32"),
+])
+def test_formats_too_big_to_enforce_are_refused_before_any_work(
+        values: dict[str, Any], param: str, says: str) -> None:
+    """A grammar's literals are matched at every step of the batch a request shares:
+    their size is bounded where requests are loaded (the gateway's chat schema and the
+    worker's alike). A long description is fine: it is not enforced."""
+    from marshmallow import ValidationError
+
+    from schemas.chat import ChatSchema
+    from schemas.worker import GenerationSchema
+
+    for schema, body in ((ChatSchema(), {"model": "m", "messages": ASK, **values}),
+                         (GenerationSchema(), {"prompt": "x", **values})):
+        with pytest.raises(ValidationError) as refused:
+            schema.load(body)
+        assert param in refused.value.messages and says in str(refused.value.messages)
+    described = {"type": "object", "description": "d" * 5000}
+    GenerationSchema().load({"prompt": "x", "guided_json": described})
 
 
 # ---- the onnx engine's batch -----------------------------------------------------------------
@@ -235,6 +293,36 @@ def test_constrained_and_free_rows_share_a_batch(batched: ChatModel) -> None:
     assert results["free"]["text"] == alone  # untouched by its constrained neighbours
     for seed in range(3):
         jsonschema.validate(orjson.loads(results[f"json{seed}"]["text"]), PERSON)
+
+
+def test_a_grammar_too_slow_to_enforce_fails_its_row_alone(
+        batched: ChatModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row whose masks keep taking longer than the budget fails with a clear error (a
+    400's code, PARAM_OUT_OF_RANGE); the free row beside it finishes as it would alone."""
+    from app.protocol.error_codes import PARAM_OUT_OF_RANGE
+    from app.worker.structured import matchers
+
+    free = dict(prompt="One two three", temperature=0, max_new_tokens=120)
+    alone = run(batched, **free)[-1]["text"]
+    monkeypatch.setattr(matchers, "MASK_BUDGET", -1.0)  # every mask is "too slow"
+    results: dict[str, Any] = {}
+
+    def slow() -> None:
+        try:
+            run(batched, prompt="x", max_new_tokens=200, guided_regex="[a-z]{50}")
+        except matchers.GrammarFailed as exc:
+            results["failed"] = exc
+    threads = [threading.Thread(target=slow), threading.Thread(
+        target=lambda: results.setdefault("free", run(batched, **free)[-1]))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert results["failed"].code == PARAM_OUT_OF_RANGE
+    assert "too slow" in str(results["failed"])
+    assert results["free"]["text"] == alone
+    wait_for(lambda: not batched.engine.batcher._rows,  # type: ignore[attr-defined]
+             what="the failed row to be freed")
 
 
 def test_cancelling_a_constrained_stream_frees_its_row(batched: ChatModel) -> None:

@@ -92,6 +92,8 @@ def test_the_gateway_streams_new_calls_then_argument_pieces() -> None:
     assert _call_deltas(grown, sent) == []  # nothing new
     assert _call_deltas({"tool_calls": [{"function": None}]}, []) == []  # a bad frame
     assert _call_deltas({"tool_calls": "nonsense"}, []) == []
+    assert _call_deltas({"tool_calls": [{"id": 3, "function": {"name": "f",
+                                                               "arguments": ""}}]}, []) == []
 
 
 def test_the_end_of_a_growing_value_is_found_reading_each_character_once() -> None:
@@ -115,3 +117,26 @@ def test_a_call_that_repeats_an_earlier_one_ends_the_reply_before_it() -> None:
     # A later call is not shown until complete (it might be a repeat, then dropped).
     assert len(parser.parse(first + other[:-5], final=False)[1]) == 1
     assert len(parser.parse(first + other, final=False)[1]) == 2
+
+
+def test_what_the_model_writes_never_breaks_the_parser() -> None:
+    """Nesting deeper than orjson writes, a name that never ends, a function nobody
+    declared: the reply is text, and nothing raises."""
+    deep = '<tool_call>\n{"arguments": ' + "[" * 300 + "]" * 300 + ', "name": "f"}\n</tool_call>'
+    assert ToolCallParser(HERMES, frozenset({"f"})).parse(deep, final=True) == (deep, [])
+    endless = '<tool_call>\n{"name": "' + "n" * 10_000
+    assert ToolCallParser(HERMES).parse(endless, final=False) == ("", [])
+    stranger = '<tool_call>\n{"name": "rm", "arguments": {}}\n</tool_call>'
+    assert ToolCallParser(HERMES, frozenset({"f"})).parse(stranger, final=True) == \
+        (stranger, [])
+
+
+def test_after_a_grammar_only_a_leading_call_counts() -> None:
+    """With "text, or one call" the text branch is free: a call inside it was never
+    checked against the tool's parameters, so it stays text."""
+    reply = 'Sure. <tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    assert ToolCallParser(HERMES, frozenset({"f"}), leading_only=True).parse(
+        reply, final=True) == (reply, [])
+    one = ToolCallParser(HERMES, frozenset({"f"}), parallel=False)
+    _, calls = one.parse(reply + "\n" + reply[6:], final=True)
+    assert len(calls) == 1

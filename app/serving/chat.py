@@ -16,7 +16,7 @@ from app.serving.call import Call
 from app.serving.events import DONE
 from app.serving.ids import new_id
 from app.serving.prompt import TemplateError, render, stop_strings
-from app.serving.stream_driver import ChunkFormat, drive
+from app.serving.stream_driver import ChunkFormat, drive, tool_calls_of
 from app.serving.token_budget import token_budget
 from app.serving.usage import UsageTally
 from app.serving.worker_calls import (generate_all, on_worker, open_streams,
@@ -60,7 +60,7 @@ def complete(body: ChatRequest, upstream: Upstream, call: Call) -> dict[str, Any
 def _choice(index: int, frame: dict[str, Any], stops: list[str]) -> dict[str, Any]:
     text, reason = final_text(frame, stops)
     message: dict[str, Any] = {"role": "assistant", "content": text}
-    calls = frame.get("tool_calls")
+    calls = tool_calls_of(frame)
     if calls:  # flaskchat's worker found tool calls in the reply
         message = {"role": "assistant", "content": text or None, "tool_calls": calls}
     return {"index": index, "message": message, "logprobs": None, "finish_reason": reason}

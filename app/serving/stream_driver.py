@@ -97,20 +97,34 @@ def _advance(tracker: TextTracker, frames: list[Frame] | None, usage: UsageTally
     return text, "stop" if tracker.stopped else reason, frame
 
 
+def tool_calls_of(frame: Frame) -> list[dict[str, Any]]:
+    """The well-formed tool calls of a worker's frame (OpenAI's shape, arguments a
+    string), up to the first that is not."""
+    calls = frame.get("tool_calls")
+    good: list[dict[str, Any]] = []
+    for found in calls if isinstance(calls, list) else []:
+        function = found.get("function") if isinstance(found, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or \
+                not isinstance(function.get("arguments"), str) or \
+                not isinstance(found.get("id"), str):
+            break  # not a call: nothing from here on can be trusted to line up
+        good.append({"id": found["id"], "type": "function",
+                     "function": {"name": function["name"],
+                                  "arguments": function["arguments"]}})
+    return good
+
+
 def _call_deltas(frame: Frame, sent: list[int]) -> list[dict[str, Any]]:
     """What is new in a frame's tool calls (flaskchat's worker sends them all each time, as
     it does the text), as OpenAI's tool_calls deltas: a new call with its id and name, then
     the pieces of its arguments. ``sent``: the length of each call's arguments sent."""
-    calls = frame.get("tool_calls")
     deltas: list[dict[str, Any]] = []
-    for position, found in enumerate(calls if isinstance(calls, list) else []):
-        function = found.get("function") if isinstance(found, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
-            break  # not a call: nothing from here on can be trusted to line up
+    for position, found in enumerate(tool_calls_of(frame)):
+        function = found["function"]
         arguments: str = function["arguments"]
         if position == len(sent):
-            deltas.append({"index": position, "id": found.get("id"), "type": "function",
-                           "function": {"name": function.get("name"),
+            deltas.append({"index": position, "id": found["id"], "type": "function",
+                           "function": {"name": function["name"],
                                         "arguments": arguments}})
             sent.append(len(arguments))
         elif len(arguments) > sent[position]:

@@ -27,7 +27,7 @@ import torch
 from app.worker.generation import Generation
 from app.worker.onnx_decoder import OnnxDecoder
 from app.worker.prefix_cache import PrefixCache
-from app.worker.structured.matchers import Constraint
+from app.worker.structured.matchers import Constraint, GrammarFailed
 
 log = logging.getLogger("flaskchat.worker")
 
@@ -84,9 +84,9 @@ class Batcher:
                 self._feed_prompts()
                 if self._decoding:
                     self._decode()
-            except Exception as exc:  # a failed step fails every generation in it
-                log.exception("batch step failed")
-                self._fail_all(exc)
+            except BaseException as exc:  # a failed step fails every generation in it
+                log.exception("batch step failed")  # (the thread itself must go on)
+                self._fail_all(exc if isinstance(exc, Exception) else RuntimeError(exc))
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -162,17 +162,18 @@ class Batcher:
         entry = self._rows[row]
         try:
             frame = entry.generation.step(scores)
+            if entry.generation.finish is not None:
+                frame = entry.generation.final_frame()
         except Exception as exc:  # this request's failure alone: the others go on
-            log.exception("generation step failed")
+            if not isinstance(exc, GrammarFailed):
+                log.exception("generation step failed")
             entry.frames.put(exc)
             self._release(row)
             return
-        if entry.generation.finish is None:
-            if frame is not None:
-                entry.frames.put(frame)
-            return
-        entry.frames.put(entry.generation.final_frame())
-        self._release(row)
+        if frame is not None:
+            entry.frames.put(frame)
+        if entry.generation.finish is not None:
+            self._release(row)
 
     def _release(self, row: int) -> None:
         """Frees a row: the last decoding row moves into it, and a prompt in progress
@@ -206,7 +207,7 @@ class Batcher:
 
 def _prepare_all(constraints: list[Constraint]) -> None:
     for constraint in constraints:
-        constraint.prepare()
+        constraint.prepare()  # never raises: a failure stays with its row
 
 
 def _chunk_end(fed: int, length: int) -> int:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterator, Protocol
 
+from app.errors import InvalidRequest
 from app.protocol.error_codes import CONTEXT_OVERFLOW
 from app.worker.generation import Generation, Job
 from app.worker.structured.planning import StructuredOutputs
-from app.worker.structured.tool_prompt import template_messages
+from app.worker.structured.tool_prompt import template_messages, template_tools_of
 from app.worker.templates import template_for
 from schemas.messages import ChatMessage
 from schemas.worker import GenerationParams
@@ -74,16 +75,22 @@ class ChatModel:
                 f"This model's maximum context length is {self.context_length} tokens. "
                 f"However, your messages resulted in {len(input_ids)} tokens. Please reduce "
                 "the length of the messages.")
+        # Compiled only for a prompt that fits: a grammar may cost milliseconds.
         return Job(params, prompt, input_ids, min(params["max_new_tokens"], room),
-                   plan.constraint, plan.tool_format)
+                   self.structured.constraint(plan), plan.tool_parser())
 
     def render(self, messages: list[ChatMessage],
                tools: list[dict[str, Any]] | None = None) -> str:
         renders_tools = self.structured.renders_tools
         shown = template_messages([dict(m) for m in messages], tools, renders_tools)
-        extra = {"tools": tools} if tools and renders_tools else {}
-        text: str = self.tokenizer.apply_chat_template(shown, tokenize=False,
-                                                       add_generation_prompt=True, **extra)
+        extra = {"tools": template_tools_of(tools)} if tools and renders_tools else {}
+        try:
+            text: str = self.tokenizer.apply_chat_template(
+                shown, tokenize=False, add_generation_prompt=True, **extra)
+        except Exception as exc:  # noqa: BLE001 - the template refused these messages
+            raise InvalidRequest(f"The model's chat template cannot render these messages: "
+                                 f"{type(exc).__name__}: {str(exc)[:300]}",
+                                 "tools" if extra else "messages") from None
         return text
 
     def encode(self, text: str) -> list[int]:

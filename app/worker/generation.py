@@ -12,7 +12,7 @@ from app.protocol.stop_strings import TextTracker
 from app.worker.detokenize import IncrementalText
 from app.worker.sampling import Sampling, new_rng, next_token
 from app.worker.structured.matchers import Constraint
-from app.worker.structured.tool_calls import ToolCallParser, ToolFormat
+from app.worker.structured.tool_calls import ToolCallParser
 from schemas.worker import GenerationParams
 
 
@@ -25,7 +25,7 @@ class Job:
     input_ids: list[int]
     max_new_tokens: int
     constraint: Constraint | None = None  # the grammar the reply follows
-    tool_format: ToolFormat | None = None  # the reply is parsed for tool calls
+    tool_calls: ToolCallParser | None = None  # finds the tool calls in the reply
 
 
 class Generation:
@@ -43,7 +43,7 @@ class Generation:
         self.logprobs = Logprobs(tokenizer, params["logprobs"]) \
             if params["logprobs"] is not None else None
         self.constraint = job.constraint
-        self.tool_calls = ToolCallParser(job.tool_format) if job.tool_format else None
+        self.tool_calls = job.tool_calls
         self.reply: list[int] = []
         self.text = ""
         self.finish: str | None = None  # set once the reply is over
@@ -110,7 +110,10 @@ class Generation:
         if self.tool_calls is not None:
             # The text before any call, and the calls so far (flaskchat's protocol: each
             # frame carries them all, their arguments growing, as "text" grows).
-            content, calls = self.tool_calls.parse(self.text, final=finish is not None)
+            try:
+                content, calls = self.tool_calls.parse(self.text, final=finish is not None)
+            except Exception:  # noqa: BLE001 - the model's text, not a call
+                content, calls = self.text, []
             frame = {"text": self.prefix + (content or ""), "tool_calls": calls}
             if calls and finish == "stop":
                 finish = "tool_calls"

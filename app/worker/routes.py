@@ -33,6 +33,7 @@ from app.worker.chat_model import ChatModel, PromptTooLong
 from app.worker.generation import Job
 from app.worker.embedding_model import EmbeddingModel
 from app.worker.slots import Cancelled, Slots
+from app.worker.structured.matchers import GrammarFailed
 from schemas.worker import GenerationSchema, PromptSchema, WorkerEmbeddingSchema
 
 log = logging.getLogger("flaskchat.worker")
@@ -247,6 +248,8 @@ def _run(worker: WorkerState, job: Job, request_id: str, cancel: threading.Event
 
 
 def _error_frame(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, GrammarFailed):  # the request's format, not the worker
+        return {"text": str(exc), "error_code": exc.code}
     out_of_memory = isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
     if not out_of_memory:
         log.exception("generation failed")

@@ -15,11 +15,14 @@ from llguidance import LLMatcher
 
 from app.errors import InvalidRequest
 from app.worker.structured.tool_calls import ToolFormat
+from schemas.tools import ANNOTATIONS, SCHEMA_MAPS
 
 if TYPE_CHECKING:  # only in llguidance's type stubs
     from llguidance._lib import JsonCompileOptions
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+MAX_CALLS = 16  # in one reply, when parallel calls are allowed
+DATA = frozenset({"const", "enum"})  # keywords whose values are JSON data, not schemas
 # JSON as models write it (and as a prompt's examples show it): one space after ":" and
 # ",", no other whitespace. Free whitespace would let a model pad a reply up to its
 # max_tokens without saying anything.
@@ -53,6 +56,7 @@ def reply_grammar(params: Any) -> Grammar | None:
     schema = json_schema(value, param)
     if schema is None:
         return None  # response_format text
+    schema = enforced(schema)
     return Grammar(LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE), param,
                    schema)
 
@@ -106,7 +110,7 @@ def tool_grammar(tools: list[dict[str, Any]], choice: Any, parallel: bool,
             first = (fmt.open or "{")[0]  # what only a call starts with
             start = f"start: (TEXT | call)?\nTEXT: /[^{first}][\\s\\S]*/"
     elif parallel and fmt.open:
-        start = f"start: call ({_literal(chr(10))} call)*"
+        start = f"start: call ({_literal(chr(10))} call){{0,{MAX_CALLS - 1}}}"
     else:
         start = "start: call"
     return Grammar(LLMatcher.grammar_from_lark("\n".join([start, calls, *rules])), "tools")
@@ -119,9 +123,22 @@ def _call_rule(index: int, function: dict[str, Any], fmt: ToolFormat) -> str:
     tail = "}"
     if fmt.open:
         head, tail = f"{fmt.open}\n{head}", f"{tail}\n{fmt.close}"
-    parameters = function.get("parameters") or ANY_OBJECT
+    parameters = enforced(function.get("parameters") or ANY_OBJECT)
     return f"call_{index}: {_literal(head)} args_{index} {_literal(tail)}\n" \
         f"args_{index}: {_embedded(parameters)}"
+
+
+def enforced(schema: Any, names: bool = False) -> Any:
+    """The schema without its annotations (descriptions, titles, examples...): they do
+    not change what may be written, and the grammar's text is its cache key. ``names``:
+    ``schema`` maps names to schemas (properties...), whose keys are kept."""
+    if isinstance(schema, list):
+        return [enforced(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {key: value if not names and key in DATA else
+            enforced(value, not names and key in SCHEMA_MAPS)
+            for key, value in schema.items() if names or key not in ANNOTATIONS}
 
 
 def _embedded(schema: dict[str, Any]) -> str:

@@ -1,21 +1,32 @@
-"""What one request's reply must look like, worked out before it waits for a slot: its
-constraint (a grammar's state) and whether its text is parsed for tool calls."""
+"""What one request's reply must look like, worked out before it waits for a slot: the
+grammar it follows (compiled after the prompt's length is checked) and whether its text
+is parsed for tool calls."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from app.worker.structured.grammars import reply_grammar, tool_grammar
+from app.worker.structured.grammars import Grammar, reply_grammar, tool_grammar
 from app.worker.structured.matchers import Constraint, Grammars
-from app.worker.structured.tool_calls import ToolFormat
+from app.worker.structured.tool_calls import ToolCallParser, ToolFormat
 from app.worker.structured.tool_prompt import template_tools
 
 
 @dataclass(frozen=True)
 class Plan:
-    constraint: Constraint | None = None
+    grammar: Grammar | None = None
     tool_format: ToolFormat | None = None  # the reply is parsed for calls in this format
     tools: list[dict[str, Any]] | None = None  # for the prompt
+    parallel: bool = True
+
+    def tool_parser(self) -> ToolCallParser | None:
+        """Calls to the request's functions only; at the reply's start only when a grammar
+        shapes it (its free text may not hold calls nobody checked)."""
+        if self.tool_format is None:
+            return None
+        names = frozenset(tool["function"]["name"] for tool in self.tools or [])
+        return ToolCallParser(self.tool_format, names, self.parallel,
+                              leading_only=self.grammar is not None)
 
 
 FREE = Plan()
@@ -28,7 +39,7 @@ class StructuredOutputs:
             getattr(tokenizer, "chat_template", None))
 
     def plan(self, params: Any) -> Plan:
-        """Raises InvalidRequest (naming the field) for a format that cannot be enforced."""
+        """Raises InvalidRequest (naming the field) for a format that cannot be asked."""
         reply = reply_grammar(params)
         tools = params.get("tools") or None
         choice = params.get("tool_choice")
@@ -36,12 +47,10 @@ class StructuredOutputs:
             parallel = params.get("parallel_tool_calls") is not False
             grammar = tool_grammar(tools, choice, parallel, self.tool_format, reply,
                                    free_text=self.renders_tools)
-            return Plan(self._constraint(grammar), self.tool_format, tools)
-        if reply is None:
-            return FREE
-        return Plan(self._constraint(reply))
+            return Plan(grammar, self.tool_format, tools, parallel)
+        return FREE if reply is None else Plan(reply)
 
-    def _constraint(self, grammar: Any) -> Constraint | None:
-        if grammar is None:
-            return None
-        return self.grammars.constraint(self.grammars.compile(grammar))
+    def constraint(self, plan: Plan) -> Constraint | None:
+        """The plan's grammar compiled (or found compiled): an InvalidRequest naming the
+        field if it cannot be enforced."""
+        return None if plan.grammar is None else self.grammars.constraint(plan.grammar)

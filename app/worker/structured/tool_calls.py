@@ -45,8 +45,8 @@ HERMES = ToolFormat("hermes", "<tool_call>", "</tool_call>", "arguments")
 LLAMA3 = ToolFormat("llama3", "", "", "parameters")
 
 # The start of a call object, name first: what lets a call stream before it is complete.
-_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"'
-                   r'\s*:\s*')
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.){1,64})"\s*,\s*'
+                   r'"(?:arguments|parameters)"\s*:\s*')
 
 
 def new_call_id() -> str:
@@ -54,33 +54,93 @@ def new_call_id() -> str:
 
 
 class ToolCallParser:
-    def __init__(self, fmt: ToolFormat) -> None:
+    """``names``: the request's functions (a call to any other is text, not a call);
+    ``parallel``: more than one call; ``leading_only``: a call only at the reply's start
+    (a grammar shaped the reply: text it let through freely holds no unchecked call)."""
+
+    def __init__(self, fmt: ToolFormat, names: frozenset[str] | None = None,
+                 parallel: bool = True, leading_only: bool = False) -> None:
         self.format = fmt
-        self._ids: list[str] = []  # one per call found so far, stable across feeds
-        self._ends: list[ValueEnd] = []  # where each call's arguments end, scanned so far
+        self._names = names
+        self._parallel = parallel
+        self._leading_only = leading_only
+        self._content: str | None = None  # the text before the first call, once found
+        self._done: list[dict[str, Any]] = []  # complete calls: never parsed again
+        self._resume = 0  # where the text after the last complete call starts
+        self._arguments_end = ValueEnd()  # the call in progress's
+        self._ids: list[str] = []  # one per call found, stable from frame to frame
 
     def parse(self, text: str, final: bool) -> tuple[str | None, list[dict[str, Any]]]:
         """(content, calls) of the reply so far. ``content`` is None when the reply is
         only calls. When ``final``, a reply whose calls do not parse is all content."""
         if self.format.open:
-            content, bodies = self._hermes(text, final)
+            calls = self._blocks(text, final)
         else:
-            content, bodies = self._whole(text, final)
-        calls = []
-        for index, (body, complete) in enumerate(bodies):
-            if index and not complete:
-                break  # a later call shows once complete: it may yet be a repeat (dropped)
-            if len(self._ends) <= index:
-                self._ends.append(ValueEnd())
-            found = _call(body, complete, self._ends[index])
-            if found is None:
-                if final and complete:
-                    return text, []  # not a call after all: the text is the answer
-                break
-            calls.append(self._tool_call(index, *found))
-        if final and not calls:
-            return text, []
+            calls = self._whole(text, final)
+        if calls is None or (final and not calls):
+            return self._text_only(text, final), []
+        content = self._content or ""
         return (content if content.strip() or not calls else None), calls
+
+    def _text_only(self, text: str, final: bool) -> str:
+        """The content of a reply with no call so far: all of it, but (while it grows)
+        what might be the start of a call."""
+        if final or self._content is not None:
+            return text
+        if self._leading_only or not self.format.open:
+            return "" if self.format.open.startswith(text.lstrip()) and \
+                self.format.open else text
+        return text[:len(text) - _held(text, self.format.open)]
+
+    def _blocks(self, text: str, final: bool) -> list[dict[str, Any]] | None:
+        opening, closing = self.format.open, self.format.close
+        if self._content is None:
+            start = text.find(opening)
+            if start < 0 or (self._leading_only and text[:start].strip()):
+                return None
+            self._content, self._resume = text[:start], start
+        calls = list(self._done)
+        start = text.find(opening, self._resume)
+        while start >= 0 and (self._parallel or not self._done):
+            begin = start + len(opening)
+            end = text.find(closing, begin)
+            if end < 0:  # in progress: the first shows as it grows, a later one once
+                if not self._done:  # complete (it may yet be a repeat, then dropped)
+                    found = self._found(text[begin:], False)
+                    if found is not None:
+                        calls.append(found)
+                return calls
+            found = self._found(text[begin:end], True)
+            if found is None:
+                return None if final else calls  # not a call: the reply is text
+            self._done.append(found)
+            calls.append(found)
+            self._arguments_end = ValueEnd()
+            self._resume = end + len(closing)
+            start = text.find(opening, self._resume)
+        return calls
+
+    def _whole(self, text: str, final: bool) -> list[dict[str, Any]] | None:
+        stripped = text.lstrip()
+        if stripped.startswith("<|python_tag|>"):
+            stripped = stripped[len("<|python_tag|>"):].lstrip()
+        if not stripped.startswith("{"):
+            return None
+        self._content = ""
+        found = self._found(stripped, final)
+        if found is None:
+            return None if final else []
+        return [found]
+
+    def _found(self, body: str, complete: bool) -> dict[str, Any] | None:
+        found = _call(body, complete, self._arguments_end)
+        if found is None or (self._names is not None and found[0] not in self._names):
+            return None
+        index = len(self._done)
+        if index == len(self._ids):
+            self._ids.append(new_call_id())
+        return {"id": self._ids[index], "type": "function",
+                "function": {"name": found[0], "arguments": found[1]}}
 
     def repeated_call(self, text: str) -> int | None:
         """Where the call that ``text`` just closed starts, if it repeats an earlier call
@@ -95,42 +155,13 @@ class ToolCallParser:
         last = _loads(text[start + len(opening):len(text) - len(closing)])
         if last is None:
             return None
-        _, bodies = self._hermes(text[:start], final=True)
-        return start if any(_loads(body) == last for body, _ in bodies) else None
-
-    def _hermes(self, text: str, final: bool) -> tuple[str, list[tuple[str, bool]]]:
-        opening, closing = self.format.open, self.format.close
-        start = text.find(opening)
-        if start < 0:
-            held = 0 if final else _held(text, opening)
-            return text[:len(text) - held], []
-        bodies = []
-        while start >= 0:
-            begin = start + len(opening)
-            end = text.find(closing, begin)
-            if end < 0:
-                bodies.append((text[begin:], False))
-                break
-            bodies.append((text[begin:end], True))
-            start = text.find(opening, end + len(closing))
-        return text[:text.find(opening)], bodies
-
-    @staticmethod
-    def _whole(text: str, final: bool) -> tuple[str, list[tuple[str, bool]]]:
-        stripped = text.lstrip()
-        if stripped.startswith("<|python_tag|>"):
-            stripped = stripped[len("<|python_tag|>"):].lstrip()
-        if not stripped:
-            return ("" if not final else text), []
-        if not stripped.startswith("{"):
-            return text, []
-        return "", [(stripped, final)]
-
-    def _tool_call(self, index: int, name: str, arguments: str) -> dict[str, Any]:
-        while len(self._ids) <= index:
-            self._ids.append(new_call_id())
-        return {"id": self._ids[index], "type": "function",
-                "function": {"name": name, "arguments": arguments}}
+        earlier = text.find(opening)
+        while 0 <= earlier < start:
+            end = text.find(closing, earlier)
+            if _loads(text[earlier + len(opening):end]) == last:
+                return start
+            earlier = text.find(opening, end + len(closing))
+        return None
 
 
 def _call(body: str, complete: bool, ends: "ValueEnd") -> tuple[str, str] | None:
@@ -163,7 +194,10 @@ def _call(body: str, complete: bool, ends: "ValueEnd") -> tuple[str, str] | None
     arguments = parsed.get("arguments", parsed.get("parameters", {}))
     if isinstance(arguments, str):
         return parsed["name"], arguments
-    return parsed["name"], orjson.dumps(arguments).decode()
+    try:
+        return parsed["name"], orjson.dumps(arguments).decode()
+    except (TypeError, orjson.JSONEncodeError):  # nested deeper than orjson writes
+        return None
 
 
 class ValueEnd:

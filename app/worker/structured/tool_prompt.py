@@ -47,6 +47,16 @@ def template_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]
     return plain
 
 
+def template_tools_of(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The tools as templates expect them: every function with ``parameters`` (some
+    templates iterate over them)."""
+    return [{"type": "function",
+             "function": {**tool["function"],
+                          "parameters": tool["function"].get("parameters") or
+                          {"type": "object", "properties": {}}}}
+            for tool in tools]
+
+
 def _native(message: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"role": message["role"], "content": message.get("content") or ""}
     if message.get("tool_calls"):
@@ -64,11 +74,21 @@ def _written(message: dict[str, Any]) -> dict[str, Any]:
     if message["role"] == "tool":
         return {"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"}
     if message.get("tool_calls"):
-        blocks = [HERMES.block(call["function"]["name"],
-                               orjson.dumps(_arguments(call)).decode())
+        blocks = [HERMES.block(call["function"]["name"], _written_arguments(call))
                   for call in message["tool_calls"]]
         content = "\n".join([content, *blocks] if content else blocks)
     return {"role": message["role"], "content": content}
+
+
+def _written_arguments(call: dict[str, Any]) -> str:
+    """A call's arguments as the client sent them (a JSON string), never re-encoded."""
+    arguments = call["function"].get("arguments")
+    if isinstance(arguments, str):
+        return arguments
+    try:
+        return orjson.dumps(arguments).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return "{}"
 
 
 def _arguments(call: dict[str, Any]) -> Any:
