@@ -207,6 +207,12 @@ def test_fastchat_workers_refuse_what_they_cannot_do(servers: dict[str, Server])
                   {"tools": tools, "tool_choice": "none"}, {"logprobs": False}):
         assert post(servers, "/v1/chat/completions",
                     chat_body("fastchat-model", **extra)).status_code == 200, extra
+    # JSON deeper than can be written on (orjson writes 255 levels) is a 400, not a 500.
+    deep: Any = []
+    for _ in range(300):
+        deep = [deep]
+    response = post(servers, "/v1/chat/completions", chat_body("same", vendor_extra=deep))
+    assert response.status_code == 400 and "deeper" in response.json()["error"]["message"]
     # Malformed feature fields are refused for every model, with the parameter named.
     for extra, param in (({"tools": [{"type": "retrieval"}]}, "tools"),
                          ({"tool_choice": "sometimes"}, "tool_choice"),

@@ -15,8 +15,8 @@ import requests
 from requests.models import PreparedRequest
 from requests.structures import CaseInsensitiveDict
 
-from app.errors import (APIError, ConnectTimedOut, UpstreamError, UpstreamTimeout,
-                        WorkerUnreachable)
+from app.errors import (APIError, ConnectTimedOut, InvalidRequest, UpstreamError,
+                        UpstreamTimeout, WorkerUnreachable)
 from app.upstream.connection import InvalidResponse
 from app.upstream.transport import HttpTransport
 
@@ -50,7 +50,11 @@ def post_json(session: requests.Session, url: str, payload: Any, timeout: tuple[
     request = PreparedRequest()
     request.method = "POST"
     request.url = url
-    request.body = orjson.dumps(payload)
+    try:
+        request.body = orjson.dumps(payload)
+    except orjson.JSONEncodeError:  # what a client sent nests deeper than orjson writes
+        raise InvalidRequest("The request nests JSON deeper than 255 levels; no model "
+                             "server takes that.") from None
     request.headers = CaseInsensitiveDict({**JSON_HEADERS, **headers} if headers
                                           else JSON_HEADERS)
     adapter = session.get_adapter(url)
