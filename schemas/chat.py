@@ -8,8 +8,7 @@ from marshmallow import ValidationError, fields, post_load, validates_schema
 from schemas.fields import Bool, Int, Number, at_least, between
 from schemas.messages import ChatMessage, Messages
 from schemas.sampling import SamplingRequest, SamplingSchema, check_best_of
-from schemas.tools import (Functions, GuidedChoice, GuidedJson, GuidedRegex, ResponseFormat,
-                           ToolChoice, Tools)
+from schemas.tools import Functions, StructuredFields
 
 
 class ChatRequest(SamplingRequest):
@@ -28,17 +27,10 @@ class ChatRequest(SamplingRequest):
     best_of: int | None  # an extension some upstreams (vLLM) take: candidates per prompt
 
 
-class ChatSchema(SamplingSchema):
+class ChatSchema(SamplingSchema, StructuredFields):
     messages = Messages(required=True)
-    tools = Tools(allow_none=True, load_default=None)
     functions = Functions(allow_none=True, load_default=None)
-    tool_choice = ToolChoice(allow_none=True, load_default=None)
     function_call = fields.Raw(allow_none=True, load_default=None)
-    parallel_tool_calls = Bool(allow_none=True, load_default=None)
-    response_format = ResponseFormat(allow_none=True, load_default=None)
-    guided_json = GuidedJson(allow_none=True, load_default=None)
-    guided_regex = GuidedRegex(allow_none=True, load_default=None)
-    guided_choice = GuidedChoice(allow_none=True, load_default=None)
     logprobs = Bool(allow_none=True, load_default=None)
     top_logprobs = Int(allow_none=True, load_default=None, validate=between(0, 20, "top_logprobs"))
     best_of = Int(allow_none=True, load_default=None, validate=at_least(1, "best_of"))

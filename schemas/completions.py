@@ -7,7 +7,7 @@ from marshmallow import ValidationError, post_load, validates_schema
 
 from schemas.fields import Bool, Int, Str, TextInputs, at_least, between
 from schemas.sampling import SamplingRequest, SamplingSchema, check_best_of
-from schemas.tools import GuidedChoice, GuidedJson, GuidedRegex
+from schemas.tools import GuidedFields
 
 
 class CompletionRequest(SamplingRequest):
@@ -21,17 +21,13 @@ class CompletionRequest(SamplingRequest):
     guided_choice: list[str] | None
 
 
-class CompletionSchema(SamplingSchema):
+class CompletionSchema(SamplingSchema, GuidedFields):
     prompt = TextInputs("prompt", required=True)
     echo = Bool(allow_none=True, load_default=None)
     logprobs = Int(allow_none=True, load_default=None, validate=between(0, 20, "logprobs"))
     best_of = Int(allow_none=True, load_default=None, validate=at_least(1, "best_of"))
     use_beam_search = Bool(allow_none=True, load_default=None)
     suffix = Str(allow_none=True, load_default=None)
-    # vLLM's guided decoding (the openai client's extra_body)
-    guided_json = GuidedJson(allow_none=True, load_default=None)
-    guided_regex = GuidedRegex(allow_none=True, load_default=None)
-    guided_choice = GuidedChoice(allow_none=True, load_default=None)
 
     def __init__(self, *, max_inputs: int = 2048, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -10,7 +10,9 @@ import json
 import re
 from typing import Any, Mapping
 
-from marshmallow import ValidationError, fields
+from marshmallow import Schema, ValidationError, fields
+
+from schemas.fields import Bool
 
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TOOL_CHOICES = ("none", "auto", "required")
@@ -198,3 +200,21 @@ class GuidedJson(fields.Field[Any]):
         if problem is not None:
             raise ValidationError(problem)
         return value
+
+
+class GuidedFields(Schema):
+    """vLLM's guided decoding, which its users send through the openai client's
+    extra_body: on chat and text completions, and in the worker protocol."""
+
+    guided_json = GuidedJson(allow_none=True, load_default=None)
+    guided_regex = GuidedRegex(allow_none=True, load_default=None)
+    guided_choice = GuidedChoice(allow_none=True, load_default=None)
+
+
+class StructuredFields(GuidedFields):
+    """What shapes a chat reply: tools and response_format (and the guided fields)."""
+
+    tools = Tools(allow_none=True, load_default=None)
+    tool_choice = ToolChoice(allow_none=True, load_default=None)
+    parallel_tool_calls = Bool(allow_none=True, load_default=None)
+    response_format = ResponseFormat(allow_none=True, load_default=None)

@@ -7,8 +7,7 @@ from marshmallow import EXCLUDE, Schema, fields, post_load
 
 from schemas.fields import Bool, Int, Number, Stop, Str, TextInputs, at_least
 from schemas.messages import ChatMessage, Messages
-from schemas.tools import (GuidedChoice, GuidedJson, GuidedRegex, ResponseFormat, ToolChoice,
-                           Tools)
+from schemas.tools import StructuredFields
 
 
 class GenerationParams(TypedDict):
@@ -36,7 +35,7 @@ class GenerationParams(TypedDict):
     guided_choice: list[str] | None
 
 
-class GenerationSchema(Schema):
+class GenerationSchema(StructuredFields):
     """FastChat's defaults when a key is absent; a null means the default too (FastChat's
     worker crashes on a null temperature). An absent temperature, top_p or top_k stays None:
     the worker uses the model's own defaults (generation_config.json), then FastChat's."""
@@ -66,13 +65,6 @@ class GenerationSchema(Schema):
     echo = Bool(allow_none=True, load_default=None)
     logprobs = Int(allow_none=True, load_default=None, validate=at_least(0, "logprobs"))
     seed = Int(allow_none=True, load_default=None)
-    response_format = ResponseFormat(allow_none=True, load_default=None)
-    tools = Tools(allow_none=True, load_default=None)
-    tool_choice = ToolChoice(allow_none=True, load_default=None)
-    parallel_tool_calls = Bool(allow_none=True, load_default=None)
-    guided_json = GuidedJson(allow_none=True, load_default=None)
-    guided_regex = GuidedRegex(allow_none=True, load_default=None)
-    guided_choice = GuidedChoice(allow_none=True, load_default=None)
 
     @post_load
     def _defaults(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
