@@ -424,6 +424,14 @@ def test_an_unsupported_keyword_is_a_400_naming_it(client: openai.OpenAI) -> Non
     error = refused.value.body
     assert isinstance(error, dict) and error["param"] == "response_format"
     assert "uniqueItems" in error["message"]
+    for extra, param, says in (({"guided_regex": "a" * 3000}, "guided_regex", "2000"),
+                               ({"functions": [{"name": "f"}]}, "functions", "'tools'"),
+                               ({"guided_choice": []}, "guided_choice", "non-empty")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="tiny", messages=ASK, extra_body=extra)
+        error = refused.value.body
+        assert refused.value.status_code == 400 and isinstance(error, dict)
+        assert error["param"] == param and says in error["message"], error
 
 
 def test_responses_text_format_and_function_tools(client: openai.OpenAI) -> None:
