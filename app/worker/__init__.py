@@ -23,14 +23,14 @@ def create_worker_app(settings: WorkerSettings, register: bool = True) -> Flask:
     log.info("loading %s from %s%s", names[0], source.folder,
              f" ({source.gguf_file})" if source.gguf_file else "")
     if source.is_embedding:
+        from app.worker.embedding_engines import load_engine
         from app.worker.embedding_model import EmbeddingModel
-        model, tokenizer = loading.load_embedding_model(source, settings.device)
-        embedder = EmbeddingModel(model, tokenizer, source.folder)
-        state = WorkerState(settings, names, Slots(settings.concurrency("transformers")),
+        engine, tokenizer, config = load_engine(source, settings)
+        embedder = EmbeddingModel(engine, tokenizer, source.folder, config)
+        state = WorkerState(settings, names, Slots(settings.concurrency(engine.name)),
                             embedder=embedder)
-        params = sum(p.numel() for p in model.parameters())
-        detail = f"embeddings, {params / 1e6:.0f}M parameters, window " \
-            f"{embedder.max_seq_length} tokens"
+        detail = f"embeddings, {engine.name} engine: {engine.summary}, " \
+            f"{embedder.dimensions} dimensions, window {embedder.max_seq_length} tokens"
     else:
         from app.worker.engines import load_chat_model
         chat = load_chat_model(source, settings)

@@ -32,7 +32,7 @@ POSITIONS = "logits_positions"
 def exported(folder: Path) -> Path:
     """The folder's ONNX export, building it the first time (a LoadError if it cannot be)."""
     target = cache_dir() / "onnx" / \
-        f"{folder.name}-{PRECISION}-{FORMAT}-{_fingerprint(folder)}"
+        f"{folder.name}-{PRECISION}-{FORMAT}-{fingerprint(folder)}"
     if (target / GRAPH).exists():
         return target
     try:
@@ -87,7 +87,7 @@ def _logits_at_positions(graph_path: Path) -> None:
     onnx.save(model, str(graph_path))
 
 
-def _fingerprint(folder: Path) -> str:
+def fingerprint(folder: Path) -> str:
     digest = hashlib.sha256(str(folder.resolve()).encode())
     for path in sorted(folder.iterdir()):
         if path.is_file():

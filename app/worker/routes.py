@@ -32,9 +32,11 @@ from app.web.validation import load
 from app.worker.chat_model import ChatModel, PromptTooLong
 from app.worker.generation import Job
 from app.worker.embedding_model import EmbeddingModel
+from app.worker.embedding_batching import Cancelled as EmbeddingCancelled
 from app.worker.slots import Cancelled, Slots
 from app.worker.structured.matchers import GrammarFailed
-from schemas.worker import GenerationSchema, PromptSchema, WorkerEmbeddingSchema
+from schemas.worker import (EmbeddingParams, GenerationSchema, PromptSchema,
+                            WorkerEmbeddingSchema)
 
 log = logging.getLogger("flaskchat.worker")
 bp = Blueprint("worker", __name__)
@@ -102,19 +104,15 @@ def generate() -> ResponseReturnValue:
 
 @bp.post("/worker_get_embeddings")
 def get_embeddings() -> ResponseReturnValue:
+    """The vectors as JSON, after a newline each second they are not ready (JSON allows
+    whitespace before a value): a failed write tells that the caller left, and the
+    request's inputs leave the batcher's queue."""
     params = load(_embedding, read_json_object())
     worker = state()
     if worker.embedder is None:
         raise InvalidRequest("This worker serves a chat model; it has no embeddings.")
-    try:
-        with worker.slots.slot():
-            vectors, token_num = worker.embedder.embed(params["input"])
-    except Exception as exc:
-        return json_response(_error_frame(exc))
-    embedding: list[Any] = vectors
-    if params["encoding_format"] == "base64":
-        embedding = [EmbeddingModel.as_base64(v) for v in vectors]
-    return json_response({"embedding": embedding, "token_num": token_num})
+    return Response(_embeddings(worker, worker.embedder, params),
+                    content_type="application/json")
 
 
 @bp.post("/count_token")
@@ -245,6 +243,36 @@ def _run(worker: WorkerState, job: Job, request_id: str, cancel: threading.Event
                  outcome, usage.get("prompt_tokens", len(job.input_ids)),
                  usage.get("completion_tokens", 0), time.monotonic() - started,
                  extra={"request_id": request_id})
+
+
+def _embeddings(worker: WorkerState, embedder: EmbeddingModel,
+                params: EmbeddingParams) -> Iterator[bytes]:
+    cancel = threading.Event()
+    answer: list[bytes] = []
+
+    def work() -> None:
+        try:
+            with worker.slots.slot(cancel):
+                vectors, token_num = embedder.embed(params["input"], cancel)
+            embedding: Any = vectors
+            if params["encoding_format"] == "base64":
+                embedding = [EmbeddingModel.as_base64(vector) for vector in vectors]
+            answer.append(orjson.dumps({"embedding": embedding, "token_num": token_num},
+                                       option=orjson.OPT_SERIALIZE_NUMPY))
+        except (Cancelled, EmbeddingCancelled):
+            pass
+        except Exception as exc:
+            answer.append(orjson.dumps(_error_frame(exc)))
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(PROBE_INTERVAL)
+            if thread.is_alive():
+                yield KEEPALIVE
+        yield from answer
+    finally:
+        cancel.set()
 
 
 def _error_frame(exc: Exception) -> dict[str, Any]:
