@@ -265,3 +265,35 @@ def test_fastchat_api_server_as_an_openai_upstream(
         client.chat.completions.create(model="team-model", messages=[
             {"role": "user", "content": "word " * 400}])
     assert "maximum context length" in str(refused.value)
+
+
+def test_fastchat_api_server_uses_our_embedding_worker(
+        fastchat_python: str, tmp_path: Path, servers: list[Server],
+        clients: MakeClient) -> None:
+    """Stock FastChat's API server in front of our embedding worker (onnx engine, dynamic
+    batching): its batches of 4 come back in order, as floats and as base64."""
+    pytest.importorskip("torch")
+    import base64
+
+    import numpy as np
+
+    from tests.test_worker import start_worker
+
+    controller = start_controller()
+    servers.append(controller)
+    servers.append(start_worker(controller.url, "all-minilm-l6-v2", "--model-names", "minilm"))
+    api = start_fastchat(fastchat_python, "fastchat.serve.openai_api_server", tmp_path,
+                         "--controller-address", controller.url, probe="/v1/models")
+    servers.append(api)
+    texts = [f"sentence number {k} about {'cats' if k % 2 else 'taxes'}" for k in range(10)]
+    theirs = clients(api.url + "/v1").embeddings.create(model="minilm", input=texts)
+    gateway = start_gateway(controller.url)
+    servers.append(gateway)
+    ours = clients(gateway.url + "/v1").embeddings.create(model="minilm", input=texts)
+    a = np.array([d.embedding for d in theirs.data])
+    b = np.array([d.embedding for d in ours.data])
+    assert a.shape == (10, 384) and np.allclose(a, b, atol=1e-5)
+    packed = requests.post(api.url + "/v1/embeddings", timeout=60, json={
+        "model": "minilm", "input": texts[:2], "encoding_format": "base64"}).json()
+    first = np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), dtype="<f4")
+    assert np.allclose(first, b[0], atol=1e-5)
