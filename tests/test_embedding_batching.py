@@ -122,3 +122,19 @@ def test_empty_and_large_requests(count: int) -> None:
     assert vectors.shape == (count, 2)
     assert vectors[:, 0].tolist() == [k % 1000 + 20 for k in range(count)]
     assert all(size <= 64 for size in calls) and sum(calls) == count
+
+
+def test_two_runners_share_one_large_request_and_keep_its_order() -> None:
+    """With a runner per core, a request larger than a batch is run by both at once (each
+    encode call waits at a barrier that only two concurrent calls pass), and its vectors
+    come back in the request's order whichever runner finished which batch."""
+    together = threading.Barrier(2, timeout=30)
+
+    def encode(ids: Sequence[Sequence[int]]) -> np.ndarray:
+        together.wait()  # raises BrokenBarrierError (the request fails) if run alone
+        return np.array([[float(row[0]), float(len(row))] for row in ids], dtype=np.float32)
+    batcher = EmbeddingBatcher(encode, 2, Limits(max_inputs=4, linger=0), runners=2)
+    ids = [[n] * (1 + n % 5) for n in range(16)]  # four batches of four
+    vectors = batcher.embed(ids, threading.Event())
+    assert vectors[:, 0].tolist() == list(range(16))
+    assert vectors[:, 1].tolist() == [1 + n % 5 for n in range(16)]

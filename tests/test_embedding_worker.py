@@ -65,6 +65,25 @@ def test_the_engines_give_the_same_vectors(models: dict[str, EmbeddingModel]) ->
     assert np.allclose(np.linalg.norm(onnx, axis=1), 1.0, atol=1e-4)
     one_by_one = np.stack([models["onnx"].embed([text])[0][0] for text in PROBES])
     assert cosines(one_by_one, onnx).min() >= 0.9999  # padding changes nothing
+    assert "int8 weights" in models["onnx"].engine.summary  # 8-bit passed the gate
+
+
+def test_a_model_that_8_bit_weights_bend_keeps_float32(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, models: dict[str, EmbeddingModel]) -> None:
+    """The quality gate is checked on every export: set out of reach, the float32 graph
+    is kept (with a log line), and it gives PyTorch's vectors."""
+    monkeypatch.setenv("FLASKCHAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(embedding_engines, "QUALITY_GATE", 1.01)
+    source = loading.resolve(MODEL)
+    with caplog.at_level(logging.WARNING, "flaskchat.worker"):
+        loaded, tokenizer, config = embedding_engines.load_engine(
+            source, WorkerSettings(engine="onnx"))
+    assert "keeping float32" in caplog.text
+    assert "float32" in loaded.summary and "int8" not in loaded.summary
+    assert [p.name for p in tmp_path.rglob("*.onnx")] == ["model.onnx"]
+    float32 = EmbeddingModel(loaded, tokenizer, source.folder, config).embed(PROBES)[0]
+    assert cosines(float32, models["transformers"].embed(PROBES)[0]).min() >= 0.9999
 
 
 def test_the_fallback_for_a_model_that_does_not_export(

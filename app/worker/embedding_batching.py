@@ -1,11 +1,14 @@
-"""Dynamic batching for the embedding worker: one thread runs every batch.
+"""Dynamic batching for the embedding worker: ``runners`` threads run the batches.
 
 Request threads tokenize their inputs (the fast tokenizer's batch call) and queue them;
-the thread merges what is waiting, from every request, into batches bounded by inputs
+a free runner merges what is waiting, from every request, into batches bounded by inputs
 and by padded tokens, each batch's inputs sorted by length so that little is padding,
 and hands each request its vectors in its own order. A request's inputs are taken in
 turns with the others' (a 2,048-input request does not make a one-line query wait for
-all of it). When the first input arrives alone the thread waits up to ``linger`` for
+all of it). Several runners, each engine call on one core, keep every core busy with
+batches of their own (rather than one batch split over the cores, whose threads wait for
+the slowest when the gateway shares the machine: bench/RESULTS.md, issue 26). When the
+first input arrives alone a runner waits up to ``linger`` for
 company (measured: bench/RESULTS.md, issue 26). A request whose client left is dropped
 from the queue; a batch that fails is run again one request at a time, so that an input
 that fails fails only its own request.
@@ -48,9 +51,11 @@ class Pending:
 
 @dataclass(frozen=True)
 class Limits:
-    max_inputs: int = 64  # per batch
+    # Measured (bench/embedding_speed.py): with a runner per core, batches of 16 keep
+    # both busy on one 32-input request, and a lone input gains nothing by waiting.
+    max_inputs: int = 16  # per batch
     max_tokens: int = 8192  # per batch, padding included
-    linger: float = 0.002  # seconds a lone input waits for others
+    linger: float = 0.0  # seconds a lone input waits for others
 
 
 def plan_batch(waiting: Sequence[Pending], limits: Limits) -> list[tuple[Pending, int]]:
@@ -77,13 +82,16 @@ def plan_batch(waiting: Sequence[Pending], limits: Limits) -> list[tuple[Pending
 
 
 class EmbeddingBatcher:
-    def __init__(self, encode: Encode, dimensions: int, limits: Limits = Limits()) -> None:
+    def __init__(self, encode: Encode, dimensions: int, limits: Limits = Limits(),
+                 runners: int = 1) -> None:
         self._encode = encode
         self._dimensions = dimensions
         self.limits = limits
         self._waiting: list[Pending] = []
         self._wake = threading.Condition()
-        threading.Thread(target=self._loop, name="embedding-batcher", daemon=True).start()
+        for number in range(max(1, runners)):
+            threading.Thread(target=self._loop, name=f"embedding-batcher-{number}",
+                             daemon=True).start()
 
     def embed(self, ids: Sequence[Sequence[int]], cancel: threading.Event) -> np.ndarray:
         """The vectors of ``ids``, in order. Raises Cancelled once ``cancel`` is set (the
@@ -104,7 +112,7 @@ class EmbeddingBatcher:
             raise pending.error
         return pending.vectors
 
-    # ---- the batching thread -------------------------------------------------------------
+    # ---- the runners ---------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
@@ -112,7 +120,7 @@ class EmbeddingBatcher:
                 batch = self._next_batch()
                 if batch:
                     self._run(batch)
-            except BaseException:  # the thread must go on whatever happened
+            except BaseException:  # a runner must go on whatever happened
                 log.exception("embedding batch failed")
 
     def _next_batch(self) -> list[tuple[Pending, int]]:
@@ -123,7 +131,10 @@ class EmbeddingBatcher:
             if lone and self.limits.linger > 0:  # company may be on its way
                 self._wake.wait(self.limits.linger)
                 self._live()
-            return plan_batch(self._waiting, self.limits)
+            batch = plan_batch(self._waiting, self.limits)
+            if any(p.queued for p in self._waiting):
+                self._wake.notify()  # more for a free runner
+            return batch
 
     def _live(self) -> bool:
         """Drops finished and abandoned requests; True if any input waits."""
@@ -142,15 +153,16 @@ class EmbeddingBatcher:
                 return
             self._fail(batch[0][0], exc)
             return
-        for (pending, position), vector in zip(batch, vectors):
-            assert pending.vectors is not None
-            pending.vectors[position] = vector
-            pending.missing -= 1
-            if pending.missing == 0 and pending.error is None:
-                pending.done.set()
+        with self._wake:  # another runner may be finishing the same request's inputs
+            for (pending, position), vector in zip(batch, vectors):
+                assert pending.vectors is not None
+                pending.vectors[position] = vector
+                pending.missing -= 1
+                if pending.missing == 0 and pending.error is None:
+                    pending.done.set()
 
     def _fail(self, pending: Pending, exc: BaseException) -> None:
-        pending.error = exc
         with self._wake:
+            pending.error = exc
             pending.queued.clear()
         pending.done.set()

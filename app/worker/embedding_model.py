@@ -29,6 +29,7 @@ class EmbeddingEngine(Protocol):
     name: str
     summary: str  # for the log line when loaded
     takes_token_types: bool
+    runners: int  # batches run at once
 
     def hidden_states(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """(batch, tokens, dim) float32 for int64 input_ids / attention_mask (and
@@ -46,7 +47,8 @@ class EmbeddingModel:
         self.context_length = self.max_seq_length
         self.dimensions = int(config.hidden_size)
         self._pad = tokenizer.pad_token_id or 0
-        self.batcher = EmbeddingBatcher(self._encode, self.dimensions, limits)
+        self.batcher = EmbeddingBatcher(self._encode, self.dimensions, limits,
+                                        engine.runners)
 
     def count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
