@@ -2,6 +2,7 @@
 fastest while keeping the vectors (issue 26).
 
     python bench/embedding_precision.py [--threads 2 1] [--budget 3] [--no-search]
+    python bench/embedding_precision.py --shipped   # the gate on the worker's own export
 
 The model is the worker's embedded all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, 384 dims,
 mean pooling + L2 normalize, a 256-token window). The reference is the worker's float32
@@ -618,6 +619,27 @@ def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label).replace("--", "-").strip("-")
 
 
+def shipped() -> None:
+    """The gate on what the worker runs: the export of embedding_engines (made or loaded
+    from its cache), its engine's hidden states pooled here as for every variant."""
+    from app.config import WorkerSettings
+    from app.worker import embedding_engines
+
+    logging.getLogger().setLevel(logging.ERROR)
+    bench = Bench()
+    gate = Gate(bench)
+    engine, _, _ = embedding_engines.load_engine(loading.resolve("all-minilm-l6-v2"),
+                                                 WorkerSettings(engine="onnx"))
+
+    def run(batch: dict[str, np.ndarray]) -> np.ndarray:
+        inputs = {k: v.astype(np.int64) for k, v in batch.items()
+                  if k != "token_type_ids" or engine.takes_token_types}
+        return pool(engine.hidden_states(inputs), batch["attention_mask"])
+    print("| engine | " + " | ".join(QUALITY_HEADER) + " |")
+    print("|---" * (len(QUALITY_HEADER) + 1) + "|")
+    print(f"| {engine.summary} | " + " | ".join(gate.check(run).cells()) + " |")
+
+
 def main() -> None:
     import argparse
 
@@ -629,7 +651,12 @@ def main() -> None:
                         help="skip the int8 sensitivity table and the greedy search (use the "
                              "groups it found here)")
     parser.add_argument("--out", type=Path, default=loading.cache_dir() / "bench" / "embedding")
+    parser.add_argument("--shipped", action="store_true",
+                        help="only the gate, on the export the worker's onnx engine loads")
     options = parser.parse_args()
+    if options.shipped:
+        shipped()
+        return
     out: Path = options.out
     out.mkdir(parents=True, exist_ok=True)
     budget, threads = options.budget, options.threads[0]
