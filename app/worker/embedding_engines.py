@@ -209,14 +209,24 @@ def _quantize_weights(folder: Path, tokenizer: Any, reference: np.ndarray) -> No
         logging.WARNING)  # two lines per MatMul
     float32 = folder / GRAPH
     quantized = folder / "quantized.onnx"
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(float32)), bits=WEIGHT_BITS,
-                                     block_size=WEIGHT_BLOCK, is_symmetric=True,
-                                     accuracy_level=4)
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(quantized), use_external_data_format=False)
+    try:
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(float32)), bits=WEIGHT_BITS,
+                                         block_size=WEIGHT_BLOCK, is_symmetric=True,
+                                         accuracy_level=4)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(quantized), use_external_data_format=False)
+    except Exception as exc:  # noqa: BLE001 - e.g. an onnxruntime without 8-bit MatMulNBits
+        quantized.unlink(missing_ok=True)
+        (folder / PRECISION).write_text("float32\n")
+        log.warning("could not quantize the weights to 8 bits (%s): keeping float32", exc)
+        return
     float32.rename(folder / "float32.onnx")
     quantized.rename(float32)
-    worst = _worst_cosine(folder, tokenizer, reference)
+    try:
+        worst = _worst_cosine(folder, tokenizer, reference)
+    except Exception as exc:  # noqa: BLE001 - a runtime without the 8-bit kernel
+        log.warning("the 8-bit graph does not run here (%s): keeping float32", exc)
+        worst = -1.0
     if worst >= QUALITY_GATE:
         (folder / "float32.onnx").unlink()
         (folder / PRECISION).write_text(f"int8 weights (block {WEIGHT_BLOCK})\n")
@@ -224,8 +234,9 @@ def _quantize_weights(folder: Path, tokenizer: Any, reference: np.ndarray) -> No
     else:
         (folder / "float32.onnx").replace(float32)
         (folder / PRECISION).write_text("float32\n")
-        log.warning("8-bit weights bend this model's vectors (cosine %.4f < %s): keeping "
-                    "float32", worst, QUALITY_GATE)
+        if worst >= 0:
+            log.warning("8-bit weights bend this model's vectors (cosine %.4f < %s): "
+                        "keeping float32", worst, QUALITY_GATE)
 
 
 def _probe_inputs(tokenizer: Any, takes_token_types: bool) -> dict[str, np.ndarray]:
