@@ -22,6 +22,7 @@ def create_app(settings: "Settings | None" = None,
     from app.responses.store import ResponseStore
     from app.routes import (admin_api, chat, completions, embeddings, health, metrics, models,
                             openapi, responses)
+    from app.telemetry import tracing
     from app.telemetry.logs import configure_logging
     from app.telemetry.metrics import AccessMetrics, QueueMetrics, UpstreamFailures
     from app.upstream.clients import Upstream
@@ -31,6 +32,9 @@ def create_app(settings: "Settings | None" = None,
 
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level, settings.log_format)
+    if tracing.configure("gateway", settings.otlp_traces_endpoint) and settings.metrics:
+        from app.telemetry.metrics import TRACE_SPANS_DROPPED
+        tracing.on_dropped(TRACE_SPANS_DROPPED.inc)
     failures = UpstreamFailures()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes

@@ -53,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--limit-worker-concurrency", type=int, default=0,
                     help="generations at once in each worker (default: the engine's)")
     up.add_argument("--controller-port", type=int, default=0, help="0: any free port")
+    up.add_argument("--otlp-traces-endpoint", default="",
+                    help="OpenTelemetry traces of every process to this OTLP/HTTP URL")
     up.set_defaults(run=_up)
 
     _add_access_commands(commands)
@@ -137,6 +139,11 @@ def _up(args: argparse.Namespace) -> int:
             except LoadError as exc:
                 print(f"flaskchat up: {exc}", file=sys.stderr)
                 return 2
+    if args.otlp_traces_endpoint:  # every process of the stack reads it from there
+        from app.telemetry.tracing import endpoint
+
+        os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = \
+            endpoint(args.otlp_traces_endpoint) or ""
     plan = Plan(host=args.host, port=args.port, chat_model=args.chat_model,
                 embedding_model=args.embedding_model, api_keys=keys, workers=args.workers,
                 concurrency=args.limit_worker_concurrency,

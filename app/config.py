@@ -144,6 +144,10 @@ class Settings:
 
     host: str = _opt("localhost", "--host", str, "address to bind")
     port: int = _opt(8000, "--port", int, "port to bind")
+    otlp_traces_endpoint: str = _opt(
+        "", "--otlp-traces-endpoint", str,
+        "send OpenTelemetry traces over OTLP/HTTP to this URL (or a collector's base URL); "
+        "also OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT; off when none is set")
     controller_address: str = _opt(
         "http://localhost:21001", "--controller-address", str,
         "FastChat-protocol controller URL", env=("CONTROLLER_ADDRESS",))
@@ -377,6 +381,10 @@ class ControllerSettings:
 
     host: str = _opt("localhost", "--host", str, "address to bind")
     port: int = _opt(21001, "--port", int, "port to bind")
+    otlp_traces_endpoint: str = _opt(
+        "", "--otlp-traces-endpoint", str,
+        "send OpenTelemetry traces over OTLP/HTTP to this URL (or a collector's base URL); "
+        "also OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT; off when none is set")
     dispatch_method: str = _opt("shortest_queue", "--dispatch-method", _dispatch,
                                 "shortest_queue or lottery")
     heart_beat_expiration: float = _opt(
@@ -414,6 +422,10 @@ class WorkerSettings:
 
     host: str = _opt("localhost", "--host", str, "address to bind")
     port: int = _opt(21002, "--port", int, "port to bind")
+    otlp_traces_endpoint: str = _opt(
+        "", "--otlp-traces-endpoint", str,
+        "send OpenTelemetry traces over OTLP/HTTP to this URL (or a collector's base URL); "
+        "also OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT; off when none is set")
     worker_address: str = _opt("", "--worker-address", str,
                                "URL the controller and gateways use to reach this worker "
                                "(default: http://HOST:PORT)")

@@ -19,10 +19,13 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Flask:
 
     from app.controller.registry import Registry
     from app.controller.routes import REGISTRY, SESSION, bp
+    from app.telemetry import tracing
     from app.web import handlers
     from schemas.controller import WorkerStatusSchema
 
     settings = settings or ControllerSettings()
+    # Its own spans only: registrations and refreshes are never part of a request's trace
+    tracing.configure("controller", settings.otlp_traces_endpoint)
     # A few calls a minute (and FastChat's proxied generations): requests' own pool.
     session = requests.Session()
     session.trust_env = False

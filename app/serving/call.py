@@ -93,6 +93,7 @@ class Call:
     held: list[Any] = field(default_factory=list)
     queued: bool = False  # it went through a server's line (whose capacity is known)
     queue_seconds: float = 0.0  # time spent waiting for a slot
+    trace: Any = None  # its spans (an app.telemetry.tracing.Trace), when tracing is on
 
     @property
     def service_tier(self) -> str:

@@ -4,6 +4,7 @@ request waits in the gateway for a slot (``app.scheduling``) before it is sent; 
 request's end gives the slot back (``app.web.request_end``)."""
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Generic, TypeVar
 
 from app.scheduling.slots import Lines, Place
@@ -30,8 +31,15 @@ class CallQueue(Generic[K]):
         if capacity is None:
             return
         call = self._call
-        held = self._slots.take(name, call.model, capacity, call.place or ANONYMOUS,
-                                call.client_gone, retry)
+        started = time.time()
+        try:
+            held = self._slots.take(name, call.model, capacity, call.place or ANONYMOUS,
+                                    call.client_gone, retry)
+        finally:
+            if call.trace is not None:  # the wait for a slot, however it ended
+                place = call.place or ANONYMOUS
+                call.trace.record("slot wait", started, time.time(),
+                                  {"server.address": name, "flaskchat.tier": place.tier})
         call.queued = True
         call.queue_seconds += held.waited
         call.held.append(held)

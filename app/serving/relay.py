@@ -51,7 +51,7 @@ def complete(path: str, payload: dict[str, Any], model: str, upstream: Upstream,
                 raise
 
     target, answer = with_failover(upstream.openai, model, attempt, upstream.failures,
-                                   queue=_queue(upstream, call))
+                                   queue=_queue(upstream, call), trace=call.trace)
     upstream.openai.release(target)
     if "model" in answer:
         answer["model"] = model
@@ -80,7 +80,7 @@ def open_stream(path: str, payload: dict[str, Any], model: str, upstream: Upstre
                                                     else {}), "include_usage": True}}
     target, response = with_failover(upstream.openai, model, lambda target: client.post(
         target, path, _outgoing(payload, target), call.request_id), upstream.failures,
-        queue=_queue(upstream, call))
+        queue=_queue(upstream, call), trace=call.trace)
     stream = OpenAIClient.events(response, target)
     timing = Timing(tick=upstream.timing.tick, first_token=target.read_timeout,
                     between_tokens=target.read_timeout)

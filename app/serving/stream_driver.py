@@ -19,6 +19,7 @@ from app.protocol.stop_strings import TextTracker, finish_reason
 from app.serving.call import Call
 from app.serving.usage import UsageTally
 from app.serving.worker_streams import WorkerStreams
+from app.telemetry import tracing
 
 
 class ChunkFormat(Protocol):
@@ -40,6 +41,9 @@ def drive(source: WorkerStreams, fmt: ChunkFormat, trackers: Sequence[TextTracke
     remaining = len(trackers)
     calls_sent: list[list[int]] = [[] for _ in trackers]  # arguments sent, per call
     items = source.items()
+    span = call.trace.open("stream") if call.trace is not None else None
+    ended = "client left"  # unless it ends otherwise: the client closed it meanwhile
+    broke: str | None = None
     try:
         opening = b"".join(fmt.opening(i) for i in range(len(trackers)))
         if opening:
@@ -72,15 +76,23 @@ def drive(source: WorkerStreams, fmt: ChunkFormat, trackers: Sequence[TextTracke
             if not remaining:
                 totals = usage.total()  # the workers are done: their slot goes on at once
                 call.release_slot(totals["prompt_tokens"] + totals["completion_tokens"])
+                ended = "done"
                 yield (fmt.usage(totals) if include_usage else b"") + fmt.closing
                 drain(items)
                 return
         yield fmt.closing  # unreachable: every choice ends before its source does
+    except APIError as exc:
+        ended, broke = "upstream broke off", exc.message
+        raise
     finally:
         items.close()
         source.close()
         totals = usage.total()
         call.meter.report(totals["prompt_tokens"], totals["completion_tokens"])
+        if span is not None:
+            tracing.close(span, {"flaskchat.stream.end": ended, "flaskchat.choices":
+                                 len(trackers), "gen_ai.usage.output_tokens":
+                                 totals["completion_tokens"]}, broke)
 
 
 def _advance(tracker: TextTracker, frames: list[Frame] | None, usage: UsageTally,

@@ -32,7 +32,7 @@ def on_worker(upstream: Upstream, model: str, attempt: Callable[[str], T],
                                                upstream.worker_capacity(address, model)))
     key, result = with_failover(upstream.controller, model, attempt, upstream.failures,
                                 forget=lambda address: upstream.workers.forget(address, model),
-                                queue=queue)
+                                queue=queue, trace=call.trace if call is not None else None)
     if queue is not None and used is not None:
         queue.done(used(result))
     return key, result

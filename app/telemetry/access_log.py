@@ -45,8 +45,12 @@ def finished(call: Call, method: str, route: str, status: int, stream: bool,
                   "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None,
                   "completion_tokens": completion_tokens,
                   "queue_ms": round(call.queue_seconds * 1000, 2) if call.queued else None}
-        ACCESS.log(level, "%s %s %d model=%s latency_ms=%.2f ttft_ms=%s queue_ms=%s tokens=%d",
+        trace_id = call.trace.trace_id if call.trace is not None else None
+        if trace_id:  # the line and the trace find each other
+            fields["trace_id"] = trace_id
+        ACCESS.log(level, "%s %s %d model=%s latency_ms=%.2f ttft_ms=%s queue_ms=%s tokens=%d%s",
                    method, route, status, label, seconds * 1000,
                    f"{ttft * 1000:.2f}" if ttft is not None else "-",
                    f"{call.queue_seconds * 1000:.2f}" if call.queued else "-", completion_tokens,
+                   f" trace_id={trace_id}" if trace_id else "",
                    extra={"request_id": call.request_id, "fields": fields})

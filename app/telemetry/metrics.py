@@ -43,6 +43,11 @@ UPSTREAM_ERRORS = Counter(
 RETRIES = Counter("flaskchat_upstream_retries",
                   "Requests sent to another worker after the first one failed.", ["model"])
 
+TRACE_SPANS_DROPPED = Counter(
+    "flaskchat_trace_spans_dropped",
+    "Trace spans not exported: the export queue was full, or the collector failed or did "
+    "not answer in time (requests never wait for it).")
+
 REFUSED = Counter("flaskchat_rate_limited",
                   "Requests answered 429, by reason: requests, tokens, parallel (a key's "
                   "limits), budget (its quota), overloaded (this process at capacity), "

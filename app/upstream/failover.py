@@ -4,10 +4,12 @@ workers (through the controller's list) and OpenAI-compatible upstreams."""
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, Protocol, TypeVar
+from time import perf_counter
+from typing import Any, Callable, Iterable, Protocol, TypeVar
 
 from app.errors import APIError, ConnectTimedOut, WorkerUnreachable
 from app.scheduling.slots import ServerLeft
+from app.telemetry import tracing
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -54,7 +56,7 @@ class NoLog:
 
 def with_failover(router: Router[K], model: str, attempt: Callable[[K], T],
                   failures: FailureLog, forget: Callable[[K], None] | None = None,
-                  queue: Queue[K] | None = None) -> tuple[K, T]:
+                  queue: Queue[K] | None = None, trace: Any = None) -> tuple[K, T]:
     """Runs ``attempt(key)`` on a server for ``model``, once ``queue`` (if any) gives it a
     slot there. A server that refuses the connection, says nothing in time, or answers
     with a server error is marked unhealthy, and the attempt goes once to another server
@@ -72,7 +74,15 @@ def with_failover(router: Router[K], model: str, attempt: Callable[[K], T],
         try:
             if queue is not None:
                 queue.wait(key, bool(tried))
-            return key, attempt(key)
+            with tracing.child(trace, "upstream attempt",
+                               {"server.address": str(key), "flaskchat.attempt": len(tried) + 1},
+                               client=True) as span:
+                started = perf_counter()
+                result = attempt(key)
+                if span is not None:  # a stream's head, or a whole non-stream answer
+                    span.set_attribute("flaskchat.ttfb_ms",
+                                       round((perf_counter() - started) * 1000, 2))
+            return key, result
         except APIError as exc:
             router.release(key)
             if queue is not None:

@@ -17,6 +17,7 @@ from requests.structures import CaseInsensitiveDict
 
 from app.errors import (APIError, ConnectTimedOut, InvalidRequest, UpstreamError,
                         UpstreamTimeout, WorkerUnreachable)
+from app.telemetry import tracing
 from app.upstream.connection import InvalidResponse
 from app.upstream.transport import HttpTransport
 
@@ -55,6 +56,7 @@ def post_json(session: requests.Session, url: str, payload: Any, timeout: tuple[
     except orjson.JSONEncodeError:  # what a client sent nests deeper than orjson writes
         raise InvalidRequest("The request nests JSON deeper than 255 levels; no model "
                              "server takes that.") from None
+    headers = tracing.outgoing(headers)
     request.headers = CaseInsensitiveDict({**JSON_HEADERS, **headers} if headers
                                           else JSON_HEADERS)
     adapter = session.get_adapter(url)

@@ -5,6 +5,7 @@ included, and released on every path."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 from flask import Flask, Response, current_app, g
@@ -71,7 +72,16 @@ def admission() -> Admission:
 
 def admit() -> None:
     """A before_request hook for the model blueprints (after the key check)."""
-    g.admission_release = admission().enter()
+    call = g.get("call")
+    if call is None or call.trace is None:
+        g.admission_release = admission().enter()
+        return
+    started = time.time()
+    try:
+        g.admission_release = admission().enter()
+    finally:
+        if time.time() - started > 0.0005:  # only a real wait is worth a span
+            call.trace.record("admission wait", started, time.time())
 
 
 def _hand_over(response: Response) -> Response:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from flask import Flask, Response, g, request
 
 from app.serving.call import Call
+from app.telemetry import tracing
+from app.telemetry.access_log import QUIET_ROUTES
 from app.serving.ids import new_id
 from app.web.client_watch import watcher
 from app.web.request_id import CURRENT, HEADER, is_sane_request_id
@@ -21,6 +23,14 @@ def _start() -> None:
     g.call = Call(incoming if is_sane_request_id(incoming) else new_id("req-"),
                   client_gone=watcher(request.environ))
     CURRENT.set(g.call)
+    if tracing.TRACER is not None:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        if route not in QUIET_ROUTES:  # probes would bury the requests
+            g.call.trace = tracing.start(
+                f"{request.method} {route}", request.headers,
+                {"http.request.method": request.method, "http.route": route,
+                 "flaskchat.request_id": g.call.request_id})
+            tracing.ACTIVE.set(g.call.trace)
 
 
 def _finish(response: Response) -> Response:

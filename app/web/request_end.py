@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from flask import Flask, Response, g, request
 
-from app.telemetry import access_log
+from app.telemetry import access_log, tracing
 from app.web import access
 from app.web.context import upstream
 from app.web.request_id import CURRENT
@@ -54,6 +54,8 @@ def init_app(app: Flask, log_access: bool, record_metrics: bool) -> None:
         if current is not None and not g.get("handed_over"):
             current.release_slot(None)
             access.release_unfinished(current)
+            if current.trace is not None:
+                tracing.end_request(current, 500, None, None, None)
 
     app.after_request(hand_over)
     app.teardown_request(release_unless_handed_over)
@@ -72,6 +74,8 @@ def _ended(gate: "Gate | None", key_metrics: "AccessMetrics | None", served: "Up
                                       model, latency, ttft)
     access_log.finished(current, method, route, status, stream, model, latency, ttft,
                         completion, log_access, record_metrics)
+    if current.trace is not None:
+        tracing.end_request(current, status, model, principal, ttft)
     if CURRENT.get(None) is current:
         CURRENT.set(None)
 

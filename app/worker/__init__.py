@@ -12,11 +12,13 @@ log = logging.getLogger("flaskchat.worker")
 
 
 def create_worker_app(settings: WorkerSettings, register: bool = True) -> Flask:
+    from app.telemetry import tracing
     from app.web import handlers
     from app.worker import loading, registration
     from app.worker.routes import STATE, WorkerState, bp
     from app.worker.slots import Slots
 
+    tracing.configure("worker", settings.otlp_traces_endpoint)
     source = loading.resolve(settings.model_path)
     names = list(settings.model_names) or [source.name]
     started = time.monotonic()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ class Batcher:
                     if not self._waiting:
                         return
                     self._rows.append(self._waiting.popleft())
+                self._rows[-1].generation.job.timeline.started = time.time()
                 self._reuse_prefix(len(self._rows) - 1)
             row = len(self._rows) - 1
             entry = self._rows[row]
@@ -122,6 +124,10 @@ class Batcher:
                 self.prefixes.add(prompt[:-1], partial(self.decoder.snapshot, row, entry.fed))
             if entry.fed == len(prompt):
                 self._decoding += 1
+                entry.generation.job.timeline.prompt_done = time.time()
+                for decoding in self._rows[:self._decoding]:  # once per new row, not step
+                    timeline = decoding.generation.job.timeline
+                    timeline.batch_peak = max(timeline.batch_peak, self._decoding)
                 self._advance(row, torch.from_numpy(logits[-1]))
 
     def _reuse_prefix(self, row: int) -> None:
@@ -136,6 +142,7 @@ class Batcher:
         if snapshot is not None and shared > 0:
             self.decoder.restore(row, snapshot, shared)
             self._rows[row].fed = shared
+            generation.job.timeline.cached_tokens = shared
 
     @staticmethod
     def _prompt_scores(entry: _Entry, logits: Any) -> None:

@@ -3,7 +3,7 @@ the stop checks (EOS and stop token ids, stop strings across tokens, max tokens)
 logprobs, and the FastChat frames (cumulative text) that go back to the gateway."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +17,17 @@ from schemas.worker import GenerationParams
 
 
 @dataclass
+class Timeline:
+    """When a generation's stages happened (time.time()), for its trace: set by the
+    engine, two clock reads a generation."""
+
+    started: float = 0.0  # it got its row in the batch (or began, on transformers)
+    prompt_done: float = 0.0  # the prompt is in the cache: the first token's scores
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    batch_peak: int = 1  # the most generations decoding together while it did
+
+
+@dataclass
 class Job:
     """One generation, checked and tokenized before it waits for a slot."""
 
@@ -26,6 +37,7 @@ class Job:
     max_new_tokens: int
     constraint: Constraint | None = None  # the grammar the reply follows
     tool_calls: ToolCallParser | None = None  # finds the tool calls in the reply
+    timeline: Timeline = field(default_factory=Timeline)
 
 
 class Generation:

@@ -25,6 +25,7 @@ from app.protocol.capabilities import (EMBEDDING_ONLY, GENERATE_PROGRESS, GUIDED
                                        SAMPLING_DEFAULTS, TOOLS)
 from app.protocol.error_codes import CUDA_OUT_OF_MEMORY, INTERNAL_ERROR
 from app.protocol.frames import DELIMITER, encode_frame
+from app.telemetry import tracing
 from app.web.json_io import json_response, read_json_object
 from app.web.request_id import HEADER as REQUEST_ID_HEADER
 from app.web.request_id import is_sane_request_id
@@ -82,10 +83,11 @@ def health() -> ResponseReturnValue:
 
 @bp.post("/worker_generate_stream")
 def generate_stream() -> ResponseReturnValue:
-    job = _prepare()
+    trace = _trace()
+    job = _prepare(trace)
     if isinstance(job, Response):
         return job
-    return Response(_stream(state(), job, _request_id()),
+    return Response(_stream(state(), job, _request_id(), trace),
                     content_type="application/octet-stream")
 
 
@@ -96,10 +98,12 @@ def generate() -> ResponseReturnValue:
     made since (GENERATE_PROGRESS: a caller whose client left can charge what was made),
     and a newline each second nothing was. A failed write tells that the caller left,
     and the generation stops."""
-    job = _prepare()
+    trace = _trace()
+    job = _prepare(trace)
     if isinstance(job, Response):
         return job
-    return Response(_final(state(), job, _request_id()), content_type="application/json")
+    return Response(_final(state(), job, _request_id(), trace),
+                    content_type="application/json")
 
 
 @bp.post("/worker_get_embeddings")
@@ -111,7 +115,7 @@ def get_embeddings() -> ResponseReturnValue:
     worker = state()
     if worker.embedder is None:
         raise InvalidRequest("This worker serves a chat model; it has no embeddings.")
-    return Response(_embeddings(worker, worker.embedder, params),
+    return Response(_embeddings(worker, worker.embedder, params, _trace()),
                     content_type="application/json")
 
 
@@ -157,13 +161,27 @@ def worker_get_status() -> ResponseReturnValue:
     return json_response(state().status())
 
 
-def _prepare() -> Job | Response:
-    params = load(_generation, read_json_object())
+def _trace() -> tracing.Trace | None:
+    """The request's root span, continuing the gateway's trace (its ``traceparent``)."""
+    if tracing.TRACER is None:
+        return None
+    return tracing.start(f"POST {request.path}", request.headers,
+                         {"flaskchat.request_id": _request_id()})
+
+
+def _prepare(trace: tracing.Trace | None) -> Job | Response:
     try:
+        params = load(_generation, read_json_object())
         return state().require_chat().prepare(params)
     except PromptTooLong as exc:
         # Refused before any slot or header: a gateway can answer 400 at once.
+        if trace is not None:
+            tracing.close(trace.root, {"flaskchat.outcome": "prompt too long"}, str(exc))
         return json_response({"text": str(exc), "error_code": exc.code}, 400)
+    except BaseException as exc:
+        if trace is not None:
+            tracing.close(trace.root, {"flaskchat.outcome": "refused"}, str(exc))
+        raise
 
 
 def _request_id() -> str:
@@ -172,18 +190,20 @@ def _request_id() -> str:
     return given if is_sane_request_id(given) else "-"
 
 
-def _stream(worker: WorkerState, job: Job, request_id: str) -> Iterator[bytes]:
+def _stream(worker: WorkerState, job: Job, request_id: str,
+            trace: tracing.Trace | None) -> Iterator[bytes]:
     yield DELIMITER  # the headers go out now, before the wait for a slot
-    for frame in _frames(worker, job, request_id, probe=DELIMITER):
+    for frame in _frames(worker, job, request_id, trace, probe=DELIMITER):
         yield frame if isinstance(frame, bytes) else encode_frame(frame)
 
 
-def _final(worker: WorkerState, job: Job, request_id: str) -> Iterator[bytes]:
+def _final(worker: WorkerState, job: Job, request_id: str,
+           trace: tracing.Trace | None) -> Iterator[bytes]:
     yield KEEPALIVE
     last: dict[str, Any] = {}
     written = time.monotonic()
     told = 0  # tokens the caller was told of
-    for frame in _frames(worker, job, request_id, probe=KEEPALIVE):
+    for frame in _frames(worker, job, request_id, trace, probe=KEEPALIVE):
         if isinstance(frame, bytes):
             yield frame
             continue
@@ -198,13 +218,13 @@ def _final(worker: WorkerState, job: Job, request_id: str) -> Iterator[bytes]:
     yield orjson.dumps(last)
 
 
-def _frames(worker: WorkerState, job: Job, request_id: str,
+def _frames(worker: WorkerState, job: Job, request_id: str, trace: tracing.Trace | None,
             probe: bytes) -> Iterator[dict[str, Any] | bytes]:
     """The generation's frames, from its own thread; ``probe`` whenever none came for a
     second. When the caller stops reading (the client left), the generation is cancelled."""
     cancel = threading.Event()
     frames: queue.Queue[dict[str, Any] | None] = queue.Queue()
-    threading.Thread(target=_run, args=(worker, job, request_id, cancel, frames),
+    threading.Thread(target=_run, args=(worker, job, request_id, trace, cancel, frames),
                      daemon=True).start()
     try:
         while True:
@@ -220,9 +240,10 @@ def _frames(worker: WorkerState, job: Job, request_id: str,
         cancel.set()
 
 
-def _run(worker: WorkerState, job: Job, request_id: str, cancel: threading.Event,
-         frames: queue.Queue[dict[str, Any] | None]) -> None:
+def _run(worker: WorkerState, job: Job, request_id: str, trace: tracing.Trace | None,
+         cancel: threading.Event, frames: queue.Queue[dict[str, Any] | None]) -> None:
     started = time.monotonic()
+    arrived = time.time()
     last: dict[str, Any] = {}
     outcome = "cancelled"
     try:
@@ -243,17 +264,43 @@ def _run(worker: WorkerState, job: Job, request_id: str, cancel: threading.Event
                  outcome, usage.get("prompt_tokens", len(job.input_ids)),
                  usage.get("completion_tokens", 0), time.monotonic() - started,
                  extra={"request_id": request_id})
+        if trace is not None:
+            _traced(trace, job, arrived, outcome, int(usage.get("completion_tokens") or 0))
 
 
-def _embeddings(worker: WorkerState, embedder: EmbeddingModel,
-                params: EmbeddingParams) -> Iterator[bytes]:
+def _traced(trace: tracing.Trace, job: Job, arrived: float, outcome: str,
+            completion_tokens: int) -> None:
+    """The generation's stages as spans under its root: the wait for a slot and a row,
+    the prompt (how much the prefix cache held), the decoding (how many decoded with
+    it). Written once it is over, from the times the engine noted."""
+    timeline, ended = job.timeline, time.time()
+    if timeline.started:
+        trace.record("queue", arrived, timeline.started)
+    if timeline.prompt_done:
+        trace.record("prompt", timeline.started, timeline.prompt_done,
+                     {"gen_ai.usage.input_tokens": len(job.input_ids),
+                      "flaskchat.prompt.cached_tokens": timeline.cached_tokens})
+        trace.record("decode", timeline.prompt_done, ended,
+                     {"gen_ai.usage.output_tokens": completion_tokens,
+                      "flaskchat.batch.peak": timeline.batch_peak})
+    failed = outcome not in ("stop", "length", "tool_calls", "cancelled")
+    tracing.close(trace.root, {"flaskchat.outcome": outcome,
+                               "gen_ai.usage.input_tokens": len(job.input_ids),
+                               "gen_ai.usage.output_tokens": completion_tokens},
+                  outcome if failed else None)
+
+
+def _embeddings(worker: WorkerState, embedder: EmbeddingModel, params: EmbeddingParams,
+                trace: tracing.Trace | None) -> Iterator[bytes]:
     cancel = threading.Event()
     answer: list[bytes] = []
 
     def work() -> None:
+        token_num, outcome = 0, "cancelled"
         try:
             with worker.slots.slot(cancel):
                 vectors, token_num = embedder.embed(params["input"], cancel)
+            outcome = "done"
             embedding: Any = vectors
             if params["encoding_format"] == "base64":
                 embedding = [EmbeddingModel.as_base64(vector) for vector in vectors]
@@ -262,7 +309,14 @@ def _embeddings(worker: WorkerState, embedder: EmbeddingModel,
         except (Cancelled, EmbeddingCancelled):
             pass
         except Exception as exc:
+            outcome = type(exc).__name__
             answer.append(orjson.dumps(_error_frame(exc)))
+        finally:
+            if trace is not None:
+                tracing.close(trace.root, {"flaskchat.outcome": outcome,
+                                           "flaskchat.inputs": len(params["input"]),
+                                           "gen_ai.usage.input_tokens": token_num},
+                              outcome if outcome not in ("done", "cancelled") else None)
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     try:

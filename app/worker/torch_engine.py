@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 from typing import Any, Iterator
 
 import torch
@@ -31,9 +32,12 @@ class TransformersEngine:
 
     def generate(self, generation: Generation,
                  cancel: threading.Event) -> Iterator[dict[str, Any]]:
+        timeline = generation.job.timeline
+        timeline.started = time.time()
         with torch.inference_mode():
             output = self.model(input_ids=torch.tensor([generation.job.input_ids],
                                                        device=self.device), use_cache=True)
+            timeline.prompt_done = time.time()
             generation.add_prompt_scores(output.logits[0])
             while True:
                 if cancel.is_set():

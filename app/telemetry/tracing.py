@@ -1,0 +1,284 @@
+"""OpenTelemetry traces: off unless an OTLP endpoint is configured, then every process
+(gateway, worker, controller) exports its spans over OTLP/HTTP (protobuf) with the SDK.
+
+Configuration is OpenTelemetry's own: ``--otlp-traces-endpoint URL`` or
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT`` turn it on;
+``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_TIMEOUT``, ``OTEL_TRACES_SAMPLER(_ARG)``
+and ``OTEL_RESOURCE_ATTRIBUTES`` are read by the SDK; ``OTEL_SERVICE_NAME`` (default
+"flaskchat") gets the process's role appended (``flaskchat-gateway``, ``-worker``,
+``-controller``); ``OTEL_SDK_DISABLED=true`` keeps it off.
+
+Spans never cost the request path more than their creation: finished spans go into a
+bounded queue that a background thread (a greenlet under gevent, whose socket writes
+yield) exports in batches. When the collector is slow or down the queue fills and spans
+are dropped and counted (``dropped()``; the gateway's /metrics), never waited for.
+
+The spans of one request are linked explicitly through the objects that live as long as
+it (the gateway's ``Call``, the worker's request), not through OpenTelemetry's ambient
+context: a stream's generator runs after Flask's request context is gone, and a worker's
+generation runs in other threads.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, Mapping, MutableMapping
+
+log = logging.getLogger("flaskchat.tracing")
+
+# None: tracing is off, and every helper below returns at once.
+TRACER: Any = None
+_PROPAGATOR: Any = None
+_PROCESSOR: Any = None  # an app.telemetry.span_export.BoundedExport
+_DROPPED_HOOKS: list[Callable[[int], None]] = []
+
+DEFAULT_DELAY = 1.0  # seconds between exports (OTEL_BSP_SCHEDULE_DELAY, in ms)
+
+
+def endpoint(flag: str | None) -> str | None:
+    """Where traces go (None: off). The flag is a full URL, or a collector's base URL to
+    which /v1/traces is added; without it the exporter reads OTEL_EXPORTER_OTLP_*."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    if flag:
+        base = flag.rstrip("/")
+        return base if base.endswith("/v1/traces") else base + "/v1/traces"
+    if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or \
+            os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return ""  # the exporter's own reading of the environment
+    return None
+
+
+def configure(role: str, flag: str | None = None) -> bool:
+    """Sets tracing up in this process (after any fork: gunicorn builds the app in each
+    worker process) when an endpoint is configured; True if it is on."""
+    global TRACER, _PROPAGATOR, _PROCESSOR
+    url = endpoint(flag)
+    if url is None or TRACER is not None:
+        return TRACER is not None
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.trace.propagation.tracecontext import \
+            TraceContextTextMapPropagator
+    except ImportError as exc:
+        log.error("tracing is configured but the OpenTelemetry SDK cannot be imported "
+                  "(%s): no traces", exc)
+        return False
+    # A collector that is down would log each failed batch (a line a second, forever):
+    # one line a minute, and the dropped-span count, say it.
+    logging.getLogger("opentelemetry").addFilter(_OncePerMinute())
+
+    base = os.environ.get("OTEL_SERVICE_NAME") or "flaskchat"
+    resource = Resource.create({"service.name": f"{base}-{role}",
+                                "service.namespace": base, "flaskchat.role": role})
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+    exporter = OTLPSpanExporter(endpoint=url) if url else OTLPSpanExporter()
+    from app.telemetry.span_export import BoundedExport
+
+    _PROCESSOR = BoundedExport(exporter, delay=_delay(), dropped=_dropped)
+    provider.add_span_processor(_PROCESSOR)
+    TRACER = provider.get_tracer("flaskchat")
+    _PROPAGATOR = TraceContextTextMapPropagator()
+    import atexit
+
+    atexit.register(shutdown)
+    log.info("tracing on: spans to %s as %s-%s", url or "the OTEL_EXPORTER_OTLP_* endpoint",
+             base, role)
+    return True
+
+
+class _OncePerMinute(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = -60.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self._last < 60:
+            return False
+        self._last = now
+        return True
+
+
+def shutdown() -> None:
+    """Exports what is left (bounded by SHUTDOWN_SECONDS): at exit, after the drain."""
+    if _PROCESSOR is not None:
+        _PROCESSOR.shutdown()
+
+
+def on_dropped(hook: Callable[[int], None]) -> None:
+    """``hook(n)`` is called when n spans are dropped (a full queue, a failed export)."""
+    _DROPPED_HOOKS.append(hook)
+
+
+def dropped() -> int:
+    return int(_PROCESSOR.dropped) if _PROCESSOR is not None else 0
+
+
+def _dropped(count: int) -> None:
+    for hook in _DROPPED_HOOKS:
+        hook(count)
+
+
+def _delay() -> float:
+    try:
+        return max(0.01, float(os.environ.get("OTEL_BSP_SCHEDULE_DELAY", "")) / 1000)
+    except ValueError:
+        return DEFAULT_DELAY
+
+
+# ---- spans -------------------------------------------------------------------------------
+
+# The trace of the request the current greenlet (or thread) works for: outgoing calls to
+# workers and upstreams carry its current span as their ``traceparent``.
+ACTIVE: "ContextVar[Trace | None]" = ContextVar("flaskchat_trace", default=None)
+
+
+def outgoing(headers: Mapping[str, str] | None) -> Mapping[str, str] | None:
+    """``headers`` with the active trace's ``traceparent`` (and ``tracestate``) added."""
+    if TRACER is None:
+        return headers
+    trace = ACTIVE.get(None)
+    if trace is None:
+        return headers
+    carrier = dict(headers) if headers else {}
+    trace.inject(carrier)
+    return carrier
+
+
+class Trace:
+    """One request's spans in this process: its root, and the span that work started now
+    hangs under (``parent``), which also goes out as ``traceparent``."""
+
+    __slots__ = ("root", "parent")
+
+    def __init__(self, root: Any) -> None:
+        from opentelemetry.trace import set_span_in_context
+
+        self.root = root
+        self.parent = set_span_in_context(root)
+
+    @property
+    def trace_id(self) -> str:
+        return format(self.root.get_span_context().trace_id, "032x")
+
+    @contextmanager
+    def child(self, name: str, attributes: Mapping[str, Any] | None = None,
+              client: bool = False) -> Iterator[Any]:
+        """A span under the current one, current itself while the block runs; an
+        exception marks it failed (and goes on)."""
+        from opentelemetry.trace import SpanKind, set_span_in_context
+
+        span = TRACER.start_span(name, context=self.parent, attributes=attributes,
+                                 kind=SpanKind.CLIENT if client else SpanKind.INTERNAL)
+        before = self.parent
+        self.parent = set_span_in_context(span)
+        try:
+            yield span
+        except BaseException as exc:
+            if not isinstance(exc, GeneratorExit):
+                _failed(span, exc)
+            raise
+        finally:
+            self.parent = before
+            span.end()
+
+    def open(self, name: str, attributes: Mapping[str, Any] | None = None) -> Any:
+        """A span under the current one that the caller ends (``close``); calls made
+        meanwhile do not hang under it (a stream, whose generator outlives any block)."""
+        return TRACER.start_span(name, context=self.parent, attributes=attributes)
+
+    def record(self, name: str, start: float, end: float,
+               attributes: Mapping[str, Any] | None = None) -> None:
+        """A span for a stretch already over (``start``/``end``: time.time() seconds),
+        under the current span."""
+        span = TRACER.start_span(name, context=self.parent, attributes=attributes,
+                                 start_time=int(start * 1e9))
+        span.end(end_time=int(end * 1e9))
+
+    def inject(self, headers: MutableMapping[str, str]) -> None:
+        _PROPAGATOR.inject(headers, context=self.parent)
+
+
+def start(name: str, incoming: Any,
+          attributes: Mapping[str, Any] | None = None) -> Trace | None:
+    """A request's root span (a server span), continuing the W3C ``traceparent`` /
+    ``tracestate`` of the ``incoming`` headers (anything with ``.get``); None when tracing
+    is off."""
+    if TRACER is None:
+        return None
+    from opentelemetry.trace import SpanKind
+
+    context = _PROPAGATOR.extract(incoming) if incoming is not None else None
+    return Trace(TRACER.start_span(name, context=context, kind=SpanKind.SERVER,
+                                   attributes=attributes))
+
+
+def end_request(call: Any, status: int, model: str | None, principal: Any,
+                ttft: float | None) -> None:
+    """Ends a gateway request's root span with what the request came to (the key's name
+    and team, never its secret)."""
+    trace: Trace = call.trace
+    root = trace.root
+    attributes: dict[str, Any] = {"http.response.status_code": status,
+                                  "flaskchat.service_tier": call.service_tier}
+    if model:
+        attributes["gen_ai.request.model"] = model
+    if principal is not None:
+        if principal.name:
+            attributes["flaskchat.key.name"] = principal.name
+        if principal.team:
+            attributes["flaskchat.team"] = principal.team
+    if call.meter.prompt():
+        attributes["gen_ai.usage.input_tokens"] = call.meter.prompt()
+    if call.meter.completion():
+        attributes["gen_ai.usage.output_tokens"] = call.meter.completion()
+    if ttft is not None:
+        attributes["flaskchat.ttft_ms"] = round(ttft * 1000, 2)
+    if call.queued:
+        attributes["flaskchat.queue_ms"] = round(call.queue_seconds * 1000, 2)
+    root.set_attributes(attributes)
+    if status >= 500:
+        from opentelemetry.trace import Status, StatusCode
+
+        root.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
+    root.end()
+    call.trace = None
+    if ACTIVE.get(None) is trace:
+        ACTIVE.set(None)
+
+
+def child(trace: Trace | None, name: str, attributes: Mapping[str, Any] | None = None,
+          client: bool = False) -> Any:
+    """``trace.child(...)``, or a block that does nothing when the request has no trace."""
+    if trace is None:
+        return nullcontext(None)
+    return trace.child(name, attributes, client)
+
+
+def close(span: Any, attributes: Mapping[str, Any], error: str | None = None) -> None:
+    """Ends a span from ``Trace.open`` (``error``: what went wrong, marking it failed)."""
+    span.set_attributes(attributes)
+    if error is not None:
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_status(Status(StatusCode.ERROR, error[:200]))
+    span.end()
+
+
+def failed(span: Any, error: BaseException) -> None:
+    if span is not None:
+        _failed(span, error)
+
+
+def _failed(span: Any, error: BaseException) -> None:
+    from opentelemetry.trace import Status, StatusCode
+
+    span.set_attribute("error.type", type(error).__name__)
+    message = getattr(error, "message", None) or str(error)
+    span.set_status(Status(StatusCode.ERROR, message[:200]))
