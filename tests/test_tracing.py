@@ -83,13 +83,13 @@ def client(stack: dict[str, Any], clients: MakeClient) -> openai.OpenAI:
 def request_trace(receiver: OtlpReceiver, request_id: str, names: set[str]) -> list[Span]:
     """The spans of the trace whose gateway root carries ``request_id``, once every span
     named in ``names`` has arrived."""
-    def complete() -> list[Span] | None:
+    def complete() -> list[Span]:
         roots = receiver.find(lambda s: s.attributes.get("flaskchat.request_id") == request_id
                               and s.service.endswith("-gateway"))
         if not roots:
-            return None
+            return []
         spans = receiver.trace(roots[0].trace_id)
-        return spans if names <= {s.name for s in spans} else None
+        return spans if names <= {s.name for s in spans} else []
     found: list[Span] = wait_for(complete, 15, f"the spans of {request_id}")
     return found
 
@@ -107,7 +107,9 @@ def test_a_streamed_chat_is_one_trace_from_the_gateway_to_the_worker(
         stream=True, stream_options={"include_usage": True})
     request_id = raw.headers["x-request-id"]
     chunks = list(raw.parse())
-    completion_tokens = chunks[-1].usage.completion_tokens
+    usage = chunks[-1].usage
+    assert usage is not None
+    completion_tokens = usage.completion_tokens
     spans = request_trace(receiver, request_id, {
         "POST /v1/chat/completions", "upstream attempt", "stream",
         "POST /worker_generate_stream", "queue", "prompt", "decode"})
