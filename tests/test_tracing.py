@@ -7,6 +7,7 @@ in any span."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -265,3 +266,24 @@ def _dropped(gateway: Server) -> float:
         if line.startswith("flaskchat_trace_spans_dropped_total "):
             return float(line.split()[1])
     return 0.0
+
+
+def test_sigterm_flushes_the_spans_still_queued(stack: dict[str, Any]) -> None:
+    """With an export interval far longer than the test, the spans of a request are still
+    queued when the gateway is told to stop: they reach the collector before it exits."""
+    late = OtlpReceiver()
+    gateway = start_gateway(stack["controller"].url, env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": late.url, "OTEL_BSP_SCHEDULE_DELAY": "600000"})
+    try:
+        wait_for(lambda: "tiny" in requests.get(gateway.url + "/ready").text, 30)
+        response = requests.post(gateway.url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+        assert response.status_code == 200
+        assert not late.spans  # still in the gateway's queue
+        gateway.process.send_signal(signal.SIGTERM)
+        assert gateway.process.wait(30) == 0
+        names = {s.name for s in late.spans}
+        assert {"POST /v1/chat/completions", "upstream attempt"} <= names
+    finally:
+        gateway.stop()
+        late.stop()

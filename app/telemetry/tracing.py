@@ -20,6 +20,7 @@ generation runs in other threads.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -60,7 +61,6 @@ def configure(role: str, flag: str | None = None) -> bool:
     if url is None or TRACER is not None:
         return TRACER is not None
     try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.trace.propagation.tracecontext import \
@@ -77,7 +77,9 @@ def configure(role: str, flag: str | None = None) -> bool:
     resource = Resource.create({"service.name": f"{base}-{role}",
                                 "service.namespace": base, "flaskchat.role": role})
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-    exporter = OTLPSpanExporter(endpoint=url) if url else OTLPSpanExporter()
+    exporter = _exporter(url, flag)
+    if exporter is None:
+        return False
     from app.telemetry.span_export import BoundedExport
 
     _PROCESSOR = BoundedExport(exporter, delay=_delay(), dropped=_dropped)
@@ -103,6 +105,26 @@ class _OncePerMinute(logging.Filter):
             return False
         self._last = now
         return True
+
+
+def _exporter(url: str, flag: str | None) -> Any:
+    """OTLP over HTTP/protobuf; over gRPC when OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL says
+    grpc and opentelemetry-exporter-otlp-proto-grpc is installed (it brings grpcio, so it
+    is not a dependency). None: gRPC asked for and not installed."""
+    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or
+                os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip()
+    if protocol == "grpc":
+        try:
+            grpc = importlib.import_module(
+                "opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
+        except ImportError:
+            log.error("OTLP over gRPC needs `pip install opentelemetry-exporter-otlp-proto-"
+                      "grpc` (or set OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf): no traces")
+            return None
+        return grpc.OTLPSpanExporter(endpoint=flag) if flag else grpc.OTLPSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(endpoint=url) if url else OTLPSpanExporter()
 
 
 def shutdown() -> None:
