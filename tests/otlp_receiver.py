@@ -25,6 +25,7 @@ class Span:
     end_ns: int
     attributes: dict[str, Any] = field(default_factory=dict)
     status_code: int = 0  # 2: error
+    links: list[tuple[str, str]] = field(default_factory=list)  # (trace id, span id)
 
     @property
     def seconds(self) -> float:
@@ -77,7 +78,8 @@ class OtlpReceiver:
                         span.span_id.hex(), span.parent_span_id.hex(), span.kind,
                         span.start_time_unix_nano, span.end_time_unix_nano,
                         {a.key: _value(a.value) for a in span.attributes},
-                        span.status.code))
+                        span.status.code,
+                        [(link.trace_id.hex(), link.span_id.hex()) for link in span.links]))
         with self._lock:
             self.spans.extend(found)
             self.posts += 1

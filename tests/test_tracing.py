@@ -152,6 +152,11 @@ def test_a_streamed_chat_is_one_trace_from_the_gateway_to_the_worker(
     # Children inside their parents' time.
     assert root.start_ns <= attempt.start_ns <= attempt.end_ns <= stream.end_ns <= root.end_ns
     assert prompt.end_ns <= decode.start_ns + 1000
+    # The usage batch that recorded the request is a trace of its own, linked to it.
+    write = wait_for(lambda: receiver.find(lambda s: s.name == "usage write" and
+                                           (root.trace_id, root.span_id) in s.links), 15,
+                     "the usage write linked to the request")[0]
+    assert write.trace_id != root.trace_id and write.attributes["flaskchat.usage.records"] >= 1
 
 
 def test_a_clients_traceparent_is_continued(stack: dict[str, Any],

@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from app.access.database import answers, reason, write_before_stopping
 from app.access.tables import usage, usage_daily
+from app.telemetry import tracing
 
 log = logging.getLogger("flaskchat.usage")
 MAX_INT = 2**31 - 1  # what an Integer column holds everywhere
@@ -46,6 +47,7 @@ class UsageRecord:
     latency_ms: float
     ttft_ms: float | None
     request_id: str
+    span: Any = None  # the request's root span context, when traced: the write links to it
 
 
 class LedgerObserver(Protocol):
@@ -96,7 +98,10 @@ class UsageLedger:
                 return True
             self._buffer.clear()  # records added while this writes wait for the next one
             try:
-                self._write(batch)
+                with tracing.background("usage write", [r.span for r in batch],
+                                        {"flaskchat.usage.records": len(batch),
+                                         "db.system": self._engine.dialect.name}):
+                    self._write(batch)
             except Exception as exc:  # any database failure: see whether it is a row's
                 if not answers(self._engine):
                     self._keep(batch, exc)

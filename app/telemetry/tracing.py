@@ -37,6 +37,7 @@ _PROCESSOR: Any = None  # an app.telemetry.span_export.BoundedExport
 _DROPPED_HOOKS: list[Callable[[int], None]] = []
 
 DEFAULT_DELAY = 1.0  # seconds between exports (OTEL_BSP_SCHEDULE_DELAY, in ms)
+MAX_LINKS = 128  # the SDK's default limit of links per span
 
 
 def endpoint(flag: str | None) -> str | None:
@@ -291,6 +292,24 @@ def close(span: Any, attributes: Mapping[str, Any], error: str | None = None) ->
 
         span.set_status(Status(StatusCode.ERROR, error[:200]))
     span.end()
+
+
+@contextmanager
+def background(name: str, requests: list[Any],
+               attributes: Mapping[str, Any] | None = None) -> Iterator[Any]:
+    """A span of its own trace for work done for many requests at once (a usage batch),
+    linked to the requests' root spans (``requests``: their span contexts, or None) so
+    that it can be found from them. A block that does nothing when tracing is off."""
+    if TRACER is None:
+        yield None
+        return
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Link
+
+    links = [Link(context) for context in requests if context is not None][:MAX_LINKS]
+    with TRACER.start_as_current_span(name, context=Context(), links=links,
+                                      attributes=attributes) as span:
+        yield span
 
 
 def failed(span: Any, error: BaseException) -> None:
