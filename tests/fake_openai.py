@@ -103,7 +103,8 @@ class FakeOpenAI:
                            f"{request.environ.get('REMOTE_PORT')}")
             self.log.append({"path": path, "body": body,
                              "request_id": request.headers.get("X-Request-ID"),
-                             "authorization": request.headers.get("Authorization")})
+                             "authorization": request.headers.get("Authorization"),
+                             "traceparent": request.headers.get("traceparent")})
         if path not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             return self.error(404, f"no route {path}")
         if body.get("model") not in self.models:

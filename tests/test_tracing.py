@@ -18,7 +18,8 @@ import pytest
 import requests
 
 from tests.conftest import (ROOT, MakeClient, Server, new_database_url, start_controller,
-                            start_fake_worker, start_gateway, start_on_socket, wait_for)
+                            start_fake, start_fake_worker, start_gateway, start_on_socket,
+                            wait_for)
 from tests.otlp_receiver import OtlpReceiver, Span
 
 pytestmark = pytest.mark.worker
@@ -200,6 +201,29 @@ def test_the_access_log_line_names_the_trace(stack: dict[str, Any],
              if line.startswith("{") and request_id in line and "latency_ms" in line]
     assert lines and lines[0]["trace_id"] == spans[0].trace_id
     assert "plain-key" not in log.read_text()
+
+
+def test_an_openai_compatible_upstream_gets_the_traceparent(
+        stack: dict[str, Any], receiver: OtlpReceiver) -> None:
+    """vLLM continues a traceparent it receives: the gateway sends its attempt span's."""
+    upstream = start_fake("fake_openai.py", "--models", "relayed")
+    gateway = start_gateway(stack["controller"].url, "--openai-upstream",
+                            f"relayed={upstream.url}/v1", env={
+                                **FAST_EXPORT, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url})
+    try:
+        response = requests.post(gateway.url + "/v1/chat/completions", timeout=30, json={
+            "model": "relayed", "stream": True,
+            "messages": [{"role": "user", "content": "Hi"}]})
+        assert response.status_code == 200 and b"[DONE]" in response.content
+        spans = request_trace(receiver, response.headers["X-Request-ID"],
+                              {"POST /v1/chat/completions", "upstream attempt", "stream"})
+    finally:
+        gateway.stop()
+    sent = requests.get(upstream.url + "/fake/log", timeout=5).json()[-1]["traceparent"]
+    upstream.stop()
+    attempt = one(spans, "upstream attempt")
+    assert sent.startswith(f"00-{attempt.trace_id}-{attempt.span_id}-")  # then the flags
+    assert one(spans, "stream").attributes["flaskchat.stream.end"] == "done"
 
 
 def test_a_failover_shows_two_attempts(stack: dict[str, Any], receiver: OtlpReceiver) -> None:

@@ -24,6 +24,7 @@ from app.upstream.clients import Upstream
 from app.upstream.failover import releaser, with_failover
 from app.upstream.openai_client import OpenAIClient, upstream_error
 from app.upstream.openai_config import OpenAITarget
+from app.telemetry import tracing
 from app.upstream.stream import Timing, UpstreamStream, follow
 
 CHAT = "/chat/completions"
@@ -122,6 +123,8 @@ def _relay(stream: UpstreamStream[bytes], target: OpenAITarget, events: "_Events
            call: Call, timing: Timing) -> Iterator[bytes | None]:
     items = follow(stream, timing, call.client_gone)
     done = False
+    span = call.trace.open("stream") if call.trace is not None else None
+    ended, broke = "client left", None
     try:
         for batch in items:
             if batch is None:
@@ -148,11 +151,18 @@ def _relay(stream: UpstreamStream[bytes], target: OpenAITarget, events: "_Events
         if not done and not events.finished:
             raise upstream_error("The upstream server ended the stream before it was "
                                  "complete.", target)
+        ended = "done"
         yield DONE
         if done:
             drain(items)
+    except APIError as exc:
+        ended, broke = "upstream broke off", exc.message
+        raise
     finally:
         stream.close()
+        if span is not None:
+            tracing.close(span, {"flaskchat.stream.end": ended, "gen_ai.usage.output_tokens":
+                                 call.meter.completion()}, broke)
 
 
 class _Events:
