@@ -176,6 +176,26 @@ def test_a_clients_traceparent_is_continued(stack: dict[str, Any],
     assert one(spans, "POST /worker_generate").trace_id == root.trace_id
 
 
+def test_each_of_n_choices_is_in_the_trace(stack: dict[str, Any],
+                                           receiver: OtlpReceiver) -> None:
+    """n=2 runs two generations at once (in greenlets of their own): both carry the
+    request's traceparent, streamed or not."""
+    for stream, name in ((False, "POST /worker_generate"),
+                         (True, "POST /worker_generate_stream")):
+        response = requests.post(stack["gateway"].url + "/v1/chat/completions", timeout=60,
+                                 headers={"Authorization": f"Bearer {stack['key']}"},
+                                 json={"model": "tiny", "max_tokens": 2, "n": 2,
+                                       "stream": stream,
+                                       "messages": [{"role": "user", "content": "Hi"}]})
+        assert response.status_code == 200, response.text
+        request_id = response.headers["X-Request-ID"]
+        def both() -> list[Span]:
+            spans = request_trace(receiver, request_id, {name})
+            return spans if len([s for s in spans if s.name == name]) == 2 else []
+        spans = wait_for(both, 15, f"both generations of {request_id}")
+        assert len({s.trace_id for s in spans}) == 1
+
+
 def test_the_access_log_line_names_the_trace(stack: dict[str, Any],
                                              receiver: OtlpReceiver) -> None:
     """The request id is on the root span (above); the trace id is in the access log's

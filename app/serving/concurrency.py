@@ -5,6 +5,7 @@ the app loads), so this costs no OS threads in production.
 """
 from __future__ import annotations
 
+import contextvars
 import threading
 from typing import Callable, Sequence, TypeVar
 
@@ -32,7 +33,9 @@ def run_all(calls: Sequence[Callable[[], T]], limit: int = MAX_PARALLEL_CALLS) -
     threads = []
     for index in range(len(calls)):
         slots.acquire()
-        thread = threading.Thread(target=run, args=(index,), daemon=True)
+        # each in a copy of the request's context (its request id, its trace)
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(run, index),
+                                  daemon=True)
         thread.start()
         threads.append(thread)
     for thread in threads:

@@ -14,6 +14,7 @@ so that its keep-alive connection goes back to the pool.
 """
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 from typing import Callable, Generator, Iterator, Sequence, Union
@@ -139,4 +140,6 @@ class _Merged:
                 self._queue.put((index, None))
             except BaseException as exc:  # reported through the queue
                 self._queue.put((index, exc))
-        threading.Thread(target=run, daemon=True).start()
+        # In the request's context: its request id in the log, its trace in traceparent
+        threading.Thread(target=contextvars.copy_context().run, args=(run,),
+                         daemon=True).start()

@@ -34,10 +34,15 @@ log = logging.getLogger("flaskchat.tracing")
 TRACER: Any = None
 _PROPAGATOR: Any = None
 _PROCESSOR: Any = None  # an app.telemetry.span_export.BoundedExport
+_api: Any = None  # opentelemetry.trace, once tracing is on
 _DROPPED_HOOKS: list[Callable[[int], None]] = []
 
 DEFAULT_DELAY = 1.0  # seconds between exports (OTEL_BSP_SCHEDULE_DELAY, in ms)
 MAX_LINKS = 128  # the SDK's default limit of links per span
+# The exporter's loggers: a line per failed try of every batch while a collector is down
+QUIETED_LOGGERS = ("opentelemetry.exporter.otlp.common.http",
+                   "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                   "opentelemetry.exporter.otlp.proto.grpc.exporter")
 
 
 def endpoint(flag: str | None) -> str | None:
@@ -57,7 +62,7 @@ def endpoint(flag: str | None) -> str | None:
 def configure(role: str, flag: str | None = None) -> bool:
     """Sets tracing up in this process (after any fork: gunicorn builds the app in each
     worker process) when an endpoint is configured; True if it is on."""
-    global TRACER, _PROPAGATOR, _PROCESSOR
+    global TRACER, _PROPAGATOR, _PROCESSOR, _api
     url = endpoint(flag)
     if url is None or TRACER is not None:
         return TRACER is not None
@@ -72,7 +77,9 @@ def configure(role: str, flag: str | None = None) -> bool:
         return False
     # A collector that is down would log each failed batch (a line a second, forever):
     # one line a minute, and the dropped-span count, say it.
-    logging.getLogger("opentelemetry").addFilter(_OncePerMinute())
+    once_a_minute = _OncePerMinute()
+    for name in QUIETED_LOGGERS:
+        logging.getLogger(name).addFilter(once_a_minute)
 
     base = os.environ.get("OTEL_SERVICE_NAME") or "flaskchat"
     resource = Resource.create({"service.name": f"{base}-{role}",
@@ -86,6 +93,9 @@ def configure(role: str, flag: str | None = None) -> bool:
     _PROCESSOR = BoundedExport(exporter, delay=_delay(), dropped=_dropped)
     provider.add_span_processor(_PROCESSOR)
     TRACER = provider.get_tracer("flaskchat")
+    import opentelemetry.trace
+
+    _api = opentelemetry.trace  # for the helpers below, without an import per call
     _PROPAGATOR = TraceContextTextMapPropagator()
     import atexit
 
@@ -181,10 +191,8 @@ class Trace:
     __slots__ = ("root", "parent")
 
     def __init__(self, root: Any) -> None:
-        from opentelemetry.trace import set_span_in_context
-
         self.root = root
-        self.parent = set_span_in_context(root)
+        self.parent = _api.set_span_in_context(root)
 
     @property
     def trace_id(self) -> str:
@@ -195,12 +203,10 @@ class Trace:
               client: bool = False) -> Iterator[Any]:
         """A span under the current one, current itself while the block runs; an
         exception marks it failed (and goes on)."""
-        from opentelemetry.trace import SpanKind, set_span_in_context
-
         span = TRACER.start_span(name, context=self.parent, attributes=attributes,
-                                 kind=SpanKind.CLIENT if client else SpanKind.INTERNAL)
+                                 kind=_api.SpanKind.CLIENT if client else _api.SpanKind.INTERNAL)
         before = self.parent
-        self.parent = set_span_in_context(span)
+        self.parent = _api.set_span_in_context(span)
         try:
             yield span
         except BaseException as exc:
@@ -235,10 +241,8 @@ def start(name: str, incoming: Any,
     is off."""
     if TRACER is None:
         return None
-    from opentelemetry.trace import SpanKind
-
     context = _PROPAGATOR.extract(incoming) if incoming is not None else None
-    return Trace(TRACER.start_span(name, context=context, kind=SpanKind.SERVER,
+    return Trace(TRACER.start_span(name, context=context, kind=_api.SpanKind.SERVER,
                                    attributes=attributes))
 
 
@@ -267,9 +271,7 @@ def end_request(call: Any, status: int, model: str | None, principal: Any,
         attributes["flaskchat.queue_ms"] = round(call.queue_seconds * 1000, 2)
     root.set_attributes(attributes)
     if status >= 500:
-        from opentelemetry.trace import Status, StatusCode
-
-        root.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
+        root.set_status(_api.Status(_api.StatusCode.ERROR, f"HTTP {status}"))
     root.end()
     call.trace = None
     if ACTIVE.get(None) is trace:
@@ -288,9 +290,7 @@ def close(span: Any, attributes: Mapping[str, Any], error: str | None = None) ->
     """Ends a span from ``Trace.open`` (``error``: what went wrong, marking it failed)."""
     span.set_attributes(attributes)
     if error is not None:
-        from opentelemetry.trace import Status, StatusCode
-
-        span.set_status(Status(StatusCode.ERROR, error[:200]))
+        span.set_status(_api.Status(_api.StatusCode.ERROR, error[:200]))
     span.end()
 
 
@@ -304,9 +304,9 @@ def background(name: str, requests: list[Any],
         yield None
         return
     from opentelemetry.context import Context
-    from opentelemetry.trace import Link
 
-    links = [Link(context) for context in requests if context is not None][:MAX_LINKS]
+    contexts = [context for context in requests if context is not None][:MAX_LINKS]
+    links = [_api.Link(context) for context in contexts]
     with TRACER.start_as_current_span(name, context=Context(), links=links,
                                       attributes=attributes) as span:
         yield span
@@ -318,8 +318,6 @@ def failed(span: Any, error: BaseException) -> None:
 
 
 def _failed(span: Any, error: BaseException) -> None:
-    from opentelemetry.trace import Status, StatusCode
-
     span.set_attribute("error.type", type(error).__name__)
     message = getattr(error, "message", None) or str(error)
-    span.set_status(Status(StatusCode.ERROR, message[:200]))
+    span.set_status(_api.Status(_api.StatusCode.ERROR, message[:200]))

@@ -1,0 +1,112 @@
+"""What OpenTelemetry tracing costs the gateway (issue 27): bench/run.py's "chat c=64" and
+"stream c=256" phases with tracing off, on at 100% sampling and on at 1%, in alternating
+rounds, the spans going to a local OTLP/HTTP endpoint.
+
+    python bench/tracing_overhead.py [--rounds 2] [--seconds 5]
+
+The endpoint reads each export and answers 200 without decoding it (a real collector
+runs elsewhere; decoding here would take CPU from the gateway on the same cores), and
+counts the exports and their bytes. The gateway's numbers are compared, not the ceiling's:
+tracing changes nothing at the worker. Not a test: run it on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PHASES = ["chat c=64", "stream c=256"]
+MODES = {
+    "off": {},
+    "on, 100%": {"OTEL_TRACES_SAMPLER": "parentbased_always_on"},
+    "on, 1%": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+               "OTEL_TRACES_SAMPLER_ARG": "0.01"},
+}
+
+
+class Sink:
+    """An OTLP/HTTP endpoint that takes every export and keeps only its size."""
+
+    def __init__(self) -> None:
+        self.posts = 0
+        self.bytes = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                size = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(size)
+                sink.posts += 1
+                sink.bytes += size
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def run_phases(seconds: float, env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--phases", *PHASES, "--capacity",
+         "0", "--seconds", str(seconds)], cwd=ROOT, env={**os.environ, **env},
+        capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return {row["phase"]: row for row in rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    sink = Sink()
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {
+        mode: {phase: [] for phase in PHASES} for mode in MODES}
+    for round_number in range(args.rounds):
+        for mode, extra in MODES.items():
+            env = dict(extra)
+            if mode != "off":
+                env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url})
+            before = sink.posts
+            rows = run_phases(args.seconds, env)
+            for phase in PHASES:
+                results[mode][phase].append(rows[phase]["gateway"])
+            print(f"round {round_number + 1}, {mode}: "
+                  + ", ".join(f"{p} {_rate(rows[p]['gateway'], p):.0f}" for p in PHASES)
+                  + f"; {sink.posts - before} exports", flush=True)
+    print("\n| tracing | " + " | ".join(f"{p} ({_unit(p)})" for p in PHASES)
+          + " | gateway CPU ms/request, chat c=64 | vs off |")
+    print("|---|" + "---|" * (len(PHASES) + 2))
+    baseline = {p: statistics.median(_rate(g, p) for g in results["off"][p]) for p in PHASES}
+    for mode in MODES:
+        rates = {p: statistics.median(_rate(g, p) for g in results[mode][p]) for p in PHASES}
+        cpu = statistics.median(g["cpu_ms_per_request"] for g in results[mode]["chat c=64"])
+        ratios = " / ".join(f"{rates[p] / baseline[p]:.2f}" for p in PHASES)
+        print(f"| {mode} | " + " | ".join(f"{rates[p]:.0f}" for p in PHASES)
+              + f" | {cpu:.2f} | {ratios} |")
+    print(f"\n{sink.posts} exports, {sink.bytes / 2**20:.1f} MiB of spans in all")
+
+
+def _rate(gateway: dict[str, Any], phase: str) -> float:
+    return float(gateway["tokens_per_s"] if "stream" in phase else gateway["rps"])
+
+
+def _unit(phase: str) -> str:
+    return "tokens/s" if "stream" in phase else "req/s"
+
+
+if __name__ == "__main__":
+    main()
