@@ -88,9 +88,11 @@ def configure(role: str, flag: str | None = None) -> bool:
     exporter = _exporter(url, flag)
     if exporter is None:
         return False
-    from app.telemetry.span_export import BoundedExport
+    from app.telemetry.span_export import MAX_BATCH, MAX_QUEUE, BoundedExport
 
-    _PROCESSOR = BoundedExport(exporter, delay=_delay(), dropped=_dropped)
+    _PROCESSOR = BoundedExport(exporter, delay=_delay(), dropped=_dropped,
+                               max_queue=_env_int("OTEL_BSP_MAX_QUEUE_SIZE", MAX_QUEUE),
+                               max_batch=_env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", MAX_BATCH))
     provider.add_span_processor(_PROCESSOR)
     TRACER = provider.get_tracer("flaskchat")
     import opentelemetry.trace
@@ -156,6 +158,13 @@ def dropped() -> int:
 def _dropped(count: int) -> None:
     for hook in _DROPPED_HOOKS:
         hook(count)
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, "")))
+    except ValueError:
+        return default
 
 
 def _delay() -> float:
