@@ -174,6 +174,18 @@ def test_a_clients_traceparent_is_continued(stack: dict[str, Any],
     assert root.trace_id == "0af7651916cd43dd8448eb211c80319c"
     assert root.parent_id == "b7ad6b7169203331"  # the client's span
     assert one(spans, "POST /worker_generate").trace_id == root.trace_id
+    # A client that clears the sampled flag is still traced: the gateway decides (a
+    # tenant can neither hide nor force its traces).
+    unsampled = TRACEPARENT.replace("6cd43dd8", "6cd43dd9")[:-2] + "00"
+    response = requests.post(stack["gateway"].url + "/v1/chat/completions", timeout=60,
+                             headers={"Authorization": f"Bearer {stack['key']}",
+                                      "traceparent": unsampled},
+                             json={"model": "tiny", "max_tokens": 2,
+                                   "messages": [{"role": "user", "content": "Hi"}]})
+    assert response.status_code == 200
+    again = request_trace(receiver, response.headers["X-Request-ID"],
+                          {"POST /v1/chat/completions", "POST /worker_generate"})
+    assert {s.trace_id for s in again} == {"0af7651916cd43dd9448eb211c80319c"}
 
 
 def test_each_of_n_choices_is_in_the_trace(stack: dict[str, Any],
@@ -189,6 +201,7 @@ def test_each_of_n_choices_is_in_the_trace(stack: dict[str, Any],
                                        "messages": [{"role": "user", "content": "Hi"}]})
         assert response.status_code == 200, response.text
         request_id = response.headers["X-Request-ID"]
+
         def both() -> list[Span]:
             spans = request_trace(receiver, request_id, {name})
             return spans if len([s for s in spans if s.name == name]) == 2 else []

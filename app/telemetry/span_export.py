@@ -96,11 +96,12 @@ class BoundedExport(SpanProcessor):
             return
         self._stopped = True
         self._wake.set()
+        deadline = time.monotonic() + SHUTDOWN_SECONDS  # for all of it, however it goes
         if self._thread is not None and self._pid == os.getpid():
             self._thread.join(SHUTDOWN_SECONDS)
         finisher = threading.Thread(target=self._export_all, daemon=True)
         finisher.start()
-        finisher.join(SHUTDOWN_SECONDS)
+        finisher.join(max(0.0, deadline - time.monotonic()))
         try:
             self._exporter.shutdown()
         except Exception:  # noqa: BLE001

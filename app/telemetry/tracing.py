@@ -84,7 +84,14 @@ def configure(role: str, flag: str | None = None) -> bool:
     base = os.environ.get("OTEL_SERVICE_NAME") or "flaskchat"
     resource = Resource.create({"service.name": f"{base}-{role}",
                                 "service.namespace": base, "flaskchat.role": role})
-    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+    options: dict[str, Any] = {}
+    if role == "gateway":  # clients' sampled flags do not decide (app.telemetry.sampling)
+        from app.telemetry.sampling import GatewaySampler, configured_ratio
+
+        ratio = configured_ratio()
+        if ratio is not None:
+            options["sampler"] = GatewaySampler(ratio)
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False, **options)
     exporter = _exporter(url, flag)
     if exporter is None:
         return False
@@ -193,15 +200,26 @@ def outgoing(headers: Mapping[str, str] | None) -> Mapping[str, str] | None:
     return carrier
 
 
+# The span that work started now hangs under, per greenlet (or thread): a request's
+# concurrent attempts (embedding batches, n choices) each have their own.
+_CURRENT: "ContextVar[tuple[Trace, Any] | None]" = ContextVar("flaskchat_span", default=None)
+
+
 class Trace:
     """One request's spans in this process: its root, and the span that work started now
     hangs under (``parent``), which also goes out as ``traceparent``."""
 
-    __slots__ = ("root", "parent")
+    __slots__ = ("root", "_root_context")
 
     def __init__(self, root: Any) -> None:
         self.root = root
-        self.parent = _api.set_span_in_context(root)
+        self._root_context = _api.set_span_in_context(root)
+
+    @property
+    def parent(self) -> Any:
+        current = _CURRENT.get(None)
+        return current[1] if current is not None and current[0] is self \
+            else self._root_context
 
     @property
     def trace_id(self) -> str:
@@ -214,8 +232,7 @@ class Trace:
         exception marks it failed (and goes on)."""
         span = TRACER.start_span(name, context=self.parent, attributes=attributes,
                                  kind=_api.SpanKind.CLIENT if client else _api.SpanKind.INTERNAL)
-        before = self.parent
-        self.parent = _api.set_span_in_context(span)
+        token = _CURRENT.set((self, _api.set_span_in_context(span)))
         try:
             yield span
         except BaseException as exc:
@@ -223,7 +240,7 @@ class Trace:
                 _failed(span, exc)
             raise
         finally:
-            self.parent = before
+            _CURRENT.reset(token)
             span.end()
 
     def open(self, name: str, attributes: Mapping[str, Any] | None = None) -> Any:

@@ -23,7 +23,7 @@ import numpy as np
 
 from app.config import WorkerSettings
 from app.worker import loading
-from app.worker.onnx_export import fingerprint
+from app.worker.onnx_export import export_lock, fingerprint
 
 log = logging.getLogger("flaskchat.worker")
 
@@ -126,6 +126,14 @@ def exported(source: loading.ModelSource, model: Any, tokenizer: Any) -> Path:
         f"{source.name}-{FORMAT}-{fingerprint(folder)}"
     if (target / GRAPH).exists():
         return target
+    with export_lock(target):  # one process exports; the others then load its result
+        if (target / GRAPH).exists():
+            return target
+        return _exported(source, model, tokenizer, target)
+
+
+def _exported(source: loading.ModelSource, model: Any, tokenizer: Any, target: Path) -> Path:
+    folder = source.folder
     log.info("exporting %s to ONNX for the onnx engine (once; later starts load the export "
              "at once)", folder)
     started = time.monotonic()
@@ -146,7 +154,7 @@ def exported(source: loading.ModelSource, model: Any, tokenizer: Any) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         raise loading.LoadError(f"Could not export {folder} to ONNX (use --engine "
                                 f"transformers for this model): {exc}") from exc
-    shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete one (no graph)
     partial.rename(target)
     log.info("exported in %.1f s into %s", time.monotonic() - started, target)
     return target

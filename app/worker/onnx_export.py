@@ -8,6 +8,7 @@ folder and its files, so every later start loads it in well under a second.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -17,7 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from app.worker.loading import LoadError, cache_dir
 
@@ -35,6 +38,29 @@ def exported(folder: Path) -> Path:
         f"{folder.name}-{PRECISION}-{FORMAT}-{fingerprint(folder)}"
     if (target / GRAPH).exists():
         return target
+    with export_lock(target):
+        if (target / GRAPH).exists():  # another process made it meanwhile
+            return target
+        return _export(folder, target)
+
+
+@contextmanager
+def export_lock(target: Path) -> Iterator[None]:
+    """One export of ``target`` at a time, across processes (workers sharing a cache
+    folder start together): an exclusive lock on a file beside it. Under it, the partial
+    folders that killed exports left are removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            for stale in target.parent.glob(f"{target.name}.partial-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _export(folder: Path, target: Path) -> Path:
     try:
         import onnxruntime_genai  # noqa: F401  (only its model builder is used)
     except ImportError as exc:
@@ -62,7 +88,7 @@ def exported(folder: Path) -> Path:
     except Exception:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete one (no graph)
     partial.rename(target)
     log.info("exported in %.1f s into %s", time.monotonic() - started, target)
     return target

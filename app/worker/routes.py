@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -192,14 +193,16 @@ def _request_id() -> str:
 
 def _stream(worker: WorkerState, job: Job, request_id: str,
             trace: tracing.Trace | None) -> Iterator[bytes]:
-    yield DELIMITER  # the headers go out now, before the wait for a slot
+    with _left_early(trace):
+        yield DELIMITER  # the headers go out now, before the wait for a slot
     for frame in _frames(worker, job, request_id, trace, probe=DELIMITER):
         yield frame if isinstance(frame, bytes) else encode_frame(frame)
 
 
 def _final(worker: WorkerState, job: Job, request_id: str,
            trace: tracing.Trace | None) -> Iterator[bytes]:
-    yield KEEPALIVE
+    with _left_early(trace):
+        yield KEEPALIVE
     last: dict[str, Any] = {}
     written = time.monotonic()
     told = 0  # tokens the caller was told of
@@ -216,6 +219,18 @@ def _final(worker: WorkerState, job: Job, request_id: str,
             yield b" " * (made - told) or KEEPALIVE
             told = max(made, told)
     yield orjson.dumps(last)
+
+
+@contextmanager
+def _left_early(trace: tracing.Trace | None) -> Iterator[None]:
+    """Around a generation's first write: a caller gone by then ends the request's span
+    here (its generation, which would, never starts)."""
+    try:
+        yield
+    except GeneratorExit:
+        if trace is not None:
+            tracing.close(trace.root, {"flaskchat.outcome": "cancelled"})
+        raise
 
 
 def _frames(worker: WorkerState, job: Job, request_id: str, trace: tracing.Trace | None,
