@@ -123,3 +123,10 @@ def test_one_export_at_a_time_and_stale_partials_go(tmp_path: Path) -> None:
                 fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with open(tmp_path / "model-v2-abc.lock", "a") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+
+
+def test_the_log_line_keeps_a_collectors_credentials_out() -> None:
+    assert tracing._without_credentials("https://user:s3cret@otel.example:4318/v1/traces") \
+        == "https://otel.example:4318/v1/traces"
+    assert tracing._without_credentials("http://otel:4318/v1/traces") == \
+        "http://otel:4318/v1/traces"

@@ -27,6 +27,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator, Mapping, MutableMapping
+from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger("flaskchat.tracing")
 
@@ -109,9 +110,18 @@ def configure(role: str, flag: str | None = None) -> bool:
     import atexit
 
     atexit.register(shutdown)
-    log.info("tracing on: spans to %s as %s-%s", url or "the OTEL_EXPORTER_OTLP_* endpoint",
-             base, role)
+    log.info("tracing on: spans to %s as %s-%s",
+             _without_credentials(url) or "the OTEL_EXPORTER_OTLP_* endpoint", base, role)
     return True
+
+
+def _without_credentials(url: str) -> str:
+    """The URL for the log: a user:password@ in it stays out."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=host))
 
 
 class _OncePerMinute(logging.Filter):
