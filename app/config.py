@@ -138,16 +138,20 @@ def _one_of(what: str, choices: tuple[str, ...]) -> Callable[[str], str]:
 _log_format = _one_of("log format", LOG_FORMATS)
 
 
+def _otlp_traces_endpoint() -> Any:
+    """The tracing option every process has (gateway, controller, worker)."""
+    return _opt("", "--otlp-traces-endpoint", str,
+                "send OpenTelemetry traces over OTLP/HTTP to this URL (or a collector's base "
+                "URL); also OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT; off when none is set")
+
+
 @dataclass(frozen=True)
 class Settings:
     """The gateway (API server) settings."""
 
     host: str = _opt("localhost", "--host", str, "address to bind")
     port: int = _opt(8000, "--port", int, "port to bind")
-    otlp_traces_endpoint: str = _opt(
-        "", "--otlp-traces-endpoint", str,
-        "send OpenTelemetry traces over OTLP/HTTP to this URL (or a collector's base URL); "
-        "also OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT; off when none is set")
+    otlp_traces_endpoint: str = _otlp_traces_endpoint()
     controller_address: str = _opt(
         "http://localhost:21001", "--controller-address", str,
         "FastChat-protocol controller URL", env=("CONTROLLER_ADDRESS",))
@@ -381,10 +385,7 @@ class ControllerSettings:
 
     host: str = _opt("localhost", "--host", str, "address to bind")
     port: int = _opt(21001, "--port", int, "port to bind")
-    otlp_traces_endpoint: str = _opt(
-        "", "--otlp-traces-endpoint", str,
-        "send OpenTelemetry traces over OTLP/HTTP to this URL (or a collector's base URL); "
-        "also OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT; off when none is set")
+    otlp_traces_endpoint: str = _otlp_traces_endpoint()
     dispatch_method: str = _opt("shortest_queue", "--dispatch-method", _dispatch,
                                 "shortest_queue or lottery")
     heart_beat_expiration: float = _opt(
@@ -422,10 +423,7 @@ class WorkerSettings:
 
     host: str = _opt("localhost", "--host", str, "address to bind")
     port: int = _opt(21002, "--port", int, "port to bind")
-    otlp_traces_endpoint: str = _opt(
-        "", "--otlp-traces-endpoint", str,
-        "send OpenTelemetry traces over OTLP/HTTP to this URL (or a collector's base URL); "
-        "also OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT; off when none is set")
+    otlp_traces_endpoint: str = _otlp_traces_endpoint()
     worker_address: str = _opt("", "--worker-address", str,
                                "URL the controller and gateways use to reach this worker "
                                "(default: http://HOST:PORT)")

@@ -186,6 +186,17 @@ def test_a_clients_traceparent_is_continued(stack: dict[str, Any],
     again = request_trace(receiver, response.headers["X-Request-ID"],
                           {"POST /v1/chat/completions", "POST /worker_generate"})
     assert {s.trace_id for s in again} == {"0af7651916cd43dd9448eb211c80319c"}
+    # A malformed one starts a trace of the gateway's own, and the request goes on.
+    response = requests.post(stack["gateway"].url + "/v1/chat/completions", timeout=60,
+                             headers={"Authorization": f"Bearer {stack['key']}",
+                                      "traceparent": "00-zz-not-a-trace-" + "x" * 5000,
+                                      "tracestate": "=" * 600},
+                             json={"model": "tiny", "max_tokens": 2,
+                                   "messages": [{"role": "user", "content": "Hi"}]})
+    assert response.status_code == 200, response.text
+    own = request_trace(receiver, response.headers["X-Request-ID"],
+                        {"POST /v1/chat/completions"})
+    assert one(own, "POST /v1/chat/completions").parent_id == ""
 
 
 def test_each_of_n_choices_is_in_the_trace(stack: dict[str, Any],

@@ -20,11 +20,11 @@ from app.serving.events import DONE
 from app.serving.queueing import CallQueue
 from app.serving.stream_driver import drain
 from app.serving.usage import answer_tokens, completion_tokens, prompt_tokens
+from app.telemetry import tracing
 from app.upstream.clients import Upstream
 from app.upstream.failover import releaser, with_failover
 from app.upstream.openai_client import OpenAIClient, upstream_error
 from app.upstream.openai_config import OpenAITarget
-from app.telemetry import tracing
 from app.upstream.stream import Timing, UpstreamStream, follow
 
 CHAT = "/chat/completions"

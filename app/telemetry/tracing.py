@@ -24,7 +24,7 @@ import importlib
 import logging
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator, Mapping, MutableMapping
 from urllib.parse import urlsplit, urlunsplit
@@ -166,10 +166,6 @@ def shutdown() -> None:
 def on_dropped(hook: Callable[[int], None]) -> None:
     """``hook(n)`` is called when n spans are dropped (a full queue, a failed export)."""
     _DROPPED_HOOKS.append(hook)
-
-
-def dropped() -> int:
-    return int(_PROCESSOR.dropped) if _PROCESSOR is not None else 0
 
 
 def _dropped(count: int) -> None:
@@ -314,14 +310,6 @@ def end_request(call: Any, status: int, model: str | None, principal: Any,
         ACTIVE.set(None)
 
 
-def child(trace: Trace | None, name: str, attributes: Mapping[str, Any] | None = None,
-          client: bool = False) -> Any:
-    """``trace.child(...)``, or a block that does nothing when the request has no trace."""
-    if trace is None:
-        return nullcontext(None)
-    return trace.child(name, attributes, client)
-
-
 def close(span: Any, attributes: Mapping[str, Any], error: str | None = None) -> None:
     """Ends a span from ``Trace.open`` (``error``: what went wrong, marking it failed)."""
     span.set_attributes(attributes)
@@ -346,11 +334,6 @@ def background(name: str, requests: list[Any],
     with TRACER.start_as_current_span(name, context=Context(), links=links,
                                       attributes=attributes) as span:
         yield span
-
-
-def failed(span: Any, error: BaseException) -> None:
-    if span is not None:
-        _failed(span, error)
 
 
 def _failed(span: Any, error: BaseException) -> None:

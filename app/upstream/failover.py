@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from time import perf_counter
-from typing import Any, Callable, Iterable, Protocol, TypeVar
+from typing import Callable, Iterable, Protocol, TypeVar
 
 from app.errors import APIError, ConnectTimedOut, WorkerUnreachable
 from app.scheduling.slots import ServerLeft
@@ -56,7 +56,8 @@ class NoLog:
 
 def with_failover(router: Router[K], model: str, attempt: Callable[[K], T],
                   failures: FailureLog, forget: Callable[[K], None] | None = None,
-                  queue: Queue[K] | None = None, trace: Any = None) -> tuple[K, T]:
+                  queue: Queue[K] | None = None,
+                  trace: tracing.Trace | None = None) -> tuple[K, T]:
     """Runs ``attempt(key)`` on a server for ``model``, once ``queue`` (if any) gives it a
     slot there. A server that refuses the connection, says nothing in time, or answers
     with a server error is marked unhealthy, and the attempt goes once to another server
@@ -74,15 +75,9 @@ def with_failover(router: Router[K], model: str, attempt: Callable[[K], T],
         try:
             if queue is not None:
                 queue.wait(key, bool(tried))
-            with tracing.child(trace, "upstream attempt",
-                               {"server.address": str(key), "flaskchat.attempt": len(tried) + 1},
-                               client=True) as span:
-                started = perf_counter()
-                result = attempt(key)
-                if span is not None:  # a stream's head, or a whole non-stream answer
-                    span.set_attribute("flaskchat.ttfb_ms",
-                                       round((perf_counter() - started) * 1000, 2))
-            return key, result
+            if trace is None:
+                return key, attempt(key)
+            return key, _traced_attempt(trace, key, attempt, len(tried) + 1)
         except APIError as exc:
             router.release(key)
             if queue is not None:
@@ -115,6 +110,18 @@ def with_failover(router: Router[K], model: str, attempt: Callable[[K], T],
             if queue is not None:
                 queue.leave()
             raise
+
+
+def _traced_attempt(trace: tracing.Trace, key: K, attempt: Callable[[K], T],
+                    number: int) -> T:
+    """``attempt(key)`` in its own client span; its time is the time to first byte (a
+    stream's head, or a whole non-stream answer). A failure marks the span."""
+    with trace.child("upstream attempt", {"server.address": str(key),
+                                          "flaskchat.attempt": number}, client=True) as span:
+        started = perf_counter()
+        result = attempt(key)
+        span.set_attribute("flaskchat.ttfb_ms", round((perf_counter() - started) * 1000, 2))
+    return result
 
 
 def releaser(router: Router[K], key: K) -> Callable[[], None]:

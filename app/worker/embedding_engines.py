@@ -23,6 +23,7 @@ import numpy as np
 
 from app.config import WorkerSettings
 from app.worker import loading
+from app.worker.embedding_model import pooled
 from app.worker.onnx_export import export_lock, fingerprint
 
 log = logging.getLogger("flaskchat.worker")
@@ -255,13 +256,9 @@ def _probe_inputs(tokenizer: Any, takes_token_types: bool) -> dict[str, np.ndarr
 
 
 def _mean_pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mean over the real tokens, normalized: what the comparison needs, whatever the
-    model's own pooling (a wrong token vector shows in the mean too)."""
-    weights = mask[:, :, None].astype(np.float32)
-    pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-    norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-    result: np.ndarray = pooled / np.maximum(norms, 1e-12)
-    return result
+    """Mean over the real tokens, normalized, whatever the model's own pooling: a wrong
+    token vector shows in the mean too."""
+    return pooled(hidden, mask, "mean", normalize=True)
 
 
 def _reference(model: Any, tokenizer: Any) -> np.ndarray:
