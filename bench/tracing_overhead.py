@@ -5,8 +5,9 @@ rounds, the spans going to a local OTLP/HTTP endpoint.
     python bench/tracing_overhead.py [--rounds 2] [--seconds 5]
 
 The endpoint reads each export and answers 200 without decoding it (a real collector
-runs elsewhere; decoding here would take CPU from the gateway on the same cores), and
-counts the exports and their bytes. The gateway's numbers are compared, not the ceiling's:
+runs elsewhere; decoding here would take CPU from the gateway on the same cores); the
+exports are decoded after each run, to count the spans that arrived per request (spans
+dropped under load would show there). The gateway's numbers are compared, not the ceiling's:
 tracing changes nothing at the worker. Not a test: run it on an idle machine.
 """
 from __future__ import annotations
@@ -38,12 +39,15 @@ class Sink:
     def __init__(self) -> None:
         self.posts = 0
         self.bytes = 0
+        self.bodies: list[bytes] = []
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keeps the connection, as collectors do
+
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 size = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(size)
+                sink.bodies.append(self.rfile.read(size))
                 sink.posts += 1
                 sink.bytes += size
                 self.send_response(200)
@@ -56,6 +60,19 @@ class Sink:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def spans(self) -> int:
+        """The spans of the exports received since the last call (decoded now)."""
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import \
+            ExportTraceServiceRequest
+
+        bodies, self.bodies = self.bodies, []
+        count = 0
+        for body in bodies:
+            request = ExportTraceServiceRequest.FromString(body)
+            count += sum(len(scope.spans) for resource in request.resource_spans
+                         for scope in resource.scope_spans)
+        return count
 
 
 def run_phases(seconds: float, env: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -84,9 +101,16 @@ def main() -> None:
             rows = run_phases(args.seconds, env)
             for phase in PHASES:
                 results[mode][phase].append(rows[phase]["gateway"])
+            # A chat request makes 2 spans (request, upstream attempt), a stream 3 (and
+            # the stream); the warm-up requests count.
+            expected = sum((3 if "stream" in p else 2) * (rows[p]["gateway"]["requests"]
+                                                          + rows[p]["users"]) for p in PHASES)
+            arrived = sink.spans()
             print(f"round {round_number + 1}, {mode}: "
                   + ", ".join(f"{p} {_rate(rows[p]['gateway'], p):.0f}" for p in PHASES)
-                  + f"; {sink.posts - before} exports", flush=True)
+                  + f"; {sink.posts - before} exports, {arrived} spans"
+                  + (f" ({arrived / expected:.1%} of the requests' spans)"
+                     if mode == "on, 100%" else ""), flush=True)
     print("\n| tracing | " + " | ".join(f"{p} ({_unit(p)})" for p in PHASES)
           + " | gateway CPU ms/request, chat c=64 | vs off |")
     print("|---|" + "---|" * (len(PHASES) + 2))

@@ -47,7 +47,7 @@ class UsageRecord:
     latency_ms: float
     ttft_ms: float | None
     request_id: str
-    span: Any = None  # the request's root span context, when traced: the write links to it
+    span: Any = None  # the request's traced root (trace id, span id): the write links to it
 
 
 class LedgerObserver(Protocol):

@@ -45,7 +45,7 @@ def finished(call: Call, method: str, route: str, status: int, stream: bool,
                   "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None,
                   "completion_tokens": completion_tokens,
                   "queue_ms": round(call.queue_seconds * 1000, 2) if call.queued else None}
-        trace_id = call.trace.trace_id if call.trace is not None else None
+        trace_id = call.trace.trace_hex if call.trace is not None else None
         if trace_id:  # the line and the trace find each other
             fields["trace_id"] = trace_id
         ACCESS.log(level, "%s %s %d model=%s latency_ms=%.2f ttft_ms=%s queue_ms=%s tokens=%d%s",

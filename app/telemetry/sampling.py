@@ -1,59 +1,63 @@
-"""The gateway's sampler (app.telemetry.tracing): the gateway decides which requests are
-traced, whatever a client's ``traceparent`` flags say. With OpenTelemetry's parent-based
-samplers a client that sets the sampled flag on every request would be traced at 100%
-under a 1% setting (and fill the shared export queue, on every tenant's CPU), and one
-that clears it would hide from tracing. The client's trace is still continued: its trace
-id and span become the request's parent either way.
+"""Which requests are traced, from OpenTelemetry's ``OTEL_TRACES_SAMPLER(_ARG)``.
 
-Within the process, and in flaskchat's worker (whose parent is the gateway), a span
-follows its parent's decision as usual.
+The gateway decides by its own ratio whatever a client's ``traceparent`` flags say. With
+parent-based sampling a client that sets the sampled flag on every request would be
+traced at 100% under a 1% setting (and fill the shared export queue, on every tenant's
+CPU), and one that clears it would hide from tracing. The client's trace is still
+continued: its trace id and span become the request's parent either way.
+
+Behind the gateway (flaskchat's worker) a request follows its caller's decision, as
+OpenTelemetry's parent-based samplers do; ``always_on``, ``always_off`` and
+``traceidratio`` ignore the caller there too.
+
+The ratio is applied to the trace id (as the SDK's ``TraceIdRatioBased``), so processes
+with the same ratio agree on a trace.
 """
 from __future__ import annotations
 
+import logging
 import os
-import random
-from typing import Any, Sequence
+from dataclasses import dataclass
 
-from opentelemetry.context import Context
-from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
-from opentelemetry.trace import Link, SpanKind, get_current_span
-from opentelemetry.util.types import Attributes
+log = logging.getLogger("flaskchat.tracing")
 
 RATIOS = {"always_on": 1.0, "parentbased_always_on": 1.0, "always_off": 0.0,
           "parentbased_always_off": 0.0}
 BY_RATIO = ("traceidratio", "parentbased_traceidratio")
+DEFAULT = "parentbased_always_on"
+_LOW_64 = (1 << 64) - 1
 
 
-def configured_ratio() -> float | None:
-    """The share of requests OTEL_TRACES_SAMPLER(_ARG) asks for; None for a sampler that
-    is not a ratio (jaeger_remote...: the SDK's own, reading the environment)."""
-    name = (os.environ.get("OTEL_TRACES_SAMPLER") or "parentbased_always_on").strip().lower()
+@dataclass(frozen=True)
+class Sampling:
+    ratio: float  # of the requests that start here (no caller's decision to follow)
+    follow_caller: bool  # whether a caller's sampled flag decides
+
+    def decide(self, trace_id: int, caller_sampled: bool | None) -> bool:
+        """``caller_sampled``: the flag of the caller's ``traceparent``, None without
+        one."""
+        if caller_sampled is not None and self.follow_caller:
+            return caller_sampled
+        return (trace_id & _LOW_64) < self.ratio * (1 << 64)
+
+
+def from_environment(role: str) -> Sampling:
+    """The sampling OTEL_TRACES_SAMPLER(_ARG) asks for in this process; the gateway never
+    follows a caller (above)."""
+    name = (os.environ.get("OTEL_TRACES_SAMPLER") or DEFAULT).strip().lower()
     if name in RATIOS:
-        return RATIOS[name]
-    if name in BY_RATIO:
-        try:
-            return min(max(float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0")), 0.0), 1.0)
-        except ValueError:
-            return 1.0
-    return None
+        ratio = RATIOS[name]
+    elif name in BY_RATIO:
+        ratio = _ratio(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
+    else:
+        log.warning("OTEL_TRACES_SAMPLER=%s is not supported here (always_on, always_off, "
+                    "traceidratio and their parentbased_ forms are): using %s", name, DEFAULT)
+        name, ratio = DEFAULT, 1.0
+    return Sampling(ratio, follow_caller=name.startswith("parentbased_") and role != "gateway")
 
 
-class GatewaySampler(Sampler):
-    def __init__(self, ratio: float) -> None:
-        self._ratio = ratio
-
-    def should_sample(self, parent_context: Context | None, trace_id: int, name: str,
-                      kind: SpanKind | None = None, attributes: Attributes = None,
-                      links: Sequence[Link] | None = None,
-                      trace_state: Any = None) -> SamplingResult:
-        parent = get_current_span(parent_context).get_span_context()
-        if parent.is_valid and not parent.is_remote:  # a span of ours: as its parent
-            sampled = parent.trace_flags.sampled
-        else:  # a request's root: ours to decide, not the client's
-            sampled = self._ratio >= 1.0 or random.random() < self._ratio
-        return SamplingResult(Decision.RECORD_AND_SAMPLE if sampled else Decision.DROP,
-                              attributes if sampled else None,
-                              parent.trace_state if parent.is_valid else None)
-
-    def get_description(self) -> str:
-        return f"GatewaySampler{{{self._ratio}}}"
+def _ratio(text: str) -> float:
+    try:
+        return min(max(float(text), 0.0), 1.0)
+    except ValueError:
+        return 1.0

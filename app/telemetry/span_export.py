@@ -1,54 +1,91 @@
-"""The span processor of app.telemetry.tracing: finished spans wait in a bounded queue
-and one background thread exports them in batches (a greenlet under gevent: the
-exporter's socket writes yield to requests). Spans that do not fit, or whose export
-fails, are dropped and counted; nothing here ever makes a request wait for the collector.
+"""Getting finished spans (app.telemetry.tracing) out of the process that serves requests.
 
-Not the SDK's BatchSpanProcessor: it cannot tell how many spans it dropped, and logs a
-line for each one.
+Ended spans wait in a bounded queue as plain tuples. One background thread (a greenlet
+under gevent) sends them in batches, ``marshal``-ed, over a local SOCK_SEQPACKET socket to
+a helper process (app.telemetry.export_process) which encodes them with OpenTelemetry's
+SDK and exports them to the collector. Encoding a span costs ~40 us of Python; in the
+helper it is off the CPU time of the process that serves the requests.
+
+Nothing here ever waits: a full queue, or a socket the helper has not emptied, drops the
+spans and counts them, and so does the helper when an export fails (it reports its count
+back over the same socket). A helper that dies is started again, at most once every
+RESTART_SECONDS.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
+import marshal
 import os
+import select
+import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
-from typing import Callable
-
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from pathlib import Path
+from typing import Any, Callable
 
 log = logging.getLogger("flaskchat.tracing")
 
-MAX_QUEUE = 4096  # finished spans waiting for export, at most; more are dropped
-MAX_BATCH = 256  # spans per export call: bounds the time one encode holds the hub
-SHUTDOWN_SECONDS = 5.0  # flushing what is left at exit, at most
+MAX_QUEUE = 4096  # ended spans waiting to be sent, at most; more are dropped
+MAX_BATCH = 512  # spans per export, at most (the SDK's default)
+MAX_MESSAGE = 60 * 1024  # bytes per message: within a socket's default send buffer
+DEFAULT_DELAY = 1.0  # seconds between sends (OTEL_BSP_SCHEDULE_DELAY, in ms)
+SHUTDOWN_SECONDS = 5.0  # sending what is left at exit, and the helper's export of it
+RESTART_SECONDS = 10.0
+COUNT = struct.Struct("<I")  # a message's span count (a drop report is only that)
+_ROOT = str(Path(__file__).resolve().parents[2])  # where the app package is
 
 
-class BoundedExport(SpanProcessor):
-    """A span processor: finished spans into a bounded queue, exported in batches by one
-    background thread; spans that do not fit, or whose export fails, are dropped and
-    counted. Nothing here ever waits for the collector on a request's path."""
+def missing_exporter() -> str | None:
+    """What is missing for the helper to export, if anything (said at start-up, not at
+    the first span)."""
+    if importlib.util.find_spec("opentelemetry") is None or \
+            importlib.util.find_spec("opentelemetry.sdk") is None:
+        return "the OpenTelemetry SDK is not installed"
+    if protocol() == "grpc":
+        if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is None:
+            return ("OTLP over gRPC needs `pip install opentelemetry-exporter-otlp-proto-"
+                    "grpc` (or OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf)")
+    elif importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None:
+        return "opentelemetry-exporter-otlp-proto-http is not installed"
+    return None
 
-    def __init__(self, exporter: SpanExporter, dropped: Callable[[int], None],
-                 max_queue: int = MAX_QUEUE, max_batch: int = MAX_BATCH,
-                 delay: float = 1.0) -> None:
-        self._exporter = exporter
+
+def protocol() -> str:
+    return (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or
+            os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip()
+
+
+class SpanShipper:
+    """The bounded queue of ended spans and the thread that sends them to the helper
+    process (started at the first batch, again after a fork or its death)."""
+
+    def __init__(self, url: str, service: str, role: str, dropped: Callable[[int], None],
+                 max_queue: int | None = None, max_batch: int | None = None,
+                 delay: float | None = None) -> None:
         self._on_dropped = dropped
-        self._max_queue = max_queue
-        self._max_batch = max_batch
-        self._delay = delay
-        self._queue: deque[ReadableSpan] = deque()
+        self._max_queue = max_queue or _env_int("OTEL_BSP_MAX_QUEUE_SIZE", MAX_QUEUE)
+        self._max_batch = max_batch or _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", MAX_BATCH)
+        self._helper_args = [url, service, role, str(self._max_batch)]
+        self._delay = delay or _delay()
+        self._queue: deque[tuple[Any, ...]] = deque()
         self._wake = threading.Event()
-        self._export_lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._stopped = False
-        self._thread: threading.Thread | None = None
         self._pid = 0
+        self._helper: subprocess.Popen[bytes] | None = None
+        self._socket: socket.socket | None = None
+        self._started_helper = -RESTART_SECONDS
         self.dropped = 0
-        self._warned = 0.0
+        self._warned = -60.0
 
-    def on_end(self, span: ReadableSpan) -> None:
-        if self._stopped or not span.context.trace_flags.sampled:
+    def add(self, span: tuple[Any, ...]) -> None:
+        """Queues an ended span (never waits)."""
+        if self._stopped:
             return
         if self._pid != os.getpid():  # the first span of this process (or of a fork)
             self._start_thread()
@@ -61,26 +98,112 @@ class BoundedExport(SpanProcessor):
 
     def _start_thread(self) -> None:
         self._pid = os.getpid()
-        self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
-        self._thread.start()
+        self._helper = self._socket = None  # a fork's copies are its parent's
+        threading.Thread(target=self._run, name="span-export", daemon=True).start()
 
     def _run(self) -> None:
         while not self._stopped:
             self._wake.wait(self._delay)
             self._wake.clear()
-            self._export_all()
+            self._send_all()
 
-    def _export_all(self) -> None:
-        with self._export_lock:
+    def _send_all(self) -> None:
+        with self._send_lock:
+            if self._stopped:  # shutdown sends the rest
+                return
+            self._read_reports()
             while self._queue:
                 batch = [self._queue.popleft()
                          for _ in range(min(len(self._queue), self._max_batch))]
-                try:
-                    result = self._exporter.export(batch)
-                except Exception:  # noqa: BLE001 - a collector's trouble is never ours
-                    result = None
-                if result is not SpanExportResult.SUCCESS:
+                self._send(batch)
+
+    def _send(self, batch: list[tuple[Any, ...]], wait: float = 0.0) -> None:
+        """Sends ``batch`` in messages of at most MAX_MESSAGE bytes; what cannot be sent
+        now (or within ``wait`` seconds) is dropped."""
+        try:
+            message = COUNT.pack(len(batch)) + marshal.dumps(batch)
+        except ValueError:  # an attribute value of a type OTLP has no place for: left out
+            batch = [_plain(record) for record in batch]
+            message = COUNT.pack(len(batch)) + marshal.dumps(batch)
+        if len(message) > MAX_MESSAGE:
+            if len(batch) == 1:
+                self._drop(1)  # one span of 60 KB of attributes: not ours to carry
+                return
+            half = len(batch) // 2
+            self._send(batch[:half], wait)
+            self._send(batch[half:], wait)
+            return
+        connection = self._connection()
+        if connection is None:
+            self._drop(len(batch))
+            return
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                connection.send(message)
+                return
+            except BlockingIOError:  # the helper is behind: its socket is full
+                left = deadline - time.monotonic()
+                if left <= 0:
                     self._drop(len(batch))
+                    return
+                select.select([], [connection], [], min(left, 0.1))
+            except OSError:  # the helper is gone
+                self._drop(len(batch))
+                self._lost_helper()
+                return
+
+    def _connection(self) -> socket.socket | None:
+        """The socket to a running helper, which is started if need be (None: it cannot
+        be, for now)."""
+        if self._helper is not None and self._helper.poll() is not None:
+            self._lost_helper()
+        if self._socket is not None:
+            return self._socket
+        now = time.monotonic()
+        if now - self._started_helper < RESTART_SECONDS:
+            return None
+        self._started_helper = now
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            environment = dict(os.environ)
+            environment["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [_ROOT, environment.get("PYTHONPATH")]))
+            self._helper = subprocess.Popen(
+                [sys.executable, "-m", "app.telemetry.export_process", str(theirs.fileno()),
+                 *self._helper_args], pass_fds=(theirs.fileno(),), env=environment,
+                stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            log.error("cannot start the span export process (%s): spans are dropped", exc)
+            ours.close()
+            return None
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._socket = ours
+        return ours
+
+    def _lost_helper(self) -> None:
+        if self._helper is not None and self._helper.poll() is not None:
+            log.error("the span export process exited (%s): started again within %d s",
+                      self._helper.returncode, RESTART_SECONDS)
+        if self._socket is not None:
+            self._socket.close()
+        self._helper = self._socket = None
+
+    def _read_reports(self) -> None:
+        """The helper's counts of spans it dropped (failed exports, a full backlog)."""
+        while self._socket is not None:
+            try:
+                report = self._socket.recv(COUNT.size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._lost_helper()
+                return
+            if len(report) != COUNT.size:
+                return
+            self._drop(COUNT.unpack(report)[0])
 
     def _drop(self, count: int) -> None:
         self.dropped += count
@@ -92,21 +215,53 @@ class BoundedExport(SpanProcessor):
                         "or the export queue (%d) is full", self.dropped, self._max_queue)
 
     def shutdown(self) -> None:
+        """Sends what is queued and lets the helper export it, within SHUTDOWN_SECONDS
+        for all of it; then the helper is stopped."""
         if self._stopped:
             return
         self._stopped = True
         self._wake.set()
-        deadline = time.monotonic() + SHUTDOWN_SECONDS  # for all of it, however it goes
-        if self._thread is not None and self._pid == os.getpid():
-            self._thread.join(SHUTDOWN_SECONDS)
-        finisher = threading.Thread(target=self._export_all, daemon=True)
-        finisher.start()
-        finisher.join(max(0.0, deadline - time.monotonic()))
-        try:
-            self._exporter.shutdown()
-        except Exception:  # noqa: BLE001
-            pass
+        deadline = time.monotonic() + SHUTDOWN_SECONDS
+        if self._pid != os.getpid():
+            return  # nothing was ever queued in this process
+        with self._send_lock:
+            while self._queue:
+                batch = [self._queue.popleft()
+                         for _ in range(min(len(self._queue), self._max_batch))]
+                self._send(batch, wait=max(0.0, deadline - time.monotonic()))
+            helper, connection = self._helper, self._socket
+            if helper is None or connection is None:
+                return
+            try:
+                connection.shutdown(socket.SHUT_WR)  # the helper's end of input
+                helper.wait(max(0.1, deadline - time.monotonic()))
+            except (OSError, subprocess.TimeoutExpired):
+                log.warning("the span export process did not finish in %d s: stopped",
+                            SHUTDOWN_SECONDS)
+                helper.kill()
+            connection.close()
 
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        self._export_all()
-        return True
+
+PLAIN = (str, bool, int, float)
+ATTRIBUTES = 8  # where a span record (app.telemetry.tracing.Span.end) has its attributes
+
+
+def _plain(record: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The record with only the attribute values OTLP takes (and marshal writes)."""
+    attributes = {key: value for key, value in record[ATTRIBUTES].items()
+                  if type(value) in PLAIN}
+    return record[:ATTRIBUTES] + (attributes,) + record[ATTRIBUTES + 1:]
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, "")))
+    except ValueError:
+        return default
+
+
+def _delay() -> float:
+    try:
+        return max(0.01, float(os.environ.get("OTEL_BSP_SCHEDULE_DELAY", "")) / 1000)
+    except ValueError:
+        return DEFAULT_DELAY

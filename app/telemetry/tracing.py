@@ -1,26 +1,31 @@
 """OpenTelemetry traces: off unless an OTLP endpoint is configured, then every process
-(gateway, worker, controller) exports its spans over OTLP/HTTP (protobuf) with the SDK.
+(gateway, worker, controller) sends its spans to the collector over OTLP/HTTP (protobuf),
+or gRPC, with OpenTelemetry's SDK exporter.
 
 Configuration is OpenTelemetry's own: ``--otlp-traces-endpoint URL`` or
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT`` turn it on;
-``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_TIMEOUT``, ``OTEL_TRACES_SAMPLER(_ARG)``
-and ``OTEL_RESOURCE_ATTRIBUTES`` are read by the SDK; ``OTEL_SERVICE_NAME`` (default
-"flaskchat") gets the process's role appended (``flaskchat-gateway``, ``-worker``,
-``-controller``); ``OTEL_SDK_DISABLED=true`` keeps it off.
+``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_TIMEOUT``, ``OTEL_RESOURCE_ATTRIBUTES``
+are read by the exporter; ``OTEL_TRACES_SAMPLER(_ARG)`` by app.telemetry.sampling;
+``OTEL_SERVICE_NAME`` (default "flaskchat") gets the process's role appended
+(``flaskchat-gateway``, ``-worker``, ``-controller``); ``OTEL_SDK_DISABLED=true`` keeps it
+off.
 
-Spans never cost the request path more than their creation: finished spans go into a
-bounded queue that a background thread (a greenlet under gevent, whose socket writes
-yield) exports in batches. When the collector is slow or down the queue fills and spans
-are dropped and counted (``dropped()``; the gateway's /metrics), never waited for.
+Why spans are recorded here and not with the SDK's tracer: measured on the gateway, a span's
+life in the SDK (sampler, span object, attribute checks, processor) cost ~25 us and its
+protobuf encoding ~40 us, all on the CPU of a gevent process that serves every request;
+at 100% sampling that took 15-30% of the gateway's throughput. A span here is a small
+object ended into a bounded queue (~2 us); app.telemetry.span_export ships the queue in
+batches to a helper process, which builds the SDK's spans and exports them with the SDK's
+OTLP exporter. Spans are dropped and counted, never waited for, when the collector is
+slow or down.
 
 The spans of one request are linked explicitly through the objects that live as long as
-it (the gateway's ``Call``, the worker's request), not through OpenTelemetry's ambient
-context: a stream's generator runs after Flask's request context is gone, and a worker's
-generation runs in other threads.
+it (the gateway's ``Call``, the worker's request), not through ambient context: a
+stream's generator runs after Flask's request context is gone, and a worker's generation
+runs in other threads.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import time
@@ -29,21 +34,21 @@ from contextvars import ContextVar
 from typing import Any, Callable, Iterator, Mapping, MutableMapping
 from urllib.parse import urlsplit, urlunsplit
 
+from app.telemetry import trace_context
+from app.telemetry.sampling import Sampling, from_environment
+
 log = logging.getLogger("flaskchat.tracing")
 
-# None: tracing is off, and every helper below returns at once.
-TRACER: Any = None
-_PROPAGATOR: Any = None
-_PROCESSOR: Any = None  # an app.telemetry.span_export.BoundedExport
-_api: Any = None  # opentelemetry.trace, once tracing is on
+# Whether tracing is on in this process; every helper below returns at once when not.
+ENABLED = False
+_SAMPLING = Sampling(1.0, follow_caller=True)
+_EXPORT: Any = None  # an app.telemetry.span_export.SpanShipper, once on
 _DROPPED_HOOKS: list[Callable[[int], None]] = []
 
-DEFAULT_DELAY = 1.0  # seconds between exports (OTEL_BSP_SCHEDULE_DELAY, in ms)
 MAX_LINKS = 128  # the SDK's default limit of links per span
-# The exporter's loggers: a line per failed try of every batch while a collector is down
-QUIETED_LOGGERS = ("opentelemetry.exporter.otlp.common.http",
-                   "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-                   "opentelemetry.exporter.otlp.proto.grpc.exporter")
+# OTLP's span kinds (the SDK's SpanKind values) and status codes
+INTERNAL, SERVER, CLIENT = 0, 1, 2
+STATUS_ERROR = 2
 
 
 def endpoint(flag: str | None) -> str | None:
@@ -63,50 +68,20 @@ def endpoint(flag: str | None) -> str | None:
 def configure(role: str, flag: str | None = None) -> bool:
     """Sets tracing up in this process (after any fork: gunicorn builds the app in each
     worker process) when an endpoint is configured; True if it is on."""
-    global TRACER, _PROPAGATOR, _PROCESSOR, _api
+    global ENABLED, _SAMPLING, _EXPORT
     url = endpoint(flag)
-    if url is None or TRACER is not None:
-        return TRACER is not None
-    try:
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.trace.propagation.tracecontext import \
-            TraceContextTextMapPropagator
-    except ImportError as exc:
-        log.error("tracing is configured but the OpenTelemetry SDK cannot be imported "
-                  "(%s): no traces", exc)
-        return False
-    # A collector that is down would log each failed batch (a line a second, forever):
-    # one line a minute, and the dropped-span count, say it.
-    once_a_minute = _OncePerMinute()
-    for name in QUIETED_LOGGERS:
-        logging.getLogger(name).addFilter(once_a_minute)
+    if url is None or ENABLED:
+        return ENABLED
+    from app.telemetry import span_export
 
+    problem = span_export.missing_exporter()
+    if problem:
+        log.error("tracing is configured but %s: no traces", problem)
+        return False
     base = os.environ.get("OTEL_SERVICE_NAME") or "flaskchat"
-    resource = Resource.create({"service.name": f"{base}-{role}",
-                                "service.namespace": base, "flaskchat.role": role})
-    options: dict[str, Any] = {}
-    if role == "gateway":  # clients' sampled flags do not decide (app.telemetry.sampling)
-        from app.telemetry.sampling import GatewaySampler, configured_ratio
-
-        ratio = configured_ratio()
-        if ratio is not None:
-            options["sampler"] = GatewaySampler(ratio)
-    provider = TracerProvider(resource=resource, shutdown_on_exit=False, **options)
-    exporter = _exporter(url, flag)
-    if exporter is None:
-        return False
-    from app.telemetry.span_export import MAX_BATCH, MAX_QUEUE, BoundedExport
-
-    _PROCESSOR = BoundedExport(exporter, delay=_delay(), dropped=_dropped,
-                               max_queue=_env_int("OTEL_BSP_MAX_QUEUE_SIZE", MAX_QUEUE),
-                               max_batch=_env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", MAX_BATCH))
-    provider.add_span_processor(_PROCESSOR)
-    TRACER = provider.get_tracer("flaskchat")
-    import opentelemetry.trace
-
-    _api = opentelemetry.trace  # for the helpers below, without an import per call
-    _PROPAGATOR = TraceContextTextMapPropagator()
+    _SAMPLING = from_environment(role)
+    _EXPORT = span_export.SpanShipper(url, base, role, dropped=_dropped)
+    ENABLED = True
     import atexit
 
     atexit.register(shutdown)
@@ -124,43 +99,11 @@ def _without_credentials(url: str) -> str:
     return urlunsplit(parts._replace(netloc=host))
 
 
-class _OncePerMinute(logging.Filter):
-    def __init__(self) -> None:
-        super().__init__()
-        self._last = -60.0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        if now - self._last < 60:
-            return False
-        self._last = now
-        return True
-
-
-def _exporter(url: str, flag: str | None) -> Any:
-    """OTLP over HTTP/protobuf; over gRPC when OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL says
-    grpc and opentelemetry-exporter-otlp-proto-grpc is installed (it brings grpcio, so it
-    is not a dependency). None: gRPC asked for and not installed."""
-    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or
-                os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip()
-    if protocol == "grpc":
-        try:
-            grpc = importlib.import_module(
-                "opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
-        except ImportError:
-            log.error("OTLP over gRPC needs `pip install opentelemetry-exporter-otlp-proto-"
-                      "grpc` (or set OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf): no traces")
-            return None
-        return grpc.OTLPSpanExporter(endpoint=flag) if flag else grpc.OTLPSpanExporter()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    return OTLPSpanExporter(endpoint=url) if url else OTLPSpanExporter()
-
-
 def shutdown() -> None:
-    """Exports what is left (bounded by SHUTDOWN_SECONDS): at exit, after the drain."""
-    if _PROCESSOR is not None:
-        _PROCESSOR.shutdown()
+    """Exports what is left (bounded by span_export.SHUTDOWN_SECONDS): at exit, after the
+    drain."""
+    if _EXPORT is not None:
+        _EXPORT.shutdown()
 
 
 def on_dropped(hook: Callable[[int], None]) -> None:
@@ -173,20 +116,6 @@ def _dropped(count: int) -> None:
         hook(count)
 
 
-def _env_int(name: str, default: int) -> int:
-    try:
-        return max(1, int(os.environ.get(name, "")))
-    except ValueError:
-        return default
-
-
-def _delay() -> float:
-    try:
-        return max(0.01, float(os.environ.get("OTEL_BSP_SCHEDULE_DELAY", "")) / 1000)
-    except ValueError:
-        return DEFAULT_DELAY
-
-
 # ---- spans -------------------------------------------------------------------------------
 
 # The trace of the request the current greenlet (or thread) works for: outgoing calls to
@@ -196,7 +125,7 @@ ACTIVE: "ContextVar[Trace | None]" = ContextVar("flaskchat_trace", default=None)
 
 def outgoing(headers: Mapping[str, str] | None) -> Mapping[str, str] | None:
     """``headers`` with the active trace's ``traceparent`` (and ``tracestate``) added."""
-    if TRACER is None:
+    if not ENABLED:
         return headers
     trace = ACTIVE.get(None)
     if trace is None:
@@ -208,74 +137,161 @@ def outgoing(headers: Mapping[str, str] | None) -> Mapping[str, str] | None:
 
 # The span that work started now hangs under, per greenlet (or thread): a request's
 # concurrent attempts (embedding batches, n choices) each have their own.
-_CURRENT: "ContextVar[tuple[Trace, Any] | None]" = ContextVar("flaskchat_span", default=None)
+_CURRENT: "ContextVar[Span | None]" = ContextVar("flaskchat_span", default=None)
+
+
+class Span:
+    """A span being recorded: ``end()`` queues it for export."""
+
+    __slots__ = ("trace", "name", "span_id", "parent_id", "kind", "start", "attributes",
+                 "error", "links", "_ended")
+
+    def __init__(self, trace: Trace, name: str, parent_id: int, kind: int,
+                 attributes: Mapping[str, Any] | None, start: int | None = None) -> None:
+        self.trace = trace
+        self.name = name
+        self.span_id = trace_context.new_span_id()
+        self.parent_id = parent_id
+        self.kind = kind
+        self.start = start or time.time_ns()
+        self.attributes = dict(attributes) if attributes else {}
+        self.error: str | None = None
+        self.links: list[tuple[int, int]] = []
+        self._ended = False
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attributes[key] = value
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        self.attributes.update(attributes)
+
+    def fail(self, message: str) -> None:
+        self.error = message[:200]
+
+    def end(self, end: int | None = None) -> None:
+        """Ends it (``end``: time.time_ns(), now by default); a second end is ignored."""
+        if self._ended:
+            return
+        self._ended = True
+        trace = self.trace
+        remote = self.parent_id == trace.remote_parent and self.parent_id != 0
+        _EXPORT.add((self.name, trace.trace_id, self.span_id, self.parent_id, remote,
+                     self.kind, self.start, end or time.time_ns(), self.attributes,
+                     self.error, self.links, trace.tracestate))
+
+
+class _Unsampled:
+    """What an unsampled request's spans are: nothing is kept."""
+
+    __slots__ = ()
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        pass
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        pass
+
+    def fail(self, message: str) -> None:
+        pass
+
+    def end(self, end: int | None = None) -> None:
+        pass
+
+
+UNSAMPLED = _Unsampled()
 
 
 class Trace:
-    """One request's spans in this process: its root, and the span that work started now
-    hangs under (``parent``), which also goes out as ``traceparent``."""
+    """One request's spans in this process: its root (``root``), and the span that work
+    started now hangs under, which also goes out as ``traceparent``. An unsampled
+    request's trace records nothing but still passes its trace id on, flagged unsampled,
+    so that the processes behind agree."""
 
-    __slots__ = ("root", "_root_context")
+    __slots__ = ("trace_id", "sampled", "tracestate", "remote_parent", "root")
 
-    def __init__(self, root: Any) -> None:
-        self.root = root
-        self._root_context = _api.set_span_in_context(root)
+    def __init__(self, name: str, parent: trace_context.Parent | None, sampled: bool,
+                 attributes: Mapping[str, Any] | None) -> None:
+        self.trace_id = parent.trace_id if parent else trace_context.new_trace_id()
+        self.sampled = sampled
+        self.tracestate = parent.tracestate if parent else ""
+        self.remote_parent = parent.span_id if parent else 0
+        self.root: Span | _Unsampled = Span(self, name, self.remote_parent, SERVER,
+                                            attributes) if sampled else UNSAMPLED
 
     @property
-    def parent(self) -> Any:
+    def root_id(self) -> int:
+        return self.root.span_id if isinstance(self.root, Span) else self.remote_parent
+
+    @property
+    def link(self) -> tuple[int, int] | None:
+        """The root span as a link target (None: not recorded)."""
+        return (self.trace_id, self.root.span_id) if isinstance(self.root, Span) else None
+
+    def _parent_id(self) -> int:
         current = _CURRENT.get(None)
-        return current[1] if current is not None and current[0] is self \
-            else self._root_context
+        return current.span_id if current is not None and current.trace is self \
+            else self.root_id
 
     @property
-    def trace_id(self) -> str:
-        return format(self.root.get_span_context().trace_id, "032x")
+    def trace_hex(self) -> str:
+        return format(self.trace_id, "032x")
 
     @contextmanager
     def child(self, name: str, attributes: Mapping[str, Any] | None = None,
-              client: bool = False) -> Iterator[Any]:
+              client: bool = False) -> Iterator[Span | _Unsampled]:
         """A span under the current one, current itself while the block runs; an
         exception marks it failed (and goes on)."""
-        span = TRACER.start_span(name, context=self.parent, attributes=attributes,
-                                 kind=_api.SpanKind.CLIENT if client else _api.SpanKind.INTERNAL)
-        token = _CURRENT.set((self, _api.set_span_in_context(span)))
+        if not self.sampled:
+            yield UNSAMPLED
+            return
+        span = Span(self, name, self._parent_id(), CLIENT if client else INTERNAL, attributes)
+        token = _CURRENT.set(span)
         try:
             yield span
         except BaseException as exc:
             if not isinstance(exc, GeneratorExit):
-                _failed(span, exc)
+                span.set_attribute("error.type", type(exc).__name__)
+                span.fail(getattr(exc, "message", None) or str(exc))
             raise
         finally:
             _CURRENT.reset(token)
             span.end()
 
-    def open(self, name: str, attributes: Mapping[str, Any] | None = None) -> Any:
+    def open(self, name: str, attributes: Mapping[str, Any] | None = None
+             ) -> Span | _Unsampled:
         """A span under the current one that the caller ends (``close``); calls made
         meanwhile do not hang under it (a stream, whose generator outlives any block)."""
-        return TRACER.start_span(name, context=self.parent, attributes=attributes)
+        if not self.sampled:
+            return UNSAMPLED
+        return Span(self, name, self._parent_id(), INTERNAL, attributes)
 
     def record(self, name: str, start: float, end: float,
                attributes: Mapping[str, Any] | None = None) -> None:
         """A span for a stretch already over (``start``/``end``: time.time() seconds),
         under the current span."""
-        span = TRACER.start_span(name, context=self.parent, attributes=attributes,
-                                 start_time=int(start * 1e9))
-        span.end(end_time=int(end * 1e9))
+        if self.sampled:
+            Span(self, name, self._parent_id(), INTERNAL, attributes,
+                 start=int(start * 1e9)).end(int(end * 1e9))
 
     def inject(self, headers: MutableMapping[str, str]) -> None:
-        _PROPAGATOR.inject(headers, context=self.parent)
+        headers["traceparent"] = trace_context.traceparent(
+            self.trace_id, self._parent_id() or trace_context.new_span_id(), self.sampled)
+        if self.tracestate:
+            headers["tracestate"] = self.tracestate
 
 
 def start(name: str, incoming: Any,
           attributes: Mapping[str, Any] | None = None) -> Trace | None:
-    """A request's root span (a server span), continuing the W3C ``traceparent`` /
-    ``tracestate`` of the ``incoming`` headers (anything with ``.get``); None when tracing
-    is off."""
-    if TRACER is None:
+    """A request's trace and root span (a server span), continuing the W3C
+    ``traceparent`` / ``tracestate`` of the ``incoming`` headers (anything with ``.get``,
+    or None); None when tracing is off."""
+    if not ENABLED:
         return None
-    context = _PROPAGATOR.extract(incoming) if incoming is not None else None
-    return Trace(TRACER.start_span(name, context=context, kind=_api.SpanKind.SERVER,
-                                   attributes=attributes))
+    parent = trace_context.extract(incoming) if incoming is not None else None
+    if parent is None:
+        parent = trace_context.Parent(trace_context.new_trace_id(), 0, False, "")
+        return Trace(name, parent, _SAMPLING.decide(parent.trace_id, None), attributes)
+    return Trace(name, parent, _SAMPLING.decide(parent.trace_id, parent.sampled), attributes)
 
 
 def end_request(call: Any, status: int, model: str | None, principal: Any,
@@ -283,9 +299,15 @@ def end_request(call: Any, status: int, model: str | None, principal: Any,
     """Ends a gateway request's root span with what the request came to (the key's name
     and team, never its secret)."""
     trace: Trace = call.trace
+    call.trace = None
+    if ACTIVE.get(None) is trace:
+        ACTIVE.set(None)
     root = trace.root
-    attributes: dict[str, Any] = {"http.response.status_code": status,
-                                  "flaskchat.service_tier": call.service_tier}
+    if not isinstance(root, Span):
+        return
+    attributes = root.attributes
+    attributes["http.response.status_code"] = status
+    attributes["flaskchat.service_tier"] = call.service_tier
     if model:
         attributes["gen_ai.request.model"] = model
     if principal is not None:
@@ -301,42 +323,40 @@ def end_request(call: Any, status: int, model: str | None, principal: Any,
         attributes["flaskchat.ttft_ms"] = round(ttft * 1000, 2)
     if call.queued:
         attributes["flaskchat.queue_ms"] = round(call.queue_seconds * 1000, 2)
-    root.set_attributes(attributes)
     if status >= 500:
-        root.set_status(_api.Status(_api.StatusCode.ERROR, f"HTTP {status}"))
+        root.fail(f"HTTP {status}")
     root.end()
-    call.trace = None
-    if ACTIVE.get(None) is trace:
-        ACTIVE.set(None)
 
 
-def close(span: Any, attributes: Mapping[str, Any], error: str | None = None) -> None:
+def close(span: Span | _Unsampled, attributes: Mapping[str, Any],
+          error: str | None = None) -> None:
     """Ends a span from ``Trace.open`` (``error``: what went wrong, marking it failed)."""
     span.set_attributes(attributes)
     if error is not None:
-        span.set_status(_api.Status(_api.StatusCode.ERROR, error[:200]))
+        span.fail(error)
     span.end()
 
 
 @contextmanager
-def background(name: str, requests: list[Any],
-               attributes: Mapping[str, Any] | None = None) -> Iterator[Any]:
+def background(name: str, requests: list[tuple[int, int] | None],
+               attributes: Mapping[str, Any] | None = None) -> Iterator[Span | None]:
     """A span of its own trace for work done for many requests at once (a usage batch),
-    linked to the requests' root spans (``requests``: their span contexts, or None) so
-    that it can be found from them. A block that does nothing when tracing is off."""
-    if TRACER is None:
+    linked to the requests' root spans (``requests``: their ``Trace.link``, or None) so
+    that it can be found from them; not recorded when none of them was. A block that
+    does nothing when tracing is off."""
+    links = [link for link in requests if link is not None][:MAX_LINKS] if ENABLED else []
+    if not links:
         yield None
         return
-    from opentelemetry.context import Context
-
-    contexts = [context for context in requests if context is not None][:MAX_LINKS]
-    links = [_api.Link(context) for context in contexts]
-    with TRACER.start_as_current_span(name, context=Context(), links=links,
-                                      attributes=attributes) as span:
+    trace = Trace(name, None, True, attributes)
+    span = trace.root
+    assert isinstance(span, Span)
+    span.links = links
+    try:
         yield span
-
-
-def _failed(span: Any, error: BaseException) -> None:
-    span.set_attribute("error.type", type(error).__name__)
-    message = getattr(error, "message", None) or str(error)
-    span.set_status(_api.Status(_api.StatusCode.ERROR, message[:200]))
+    except BaseException as exc:
+        span.set_attribute("error.type", type(exc).__name__)
+        span.fail(str(exc))
+        raise
+    finally:
+        span.end()

@@ -166,7 +166,7 @@ def charge(gate: "Gate", metrics: "AccessMetrics | None", current: "Call",
         status=status, prompt_tokens=prompt, completion_tokens=completion,
         latency_ms=latency * 1000, ttft_ms=ttft * 1000 if ttft is not None else None,
         request_id=current.request_id,
-        span=current.trace.root.get_span_context() if current.trace is not None else None))
+        span=current.trace.link if current.trace is not None else None))
     if metrics is not None:
         metrics.used(principal.name, prompt, completion)
     return prompt, completion

@@ -23,7 +23,7 @@ def _start() -> None:
     g.call = Call(incoming if is_sane_request_id(incoming) else new_id("req-"),
                   client_gone=watcher(request.environ))
     CURRENT.set(g.call)
-    if tracing.TRACER is not None:
+    if tracing.ENABLED:
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         if route not in QUIET_ROUTES:  # probes would bury the requests
             g.call.trace = tracing.start(

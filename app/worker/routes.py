@@ -164,7 +164,7 @@ def worker_get_status() -> ResponseReturnValue:
 
 def _trace() -> tracing.Trace | None:
     """The request's root span, continuing the gateway's trace (its ``traceparent``)."""
-    if tracing.TRACER is None:
+    if not tracing.ENABLED:
         return None
     return tracing.start(f"POST {request.path}", request.headers,
                          {"flaskchat.request_id": _request_id()})
