@@ -135,12 +135,24 @@ def children(pid: int) -> list[int]:
 
 
 def cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_by_process(pids).values())
+
+
+def cpu_by_process(pids: list[int]) -> dict[int, float]:
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
+    seconds = {}
     for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / ticks
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # gone meanwhile
+            continue
+        seconds[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
+def helpers(pids: list[int]) -> list[int]:
+    """The processes the gateway's workers started (their span export helpers)."""
+    return [child for pid in pids for child in children(pid)]
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -244,14 +256,18 @@ class Bench:
         pids = children(self.gateway_pid)
         self.counters(reset=True)
         cpu_before = cpu_seconds(pids)
+        helpers_before = cpu_by_process(helpers(pids))
         outcome = load.run("127.0.0.1", self.gateway_port, through, phase.users,
                            self.args.seconds, count)
         gateway = summarize(outcome)
-        gateway["cpu_ms_per_request"] = (cpu_seconds(pids) - cpu_before) * 1000 / max(
-            gateway["requests"] + phase.users, 1)
+        served = gateway["requests"] + phase.users  # the warm-ups count too
+        gateway["cpu_ms_per_request"] = (cpu_seconds(pids) - cpu_before) * 1000 / served
+        # Helpers started during the phase count from their start
+        gateway["helper_cpu_ms_per_request"] = sum(
+            seconds - helpers_before.get(pid, 0.0)
+            for pid, seconds in cpu_by_process(helpers(pids)).items()) * 1000 / served
         gateway["rss_mib"] = rss_kib(pids) / 1024
         worker_stats, controller_stats = self.counters()
-        served = gateway["requests"] + phase.users  # the warm-ups count too
         gateway["worker_calls_per_request"] = sum(worker_stats["calls"].values()) / served
         gateway["new_worker_connections"] = worker_stats["connections"]
         gateway["controller_calls"] = sum(controller_stats["calls"].values())

@@ -112,15 +112,22 @@ def main() -> None:
                   + (f" ({arrived / expected:.1%} of the requests' spans)"
                      if mode == "on, 100%" else ""), flush=True)
     print("\n| tracing | " + " | ".join(f"{p} ({_unit(p)})" for p in PHASES)
-          + " | gateway CPU ms/request, chat c=64 | vs off |")
-    print("|---|" + "---|" * (len(PHASES) + 2))
+          + " | vs off (medians) | vs off (median of each round's ratio) | "
+          + " | ".join(f"CPU ms/request, {p}: gateway + export helper" for p in PHASES) + " |")
+    print("|---|" + "---|" * (len(PHASES) + 2 + len(PHASES)))
     baseline = {p: statistics.median(_rate(g, p) for g in results["off"][p]) for p in PHASES}
     for mode in MODES:
         rates = {p: statistics.median(_rate(g, p) for g in results[mode][p]) for p in PHASES}
-        cpu = statistics.median(g["cpu_ms_per_request"] for g in results[mode]["chat c=64"])
         ratios = " / ".join(f"{rates[p] / baseline[p]:.2f}" for p in PHASES)
+        paired = " / ".join(
+            f"{statistics.median(_rate(on, p) / _rate(off, p) for on, off in zip(results[mode][p], results['off'][p])):.2f}"  # noqa: E501
+            for p in PHASES)
+        cpu = " | ".join(
+            f"{statistics.median(g['cpu_ms_per_request'] for g in results[mode][p]):.2f} + "
+            f"{statistics.median(g['helper_cpu_ms_per_request'] for g in results[mode][p]):.2f}"
+            for p in PHASES)
         print(f"| {mode} | " + " | ".join(f"{rates[p]:.0f}" for p in PHASES)
-              + f" | {cpu:.2f} | {ratios} |")
+              + f" | {ratios} | {paired} | {cpu} |")
     print(f"\n{sink.posts} exports, {sink.bytes / 2**20:.1f} MiB of spans in all")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextvars
 import fcntl
-import os
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -244,7 +243,7 @@ def test_a_full_queue_drops_and_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     dropped: list[int] = []
     shipper = span_export.SpanShipper("", "flaskchat", "gateway", dropped=dropped.append,
                                       max_queue=3, max_batch=100)
-    monkeypatch.setattr(shipper, "_pid", os.getpid())  # no sending thread: nothing leaves
+    monkeypatch.setattr(shipper, "_started", True)  # no sending thread: nothing leaves
     for n in range(5):
         shipper.add(("span", n))
     assert dropped == [1, 1] and shipper.dropped == 2 and len(shipper._queue) == 3

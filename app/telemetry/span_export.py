@@ -32,6 +32,7 @@ log = logging.getLogger("flaskchat.tracing")
 
 MAX_QUEUE = 4096  # ended spans waiting to be sent, at most; more are dropped
 MAX_BATCH = 512  # spans per export, at most (the SDK's default)
+MESSAGE_SPANS = 256  # spans per message to the helper (~35 KB), which joins them up
 MAX_MESSAGE = 60 * 1024  # bytes per message: within a socket's default send buffer
 DEFAULT_DELAY = 1.0  # seconds between sends (OTEL_BSP_SCHEDULE_DELAY, in ms)
 SHUTDOWN_SECONDS = 5.0  # sending what is left at exit, and the helper's export of it
@@ -76,30 +77,36 @@ class SpanShipper:
         self._wake = threading.Event()
         self._send_lock = threading.Lock()
         self._stopped = False
-        self._pid = 0
+        self._started = False  # the sending thread, in this process
         self._helper: subprocess.Popen[bytes] | None = None
         self._socket: socket.socket | None = None
         self._started_helper = -RESTART_SECONDS
         self.dropped = 0
         self._warned = -60.0
+        os.register_at_fork(after_in_child=self._forked)
 
     def add(self, span: tuple[Any, ...]) -> None:
         """Queues an ended span (never waits)."""
         if self._stopped:
             return
-        if self._pid != os.getpid():  # the first span of this process (or of a fork)
+        if not self._started:  # the first span of this process (or of a fork)
             self._start_thread()
         if len(self._queue) >= self._max_queue:
             self._drop(1)
             return
         self._queue.append(span)
-        if len(self._queue) >= self._max_batch:
+        if len(self._queue) == MESSAGE_SPANS:
             self._wake.set()
 
     def _start_thread(self) -> None:
-        self._pid = os.getpid()
-        self._helper = self._socket = None  # a fork's copies are its parent's
+        self._started = True
         threading.Thread(target=self._run, name="span-export", daemon=True).start()
+
+    def _forked(self) -> None:
+        """In a fork: its parent's thread, helper and socket are not its own."""
+        self._started = False
+        self._helper = self._socket = None
+        self._queue.clear()
 
     def _run(self) -> None:
         while not self._stopped:
@@ -113,9 +120,10 @@ class SpanShipper:
                 return
             self._read_reports()
             while self._queue:
-                batch = [self._queue.popleft()
-                         for _ in range(min(len(self._queue), self._max_batch))]
-                self._send(batch)
+                self._send(self._take())
+
+    def _take(self) -> list[tuple[Any, ...]]:
+        return [self._queue.popleft() for _ in range(min(len(self._queue), MESSAGE_SPANS))]
 
     def _send(self, batch: list[tuple[Any, ...]], wait: float = 0.0) -> None:
         """Sends ``batch`` in messages of at most MAX_MESSAGE bytes; what cannot be sent
@@ -222,13 +230,11 @@ class SpanShipper:
         self._stopped = True
         self._wake.set()
         deadline = time.monotonic() + SHUTDOWN_SECONDS
-        if self._pid != os.getpid():
+        if not self._started:
             return  # nothing was ever queued in this process
         with self._send_lock:
             while self._queue:
-                batch = [self._queue.popleft()
-                         for _ in range(min(len(self._queue), self._max_batch))]
-                self._send(batch, wait=max(0.0, deadline - time.monotonic()))
+                self._send(self._take(), wait=max(0.0, deadline - time.monotonic()))
             helper, connection = self._helper, self._socket
             if helper is None or connection is None:
                 return
