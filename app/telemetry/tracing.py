@@ -31,7 +31,7 @@ import os
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Callable, Iterator, Mapping, MutableMapping
+from typing import Any, Callable, Iterator, Mapping, MutableMapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from app.telemetry import trace_context
@@ -156,7 +156,7 @@ class Span:
         self.start = start or time.time_ns()
         self.attributes = dict(attributes) if attributes else {}
         self.error: str | None = None
-        self.links: list[tuple[int, int]] = []
+        self.links: Sequence[tuple[int, int]] = ()
         self._ended = False
 
     def set_attribute(self, key: str, value: Any) -> None:
