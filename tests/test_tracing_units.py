@@ -276,3 +276,16 @@ def test_a_value_marshal_cannot_write_leaves_only_its_attribute_out() -> None:
                                {"a": 1, "odd": object(), "s": "x"}, None, [], "")
     plain = span_export._plain(record)
     assert plain[8] == {"a": 1, "s": "x"} and plain[:8] == record[:8] and plain[9:] == record[9:]
+
+
+def test_a_fork_starts_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a fork (gunicorn's workers) the parent's sending thread, helper and queued
+    spans are not the child's: its first span starts its own."""
+    shipper = span_export.SpanShipper("", "flaskchat", "gateway", dropped=lambda n: None)
+    monkeypatch.setattr(shipper, "_start_thread", lambda: setattr(shipper, "_started", True))
+    shipper.add(("span", 1))
+    assert shipper._started and len(shipper._queue) == 1
+    shipper._forked()  # what os.register_at_fork runs in the child
+    assert not shipper._started and not shipper._queue and shipper._socket is None
+    shipper.add(("span", 2))
+    assert shipper._started and list(shipper._queue) == [("span", 2)]
