@@ -3,19 +3,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flask import Flask
-
 if TYPE_CHECKING:
+    from flask import Flask
+
     from app.config import Settings
     from app.upstream.openai_config import Targets
 
 
 def create_app(settings: "Settings | None" = None,
-               upstream_targets: "Targets | None" = None) -> Flask:
+               upstream_targets: "Targets | None" = None) -> "Flask":
     """The gateway's Flask app. Its imports wait until here, so that ``import app`` (in
     gunicorn's arbiter, before the gevent worker patches) loads neither requests nor the
     rest of the stack. ``upstream_targets``: the OpenAI-compatible upstreams as the
     arbiter read and checked them (else they are read from the settings)."""
+    from flask import Flask
+
     from app import admin, demo
     from app.access.service import open_access
     from app.config import Settings

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextvars
 import fcntl
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -63,7 +64,7 @@ def test_the_gateway_decides_whatever_the_client_flags(
         traced: bool) -> None:
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", str(ratio))
-    assert from_environment("gateway").decide(TRACE_ID, client_flag) is traced
+    assert from_environment("gateway").decide(client_flag) is traced
 
 
 def test_behind_the_gateway_a_request_follows_its_caller(
@@ -71,17 +72,21 @@ def test_behind_the_gateway_a_request_follows_its_caller(
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.0")
     worker = from_environment("worker")
-    assert worker.decide(TRACE_ID, True) and not worker.decide(TRACE_ID, False)
-    assert not worker.decide(TRACE_ID, None)  # no caller: by the ratio
+    assert worker.decide(True) and not worker.decide(False)
+    assert not worker.decide(None)  # no caller: by the ratio
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
-    assert from_environment("worker").decide(TRACE_ID, False)  # not parent-based
+    assert from_environment("worker").decide(False)  # not parent-based
 
 
-def test_the_ratio_is_of_the_trace_id() -> None:
-    half = Sampling(0.5, follow_caller=False)
-    assert half.decide(1 << 62, None) and not half.decide((1 << 64) - 1, None)
-    traced = sum(half.decide(trace_context.new_trace_id(), None) for _ in range(4000))
-    assert 1600 < traced < 2400
+def test_a_client_cannot_pick_a_trace_id_that_is_always_traced(
+        spans: Collected, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ratio is a draw per request: not a function of the trace id, which a client
+    chooses (low bits all zero would pass any trace-id ratio test)."""
+    monkeypatch.setattr(tracing, "_SAMPLING", Sampling(0.1, follow_caller=False))
+    chosen = {"traceparent": "00-0af7651916cd43dd0000000000000000-b7ad6b7169203331-01"}
+    starts = [tracing.start("root", chosen) for _ in range(2000)]
+    traced = sum(1 for trace in starts if trace is not None and trace.sampled)
+    assert 100 < traced < 320  # about 200
 
 
 def test_the_sampler_comes_from_opentelemetrys_variables(
@@ -289,3 +294,43 @@ def test_a_fork_starts_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not shipper._started and not shipper._queue and shipper._socket is None
     shipper.add(("span", 2))
     assert shipper._started and list(shipper._queue) == [("span", 2)]
+
+
+def test_a_made_up_http_method_is_not_a_span_name(spans: Collected) -> None:
+    from flask import Flask, g
+
+    from app.web import calls
+
+    with Flask(__name__).test_request_context("/v1/models", method="X" * 5000):
+        calls._start()
+        g.call.trace.root.end()
+    (record,) = spans.records
+    assert record[0] == "_OTHER unmatched" and record[8]["http.request.method"] == "_OTHER"
+
+
+def test_an_upstreams_address_keeps_its_credentials_out() -> None:
+    class Target:
+        base_url = "https://user:s3cret@llm.example/v1"
+    assert tracing.address(Target()) == "https://llm.example/v1"
+    assert tracing.address("http://127.0.0.1:21002") == "http://127.0.0.1:21002"
+
+
+def test_an_int_beyond_otlps_range_becomes_text() -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    from app.telemetry.export_process import _clean
+
+    assert _clean({"big": 1 << 70, "n": 3, "b": True, "f": 0.5}) == \
+        {"big": str(1 << 70), "n": 3, "b": True, "f": 0.5}
+
+
+def test_a_helper_that_keeps_dying_is_started_less_and_less_often() -> None:
+    shipper = span_export.SpanShipper("", "flaskchat", "gateway", dropped=lambda n: None)
+    waits = []
+    for _ in range(8):  # each one dies at once (a setting the exporter refuses, say)
+        shipper._started_helper = time.monotonic()
+        shipper._lost_helper()
+        waits.append(shipper._restart_after)
+    assert waits == [10, 20, 40, 80, 160, 300, 300, 300]
+    shipper._started_helper = time.monotonic() - 3600  # one that lived long
+    shipper._lost_helper()
+    assert shipper._restart_after == 10

@@ -10,13 +10,15 @@ Behind the gateway (flaskchat's worker) a request follows its caller's decision,
 OpenTelemetry's parent-based samplers do; ``always_on``, ``always_off`` and
 ``traceidratio`` ignore the caller there too.
 
-The ratio is applied to the trace id (as the SDK's ``TraceIdRatioBased``), so processes
-with the same ratio agree on a trace.
+The ratio is a random draw per request, not a function of the trace id as in the SDK's
+``TraceIdRatioBased``: a client picks the trace id of its ``traceparent``, and could pick
+one that is always (or never) traced.
 """
 from __future__ import annotations
 
 import logging
 import os
+import random
 from dataclasses import dataclass
 
 log = logging.getLogger("flaskchat.tracing")
@@ -25,7 +27,6 @@ RATIOS = {"always_on": 1.0, "parentbased_always_on": 1.0, "always_off": 0.0,
           "parentbased_always_off": 0.0}
 BY_RATIO = ("traceidratio", "parentbased_traceidratio")
 DEFAULT = "parentbased_always_on"
-_LOW_64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,12 @@ class Sampling:
     ratio: float  # of the requests that start here (no caller's decision to follow)
     follow_caller: bool  # whether a caller's sampled flag decides
 
-    def decide(self, trace_id: int, caller_sampled: bool | None) -> bool:
+    def decide(self, caller_sampled: bool | None) -> bool:
         """``caller_sampled``: the flag of the caller's ``traceparent``, None without
         one."""
         if caller_sampled is not None and self.follow_caller:
             return caller_sampled
-        return (trace_id & _LOW_64) < self.ratio * (1 << 64)
+        return self.ratio >= 1.0 or random.random() < self.ratio
 
 
 def from_environment(role: str) -> Sampling:

@@ -36,7 +36,8 @@ MESSAGE_SPANS = 256  # spans per message to the helper (~35 KB), which joins the
 MAX_MESSAGE = 60 * 1024  # bytes per message: within a socket's default send buffer
 DEFAULT_DELAY = 1.0  # seconds between sends (OTEL_BSP_SCHEDULE_DELAY, in ms)
 SHUTDOWN_SECONDS = 5.0  # sending what is left at exit, and the helper's export of it
-RESTART_SECONDS = 10.0
+RESTART_SECONDS = 10.0  # before a dead helper is started again; doubled while it keeps
+MAX_RESTART_SECONDS = 300.0  # dying within a minute of its start, up to this
 COUNT = struct.Struct("<I")  # a message's span count (a drop report is only that)
 _ROOT = str(Path(__file__).resolve().parents[2])  # where the app package is
 
@@ -80,7 +81,9 @@ class SpanShipper:
         self._started = False  # the sending thread, in this process
         self._helper: subprocess.Popen[bytes] | None = None
         self._socket: socket.socket | None = None
-        self._started_helper = -RESTART_SECONDS
+        self._started_helper = 0.0
+        self._next_start = 0.0  # time.monotonic() before which no helper is started
+        self._restart_after = RESTART_SECONDS / 2
         self.dropped = 0
         self._warned = -60.0
         os.register_at_fork(after_in_child=self._forked)
@@ -102,17 +105,25 @@ class SpanShipper:
         self._started = True
         threading.Thread(target=self._run, name="span-export", daemon=True).start()
 
-    def _forked(self) -> None:
-        """In a fork: its parent's thread, helper and socket are not its own."""
-        self._started = False
-        self._helper = self._socket = None
-        self._queue.clear()
-
     def _run(self) -> None:
         while not self._stopped:
             self._wake.wait(self._delay)
             self._wake.clear()
-            self._send_all()
+            try:
+                self._send_all()
+            except Exception:  # noqa: BLE001 - the thread must go on: what it held is lost
+                log.exception("sending spans failed")
+
+    def _forked(self) -> None:
+        """In a fork: its parent's thread, helper, socket and queued spans are not its
+        own (and a lock its parent's thread held would never be released)."""
+        self._started = False
+        if self._socket is not None:
+            self._socket.close()  # the child's copy: the parent's helper sees its end
+        self._helper = self._socket = None
+        self._queue.clear()
+        self._send_lock = threading.Lock()
+        self._wake = threading.Event()
 
     def _send_all(self) -> None:
         with self._send_lock:
@@ -131,8 +142,13 @@ class SpanShipper:
         try:
             message = COUNT.pack(len(batch)) + marshal.dumps(batch)
         except ValueError:  # an attribute value of a type OTLP has no place for: left out
-            batch = [_plain(record) for record in batch]
-            message = COUNT.pack(len(batch)) + marshal.dumps(batch)
+            try:
+                batch = [_plain(record) for record in batch]
+                message = COUNT.pack(len(batch)) + marshal.dumps(batch)
+            except ValueError:  # not an attribute's: no span of ours should have it
+                log.exception("spans that cannot be sent (dropped)")
+                self._drop(len(batch))
+                return
         if len(message) > MAX_MESSAGE:
             if len(batch) == 1:
                 self._drop(1)  # one span of 60 KB of attributes: not ours to carry
@@ -169,10 +185,15 @@ class SpanShipper:
         if self._socket is not None:
             return self._socket
         now = time.monotonic()
-        if now - self._started_helper < RESTART_SECONDS:
+        if now < self._next_start:
             return None
         self._started_helper = now
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._next_start = now + RESTART_SECONDS  # if it cannot be started now
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:  # out of file descriptors, say
+            log.error("cannot start the span export process (%s): spans are dropped", exc)
+            return None
         try:
             environment = dict(os.environ)
             environment["PYTHONPATH"] = os.pathsep.join(
@@ -192,9 +213,14 @@ class SpanShipper:
         return ours
 
     def _lost_helper(self) -> None:
+        now = time.monotonic()
+        quick = now - self._started_helper < 60  # a setting it cannot work with, say
+        self._restart_after = min(self._restart_after * 2, MAX_RESTART_SECONDS) if quick \
+            else RESTART_SECONDS
+        self._next_start = now + self._restart_after
         if self._helper is not None and self._helper.poll() is not None:
-            log.error("the span export process exited (%s): started again within %d s",
-                      self._helper.returncode, RESTART_SECONDS)
+            log.error("the span export process exited (%s): started again in %d s",
+                      self._helper.returncode, self._restart_after)
         if self._socket is not None:
             self._socket.close()
         self._helper = self._socket = None

@@ -91,12 +91,18 @@ def configure(role: str, flag: str | None = None) -> bool:
 
 
 def _without_credentials(url: str) -> str:
-    """The URL for the log: a user:password@ in it stays out."""
+    """The URL for a log line or a span: a user:password@ in it stays out."""
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url
     host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=host))
+
+
+def address(target: Any) -> str:
+    """A span's ``server.address`` for an upstream: its URL (a worker's, or an
+    OpenAI-compatible upstream's base URL) without any credentials in it."""
+    return _without_credentials(str(getattr(target, "base_url", target)))
 
 
 def shutdown() -> None:
@@ -290,8 +296,8 @@ def start(name: str, incoming: Any,
     parent = trace_context.extract(incoming) if incoming is not None else None
     if parent is None:
         parent = trace_context.Parent(trace_context.new_trace_id(), 0, False, "")
-        return Trace(name, parent, _SAMPLING.decide(parent.trace_id, None), attributes)
-    return Trace(name, parent, _SAMPLING.decide(parent.trace_id, parent.sampled), attributes)
+        return Trace(name, parent, _SAMPLING.decide(None), attributes)
+    return Trace(name, parent, _SAMPLING.decide(parent.sampled), attributes)
 
 
 def end_request(call: Any, status: int, model: str | None, principal: Any,

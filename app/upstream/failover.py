@@ -116,7 +116,7 @@ def _traced_attempt(trace: tracing.Trace, key: K, attempt: Callable[[K], T],
                     number: int) -> T:
     """``attempt(key)`` in its own client span; its time is the time to first byte (a
     stream's head, or a whole non-stream answer). A failure marks the span."""
-    with trace.child("upstream attempt", {"server.address": str(key),
+    with trace.child("upstream attempt", {"server.address": tracing.address(key),
                                           "flaskchat.attempt": number}, client=True) as span:
         started = perf_counter()
         result = attempt(key)

@@ -13,6 +13,9 @@ from app.web.client_watch import watcher
 from app.web.request_id import CURRENT, HEADER, is_sane_request_id
 
 
+KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"))
+
+
 def init_app(app: Flask) -> None:
     app.before_request(_start)
     app.after_request(_finish)
@@ -26,9 +29,11 @@ def _start() -> None:
     if tracing.ENABLED:
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         if route not in QUIET_ROUTES:  # probes would bury the requests
+            # A method the client made up (up to a request line's length) is not a name
+            method = request.method if request.method in KNOWN_METHODS else "_OTHER"
             g.call.trace = tracing.start(
-                f"{request.method} {route}", request.headers,
-                {"http.request.method": request.method, "http.route": route,
+                f"{method} {route}", request.headers,
+                {"http.request.method": method, "http.route": route,
                  "flaskchat.request_id": g.call.request_id})
             tracing.ACTIVE.set(g.call.trace)
 
