@@ -31,6 +31,7 @@ import os
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
+from functools import lru_cache
 from typing import Any, Callable, Iterator, Mapping, MutableMapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
@@ -102,7 +103,12 @@ def _without_credentials(url: str) -> str:
 def address(target: Any) -> str:
     """A span's ``server.address`` for an upstream: its URL (a worker's, or an
     OpenAI-compatible upstream's base URL) without any credentials in it."""
-    return _without_credentials(str(getattr(target, "base_url", target)))
+    return _address(str(getattr(target, "base_url", target)))
+
+
+@lru_cache(maxsize=1024)  # a deployment's few upstreams, on every traced attempt
+def _address(url: str) -> str:
+    return _without_credentials(url)
 
 
 def shutdown() -> None:
