@@ -64,7 +64,8 @@ def protocol() -> str:
 
 class SpanShipper:
     """The bounded queue of ended spans and the thread that sends them to the helper
-    process (started at the first batch, again after a fork or its death)."""
+    process (started with ``start()`` or at the first span; again after a fork, or after
+    the helper's death)."""
 
     def __init__(self, url: str, service: str, role: str, dropped: Callable[[int], None],
                  max_queue: int | None = None, max_batch: int | None = None,
@@ -101,11 +102,18 @@ class SpanShipper:
         if len(self._queue) == MESSAGE_SPANS:
             self._wake.set()
 
+    def start(self) -> None:
+        """Starts the sending thread and the helper now, not at the first span."""
+        if not self._started:
+            self._start_thread()
+
     def _start_thread(self) -> None:
         self._started = True
         threading.Thread(target=self._run, name="span-export", daemon=True).start()
 
     def _run(self) -> None:
+        with self._send_lock:
+            self._connection()  # the helper, before there are spans to send
         while not self._stopped:
             self._wake.wait(self._delay)
             self._wake.clear()

@@ -82,6 +82,8 @@ def configure(role: str, flag: str | None = None) -> bool:
     base = os.environ.get("OTEL_SERVICE_NAME") or "flaskchat"
     _SAMPLING = from_environment(role)
     _EXPORT = span_export.SpanShipper(url, base, role, dropped=_dropped)
+    if role != "controller":  # (whose registrations and refreshes make no spans)
+        _EXPORT.start()  # its helper's start-up (a fork, the SDK's imports) before traffic
     ENABLED = True
     import atexit
 
