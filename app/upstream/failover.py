@@ -75,7 +75,7 @@ def with_failover(router: Router[K], model: str, attempt: Callable[[K], T],
         try:
             if queue is not None:
                 queue.wait(key, bool(tried))
-            if trace is None:
+            if trace is None or not trace.sampled:  # (its traceparent goes out all the same)
                 return key, attempt(key)
             return key, _traced_attempt(trace, key, attempt, len(tried) + 1)
         except APIError as exc:
