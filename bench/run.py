@@ -107,12 +107,14 @@ def bound_socket() -> socket.socket:
     return sock
 
 
-def spawn_on_socket(argv: list[str]) -> tuple[subprocess.Popen[bytes], int]:
+def spawn_on_socket(argv: list[str], env: dict[str, str] | None = None, root: Path = ROOT
+                    ) -> tuple[subprocess.Popen[bytes], int]:
+    """``root``: the checkout whose code runs (another revision's, for a comparison)."""
     sock = bound_socket()
     port = sock.getsockname()[1]
-    process = subprocess.Popen([a.replace("{fd}", str(sock.fileno())) for a in argv], cwd=ROOT,
+    process = subprocess.Popen([a.replace("{fd}", str(sock.fileno())) for a in argv], cwd=root,
                                pass_fds=(sock.fileno(),),
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               env={**os.environ, **(env or {}), "PYTHONPATH": str(root)})
     sock.close()
     return process, port
 
@@ -187,12 +189,29 @@ def summarize(outcome: load.Outcome) -> dict[str, Any]:
             "ttft_p99_ms": percentile(ttfts, 0.99), "tokens_per_s": tokens / elapsed}
 
 
+@dataclass
+class Gateway:
+    pid: int  # gunicorn's master
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.scratch: tempfile.TemporaryDirectory[str] | None = None
+        self.databases = 0
 
     def start(self) -> None:
+        self.start_backends()
+        self.use(self.start_gateway())
+
+    def start_backends(self) -> None:
+        """The controller and the fast worker."""
         python = sys.executable
         controller, port = spawn_on_socket([
             python, "-m", "gunicorn", "-k", "gthread", "--threads", "16", "--keep-alive", "75",
@@ -209,32 +228,42 @@ class Bench:
         assert worker.stdout is not None
         self.worker_port = int(worker.stdout.readline().split()[1])
         self.worker = f"http://127.0.0.1:{self.worker_port}"
-        gateway, self.gateway_port = spawn_on_socket([
-            python, "-m", "app.cli", "serve", "--fd", "{fd}", "--workers",
+
+    def start_gateway(self, env: dict[str, str] | None = None, root: Path = ROOT) -> Gateway:
+        """A gateway (its own database; ``env``: added to its environment; ``root``: the
+        checkout it runs from), serving once it sees the worker."""
+        process, port = spawn_on_socket([
+            sys.executable, "-m", "app.cli", "serve", "--fd", "{fd}", "--workers",
             str(self.args.workers), "--worker-connections", "20000", "--controller-address",
             self.controller, "--log-level", "warning",
             "--openai-upstream", f"{RELAY_MODEL}={self.worker}/v1",
             "--database-url", self.database_url()]
             + (["--model-capacity", f"{MODEL}={self.args.model_capacity}"]
                if self.args.model_capacity else [])
-            + (["--redis-url", self.args.redis_url] if self.args.redis_url else []))
-        self.processes.append(gateway)
-        self.gateway_pid = gateway.pid
-        self.gateway = f"http://127.0.0.1:{self.gateway_port}"
-        wait_for(self.gateway + "/health")
+            + (["--redis-url", self.args.redis_url] if self.args.redis_url else []), env, root)
+        self.processes.append(process)
+        gateway = Gateway(process.pid, port)
+        wait_for(gateway.url + "/health")
         deadline = time.monotonic() + 30
-        while MODEL not in requests.get(self.gateway + "/ready").text:
+        while MODEL not in requests.get(gateway.url + "/ready").text:
             if time.monotonic() > deadline:
                 raise SystemExit("the gateway never saw the worker")
             time.sleep(0.2)
+        return gateway
+
+    def use(self, gateway: Gateway) -> None:
+        """Which gateway the phases load."""
+        self.gateway_pid, self.gateway_port, self.gateway = gateway.pid, gateway.port, gateway.url
 
     def database_url(self) -> str:
         """A new SQLite file for each run (stored responses from earlier runs would make
         runs differ), unless --database-url names one (a full store, say)."""
         if self.args.database_url:
             return str(self.args.database_url)
-        self.scratch = tempfile.TemporaryDirectory(prefix="flaskchat-bench-")
-        return f"sqlite:///{self.scratch.name}/bench.db"
+        if self.scratch is None:
+            self.scratch = tempfile.TemporaryDirectory(prefix="flaskchat-bench-")
+        self.databases += 1
+        return f"sqlite:///{self.scratch.name}/bench{self.databases}.db"
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -250,7 +279,9 @@ class Bench:
         path = "/bench/reset" if reset else "/bench/stats"
         return verb(self.worker + path).json(), verb(self.controller + path).json()
 
-    def phase(self, phase: Phase) -> dict[str, Any]:
+    def phase(self, phase: Phase, ceiling: bool = True) -> dict[str, Any]:
+        """The phase through the gateway in use, then (``ceiling``) straight at the
+        worker."""
         through, direct = requests_for(phase.kind)
         count = self.args.max_requests
         pids = children(self.gateway_pid)
@@ -271,12 +302,15 @@ class Bench:
         gateway["worker_calls_per_request"] = sum(worker_stats["calls"].values()) / served
         gateway["new_worker_connections"] = worker_stats["connections"]
         gateway["controller_calls"] = sum(controller_stats["calls"].values())
-        ceiling = summarize(load.run("127.0.0.1", self.worker_port, direct, phase.users,
-                                     self.args.seconds, count))
         key = "tokens_per_s" if "stream" in phase.kind else "rps"
-        ratio = gateway[key] / ceiling[key] if ceiling[key] else None
+        if not ceiling:
+            return {"phase": phase.name, "users": phase.users, "gateway": gateway,
+                    "ratio_of": key}
+        direct_outcome = summarize(load.run("127.0.0.1", self.worker_port, direct,
+                                            phase.users, self.args.seconds, count))
+        ratio = gateway[key] / direct_outcome[key] if direct_outcome[key] else None
         return {"phase": phase.name, "users": phase.users, "gateway": gateway,
-                "ceiling": ceiling, "ratio": ratio, "ratio_of": key}
+                "ceiling": direct_outcome, "ratio": ratio, "ratio_of": key}
 
     def capacity(self) -> dict[str, Any]:
         streams = self.args.capacity

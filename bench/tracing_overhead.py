@@ -1,31 +1,47 @@
 """What OpenTelemetry tracing costs the gateway (issue 27): bench/run.py's "chat c=64" and
-"stream c=256" phases with tracing off, on at 100% sampling and on at 1%, in alternating
-rounds (each round starting with the next mode), the spans going to a local OTLP/HTTP
-endpoint.
+"stream c=256" phases against three gateways that run side by side (tracing off, on at 100%
+sampling, on at 1%) with the same controller and fast worker, the spans going to a local
+OTLP/HTTP endpoint.
 
-    python bench/tracing_overhead.py [--rounds 2] [--seconds 5]
+    python bench/tracing_overhead.py [--rounds 10] [--seconds 3] [--baseline REV]
 
-The endpoint reads each export and answers 200 without decoding it (a real collector
-runs elsewhere; decoding here would take CPU from the gateway on the same cores); the
-exports are decoded after each run, to count the spans that arrived per request (spans
-dropped under load would show there). The gateway's numbers are compared, not the ceiling's:
+``--baseline REV`` adds a fourth gateway, run from a checkout of revision REV (the one
+before tracing, say), to show that "off" costs nothing.
+
+Only one gateway is loaded at a time. Each round runs each phase against the three
+gateways in turn, a short slice each, and each round starts with another gateway: the
+machine's drift (10-25% between runs of minutes on this VM) then falls alike on all three,
+and each round gives a paired ratio. Separate runs of bench/run.py per mode, as this bench
+did first, could not tell 5% apart.
+
+The endpoint reads each export and answers 200 without decoding it (a real collector runs
+elsewhere; decoding here would take CPU from the gateway on the same cores); the exports
+are decoded after each slice, to count the spans that arrived per request (spans dropped
+under load would show there). The gateway's numbers are compared, not the ceiling's:
 tracing changes nothing at the worker. Not a test: run it on an idle machine.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import statistics
-import subprocess
-import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any
+from gevent import monkey
 
-ROOT = Path(__file__).resolve().parent.parent
-PHASES = ["chat c=64", "stream c=256"]
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import requests  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import PHASES as ALL_PHASES, ROOT, Bench  # noqa: E402
+
+PHASES = [phase for phase in ALL_PHASES if phase.name in ("chat c=64", "stream c=256")]
 MODES = {
     "off": {},
     "on, 100%": {"OTEL_TRACES_SAMPLER": "parentbased_always_on"},
@@ -35,7 +51,8 @@ MODES = {
 
 
 class Sink:
-    """An OTLP/HTTP endpoint that takes every export and keeps only its size."""
+    """An OTLP/HTTP endpoint that takes every export and keeps it undecoded; GET gives the
+    count of spans received per service name (decoded then)."""
 
     def __init__(self) -> None:
         self.posts = 0
@@ -55,86 +72,134 @@ class Sink:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
+            def do_GET(self) -> None:  # noqa: N802
+                body = json.dumps({"spans": sink.spans(), "exports": sink.posts,
+                                   "bytes": sink.bytes}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def log_message(self, *args: Any) -> None:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def spans(self) -> int:
-        """The spans of the exports received since the last call (decoded now)."""
+    def spans(self) -> dict[str, int]:
+        """The spans received, by service name."""
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import \
             ExportTraceServiceRequest
 
-        bodies, self.bodies = self.bodies, []
-        count = 0
-        for body in bodies:
+        counts: dict[str, int] = {}
+        for body in self.bodies:
             request = ExportTraceServiceRequest.FromString(body)
-            count += sum(len(scope.spans) for resource in request.resource_spans
-                         for scope in resource.scope_spans)
-        return count
+            for resource in request.resource_spans:
+                service = next((a.value.string_value for a in resource.resource.attributes
+                                if a.key == "service.name"), "")
+                counts[service] = counts.get(service, 0) + sum(
+                    len(scope.spans) for scope in resource.scope_spans)
+        return counts
 
 
-def run_phases(seconds: float, env: dict[str, str]) -> dict[str, dict[str, Any]]:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--phases", *PHASES, "--capacity",
-         "0", "--seconds", str(seconds)], cwd=ROOT, env={**os.environ, **env},
-        capture_output=True, text=True, check=True)
-    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return {row["phase"]: row for row in rows}
+def start_sink() -> tuple[subprocess.Popen[str], str]:
+    """The sink in a process of its own: its reading of the exports is not the load
+    generator's CPU."""
+    process = subprocess.Popen([sys.executable, __file__, "--sink"], stdout=subprocess.PIPE,
+                               text=True)
+    assert process.stdout is not None
+    return process, process.stdout.readline().strip()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also a gateway from this git revision, tracing off")
+    parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sink = Sink()
+    if args.sink:
+        sink = Sink()
+        print(sink.url, flush=True)
+        sink.server.serve_forever()
+        return
+    sink_process, sink_url = start_sink()
+    bench = Bench(argparse.Namespace(
+        workers=1, seconds=args.seconds, max_requests=200_000, stock=False, model_capacity=0,
+        redis_url="", database_url=""))
+    names = [phase.name for phase in PHASES]
+    modes = dict(MODES)
+    checkout = None
+    if args.baseline:
+        checkout = tempfile.TemporaryDirectory(prefix="flaskchat-baseline-")
+        subprocess.run(["git", "worktree", "add", "--detach", checkout.name + "/tree",
+                        args.baseline],
+                       cwd=ROOT, check=True, capture_output=True)
+        modes[f"off, at {args.baseline}"] = {}
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
-        mode: {phase: [] for phase in PHASES} for mode in MODES}
-    modes = list(MODES.items())
-    for round_number in range(args.rounds):
-        # Each round starts with another mode, so that a drift within a round favours
-        # none (with "off" always first, the 1% runs, which do almost nothing more,
-        # came out 3-7% behind it)
-        shift = round_number % len(modes)
-        for mode, extra in modes[shift:] + modes[:shift]:
-            env = dict(extra)
-            if mode != "off":
-                env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url})
-            before = sink.posts
-            rows = run_phases(args.seconds, env)
+        mode: {name: [] for name in names} for mode in modes}
+    expected = {mode: 0 for mode in modes}
+    try:
+        bench.start_backends()
+        # Each traced gateway has its own service name, by which its spans are counted
+        gateways = {mode: bench.start_gateway(
+            {**extra, "OTEL_EXPORTER_OTLP_ENDPOINT": sink_url,
+             "OTEL_SERVICE_NAME": f"bench{number}"} if extra else {})
+            for number, (mode, extra) in enumerate(MODES.items())}
+        if checkout is not None:
+            gateways[f"off, at {args.baseline}"] = bench.start_gateway(
+                root=Path(checkout.name) / "tree")
+        order = list(modes)
+        for round_number in range(args.rounds):
+            shift = round_number % len(order)
+            line = []
             for phase in PHASES:
-                results[mode][phase].append(rows[phase]["gateway"])
-            # A chat request makes 2 spans (request, upstream attempt), a stream 3 (and
-            # the stream); the warm-up requests count.
-            expected = sum((3 if "stream" in p else 2) * (rows[p]["gateway"]["requests"]
-                                                          + rows[p]["users"]) for p in PHASES)
-            arrived = sink.spans()
-            print(f"round {round_number + 1}, {mode}: "
-                  + ", ".join(f"{p} {_rate(rows[p]['gateway'], p):.0f}" for p in PHASES)
-                  + f"; {sink.posts - before} exports, {arrived} spans"
-                  + (f" ({arrived / expected:.1%} of the requests' spans)"
-                     if mode == "on, 100%" else ""), flush=True)
-    print("\n| tracing | " + " | ".join(f"{p} ({_unit(p)})" for p in PHASES)
-          + " | vs off (medians) | vs off (median of each round's ratio) | "
-          + " | ".join(f"CPU ms/request, {p}: gateway + export helper" for p in PHASES) + " |")
-    print("|---|" + "---|" * (len(PHASES) + 2 + len(PHASES)))
-    baseline = {p: statistics.median(_rate(g, p) for g in results["off"][p]) for p in PHASES}
-    for mode in MODES:
-        rates = {p: statistics.median(_rate(g, p) for g in results[mode][p]) for p in PHASES}
-        ratios = " / ".join(f"{rates[p] / baseline[p]:.2f}" for p in PHASES)
+                for mode in order[shift:] + order[:shift]:
+                    bench.use(gateways[mode])
+                    gateway = bench.phase(phase, ceiling=False)["gateway"]
+                    # A chat request makes 2 spans (request, upstream attempt), a stream 3
+                    # (and the stream); the warm-up requests count.
+                    expected[mode] += (3 if phase.kind == "stream" else 2) * (
+                        gateway["requests"] + phase.users)
+                    results[mode][phase.name].append(gateway)
+                    line.append(f"{phase.name} {mode}: {_rate(gateway, phase.name):.0f}")
+            print(f"round {round_number + 1}: " + ", ".join(line), flush=True)
+    finally:
+        bench.stop()  # (which flushes the gateways' last spans)
+        if checkout is not None:
+            subprocess.run(["git", "worktree", "remove", "--force", checkout.name + "/tree"],
+                           cwd=ROOT, check=False)
+    received = requests.get(sink_url, timeout=600).json()
+    sink_process.terminate()
+    arrived = {mode: received["spans"].get(f"bench{number}-gateway", 0) / (expected[mode] or 1)
+               for number, mode in enumerate(MODES) if MODES[mode]}
+    report(results, names, arrived)
+    print(f"\n{received['exports']} exports, {received['bytes'] / 2**20:.1f} MiB of spans "
+          "in all")
+
+
+def report(results: dict[str, dict[str, list[dict[str, Any]]]], names: list[str],
+           arrived: dict[str, float]) -> None:
+    print("\n| tracing | " + " | ".join(f"{p} ({_unit(p)})" for p in names)
+          + " | vs off (median of each round's ratio) | vs off (medians) | "
+          + " | ".join(f"CPU ms/request, {p}: gateway + export helper" for p in names)
+          + " | spans arrived, of the requests' |")
+    print("|---|" + "---|" * (2 * len(names) + 3))
+    baseline = {p: statistics.median(_rate(g, p) for g in results["off"][p]) for p in names}
+    for mode in results:
+        rates = {p: statistics.median(_rate(g, p) for g in results[mode][p]) for p in names}
+        ratios = " / ".join(f"{rates[p] / baseline[p]:.3f}" for p in names)
         paired = " / ".join(
-            f"{statistics.median(_rate(on, p) / _rate(off, p) for on, off in zip(results[mode][p], results['off'][p])):.2f}"  # noqa: E501
-            for p in PHASES)
+            f"{statistics.median(_rate(on, p) / _rate(off, p) for on, off in zip(results[mode][p], results['off'][p])):.3f}"  # noqa: E501
+            for p in names)
         cpu = " | ".join(
-            f"{statistics.median(g['cpu_ms_per_request'] for g in results[mode][p]):.2f} + "
-            f"{statistics.median(g['helper_cpu_ms_per_request'] for g in results[mode][p]):.2f}"
-            for p in PHASES)
-        print(f"| {mode} | " + " | ".join(f"{rates[p]:.0f}" for p in PHASES)
-              + f" | {ratios} | {paired} | {cpu} |")
-    print(f"\n{sink.posts} exports, {sink.bytes / 2**20:.1f} MiB of spans in all")
+            f"{statistics.median(g['cpu_ms_per_request'] for g in results[mode][p]):.3f} + "
+            f"{statistics.median(g['helper_cpu_ms_per_request'] for g in results[mode][p]):.3f}"
+            for p in names)
+        print(f"| {mode} | " + " | ".join(f"{rates[p]:.0f}" for p in names)
+              + f" | **{paired}** | {ratios} | {cpu} | "
+              + (f"{arrived[mode]:.1%}" if mode in arrived else "") + " |")
 
 
 def _rate(gateway: dict[str, Any], phase: str) -> float:
