@@ -191,8 +191,12 @@ def summarize(outcome: load.Outcome) -> dict[str, Any]:
 
 @dataclass
 class Gateway:
-    pid: int  # gunicorn's master
+    process: subprocess.Popen[bytes]  # gunicorn's master
     port: int
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     @property
     def url(self) -> str:
@@ -229,9 +233,11 @@ class Bench:
         self.worker_port = int(worker.stdout.readline().split()[1])
         self.worker = f"http://127.0.0.1:{self.worker_port}"
 
-    def start_gateway(self, env: dict[str, str] | None = None, root: Path = ROOT) -> Gateway:
+    def start_gateway(self, env: dict[str, str] | None = None, root: Path = ROOT,
+                      wait: bool = True) -> Gateway:
         """A gateway (its own database; ``env``: added to its environment; ``root``: the
-        checkout it runs from), serving once it sees the worker."""
+        checkout it runs from), serving once it sees the worker (``wait``: returns then,
+        else at once and ``ready`` waits)."""
         process, port = spawn_on_socket([
             sys.executable, "-m", "app.cli", "serve", "--fd", "{fd}", "--workers",
             str(self.args.workers), "--worker-connections", "20000", "--controller-address",
@@ -242,14 +248,30 @@ class Bench:
                if self.args.model_capacity else [])
             + (["--redis-url", self.args.redis_url] if self.args.redis_url else []), env, root)
         self.processes.append(process)
-        gateway = Gateway(process.pid, port)
+        gateway = Gateway(process, port)
+        if wait:
+            self.ready(gateway)
+        return gateway
+
+    def ready(self, gateway: Gateway) -> None:
         wait_for(gateway.url + "/health")
         deadline = time.monotonic() + 30
         while MODEL not in requests.get(gateway.url + "/ready").text:
             if time.monotonic() > deadline:
                 raise SystemExit("the gateway never saw the worker")
             time.sleep(0.2)
-        return gateway
+
+    def stop_gateways(self, gateways: list[Gateway]) -> None:
+        """Stops them (each drains, and sends its last spans)."""
+        for gateway in gateways:
+            gateway.process.terminate()
+        for gateway in gateways:
+            try:
+                gateway.process.wait(60)
+            except subprocess.TimeoutExpired:
+                gateway.process.kill()
+                gateway.process.wait()
+            self.processes.remove(gateway.process)
 
     def use(self, gateway: Gateway) -> None:
         """Which gateway the phases load."""

@@ -8,11 +8,12 @@ OTLP/HTTP endpoint.
 ``--baseline REV`` adds a fourth gateway, run from a checkout of revision REV (the one
 before tracing, say), to show that "off" costs nothing.
 
-Only one gateway is loaded at a time. Each round runs each phase against the three
-gateways in turn, a short slice each, and each round starts with another gateway: the
-machine's drift (10-25% between runs of minutes on this VM) then falls alike on all three,
-and each round gives a paired ratio. Separate runs of bench/run.py per mode, as this bench
-did first, could not tell 5% apart.
+Each round starts the three gateways anew and loads one at a time: each phase against
+each gateway in turn, a short slice each, and each round starts with another gateway.
+The machine's drift (10-25% between runs of minutes on this VM) then falls alike on all
+three, each round gives a paired ratio, and the rounds' new processes average out what
+differs between two processes of the same code (3-12% here, for as long as they ran).
+Separate runs of bench/run.py per mode, as this bench did first, could not tell 5% apart.
 
 The endpoint reads each export and answers 200 without decoding it (a real collector runs
 elsewhere; decoding here would take CPU from the gateway on the same cores); the exports
@@ -142,16 +143,20 @@ def main() -> None:
     expected = {mode: 0 for mode in modes}
     try:
         bench.start_backends()
-        # Each traced gateway has its own service name, by which its spans are counted
-        gateways = {mode: bench.start_gateway(
-            {**extra, "OTEL_EXPORTER_OTLP_ENDPOINT": sink_url,
-             "OTEL_SERVICE_NAME": f"bench{number}"} if extra else {})
-            for number, (mode, extra) in enumerate(MODES.items())}
-        if checkout is not None:
-            gateways[f"off, at {args.baseline}"] = bench.start_gateway(
-                root=Path(checkout.name) / "tree")
         order = list(modes)
         for round_number in range(args.rounds):
+            # New gateways each round: two gateways of the same code, started alike and
+            # loaded in turn, differed by 3-12% for as long as they ran. Each traced one
+            # has its own service name, by which its spans are counted.
+            gateways = {mode: bench.start_gateway(
+                {**extra, "OTEL_EXPORTER_OTLP_ENDPOINT": sink_url,
+                 "OTEL_SERVICE_NAME": f"bench{number}"} if extra else {}, wait=False)
+                for number, (mode, extra) in enumerate(MODES.items())}
+            if checkout is not None:
+                gateways[f"off, at {args.baseline}"] = bench.start_gateway(
+                    root=Path(checkout.name) / "tree", wait=False)
+            for gateway in gateways.values():
+                bench.ready(gateway)
             shift = round_number % len(order)
             line = []
             for phase in PHASES:
@@ -164,6 +169,7 @@ def main() -> None:
                         gateway["requests"] + phase.users)
                     results[mode][phase.name].append(gateway)
                     line.append(f"{phase.name} {mode}: {_rate(gateway, phase.name):.0f}")
+            bench.stop_gateways(list(gateways.values()))
             print(f"round {round_number + 1}: " + ", ".join(line), flush=True)
     finally:
         bench.stop()  # (which flushes the gateways' last spans)
@@ -182,7 +188,7 @@ def main() -> None:
 def report(results: dict[str, dict[str, list[dict[str, Any]]]], names: list[str],
            arrived: dict[str, float]) -> None:
     print("\n| tracing | " + " | ".join(f"{p} ({_unit(p)})" for p in names)
-          + " | vs off (median of each round's ratio) | vs off (medians) | "
+          + " | vs off (median of each round's ratio, and its quartiles) | vs off (medians) | "
           + " | ".join(f"CPU ms/request, {p}: gateway + export helper" for p in names)
           + " | spans arrived, of the requests' |")
     print("|---|" + "---|" * (2 * len(names) + 3))
@@ -190,9 +196,9 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], names: list[str]
     for mode in results:
         rates = {p: statistics.median(_rate(g, p) for g in results[mode][p]) for p in names}
         ratios = " / ".join(f"{rates[p] / baseline[p]:.3f}" for p in names)
-        paired = " / ".join(
-            f"{statistics.median(_rate(on, p) / _rate(off, p) for on, off in zip(results[mode][p], results['off'][p])):.3f}"  # noqa: E501
-            for p in names)
+        paired = " / ".join(_spread([_rate(on, p) / _rate(off, p) for on, off in
+                                     zip(results[mode][p], results["off"][p])])
+                            for p in names)
         cpu = " | ".join(
             f"{statistics.median(g['cpu_ms_per_request'] for g in results[mode][p]):.3f} + "
             f"{statistics.median(g['helper_cpu_ms_per_request'] for g in results[mode][p]):.3f}"
@@ -200,6 +206,13 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], names: list[str]
         print(f"| {mode} | " + " | ".join(f"{rates[p]:.0f}" for p in names)
               + f" | **{paired}** | {ratios} | {cpu} | "
               + (f"{arrived[mode]:.1%}" if mode in arrived else "") + " |")
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) < 4:
+        return f"{statistics.median(values):.3f}"
+    low, middle, high = statistics.quantiles(values, n=4)
+    return f"{middle:.3f} ({low:.2f}-{high:.2f})"
 
 
 def _rate(gateway: dict[str, Any], phase: str) -> float:
