@@ -43,6 +43,8 @@ from gevent.server import StreamServer
 from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import GeventWorker as _GunicornGeventWorker
 
+from app.runtime import collector
+
 DEFAULT_DRAIN_SECONDS = 2.0
 END_MARGIN = 2.0  # seconds before graceful_timeout: ending streams with an event takes time
 SWEEP_SECONDS = 0.25  # how often a stopping worker looks for idle connections to close
@@ -62,6 +64,7 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
     # ---- serving ------------------------------------------------------------------------
 
     def run(self) -> None:
+        collector.settle_after_start_up()  # the app is loaded: init_process loaded it
         servers = [self._serve(listener) for listener in self.sockets]
         while self.alive:
             self.notify()
