@@ -50,6 +50,10 @@ def _verbose() -> dict[str, object]:
              and getattr(o, "dead", True) is False]
     body["greenlets"] = len(alive)
     body["greenlets_waiting_in"] = dict(Counter(_where(g) for g in alive).most_common(8))
+    # (app.runtime.collector: start-up's objects frozen, a larger young generation)
+    body["collector"] = {"frozen_objects": gc.get_freeze_count(),
+                         "threshold": list(gc.get_threshold()),
+                         "collections": [stats["collections"] for stats in gc.get_stats()]}
     body["workers_probed"] = upstream().health.probing
     current_app.extensions[VERBOSE] = (time.monotonic(), body)
     return body
