@@ -50,7 +50,7 @@ def _verbose() -> dict[str, object]:
              and getattr(o, "dead", True) is False]
     body["greenlets"] = len(alive)
     body["greenlets_waiting_in"] = dict(Counter(_where(g) for g in alive).most_common(8))
-    # (app.runtime.collector: start-up's objects frozen, a larger young generation)
+    # (app.runtime.collector: start-up's objects frozen)
     body["collector"] = {"frozen_objects": gc.get_freeze_count(),
                          "threshold": list(gc.get_threshold()),
                          "collections": [stats["collections"] for stats in gc.get_stats()]}
