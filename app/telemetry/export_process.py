@@ -34,9 +34,9 @@ NICENESS = 10
 def _yield_the_cpu() -> None:
     """The helper runs when a CPU is idle (Linux's SCHED_IDLE; elsewhere nice +10): on
     a busy host the processes that serve requests have the CPU, not it. Measured at 100%
-    sampling (bench/RESULTS.md, issue 27), stream c=256 went from 0.82x of tracing off
-    with the helper at normal priority to 0.89x. A helper that falls behind drops
-    spans, counted."""
+    sampling (with the bench method before the one in bench/RESULTS.md, issue 27),
+    stream c=256 went from 0.82x of tracing off with the helper at normal priority to
+    0.89x. A helper that falls behind drops spans, counted."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):

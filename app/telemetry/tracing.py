@@ -302,10 +302,8 @@ def start(name: str, incoming: Any,
     if not ENABLED:
         return None
     parent = trace_context.extract(incoming) if incoming is not None else None
-    if parent is None:
-        parent = trace_context.Parent(trace_context.new_trace_id(), 0, False, "")
-        return Trace(name, parent, _SAMPLING.decide(None), attributes)
-    return Trace(name, parent, _SAMPLING.decide(parent.sampled), attributes)
+    return Trace(name, parent, _SAMPLING.decide(parent.sampled if parent else None),
+                 attributes)
 
 
 def end_request(call: Any, status: int, model: str | None, principal: Any,
