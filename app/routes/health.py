@@ -53,7 +53,9 @@ def _verbose() -> dict[str, object]:
     # (app.runtime.collector: start-up's objects frozen)
     body["collector"] = {"frozen_objects": gc.get_freeze_count(),
                          "threshold": list(gc.get_threshold()),
-                         "collections": [stats["collections"] for stats in gc.get_stats()]}
+                         "collections": [stats["collections"] for stats in gc.get_stats()],
+                         # cyclic garbage found, per generation: what refcounting missed
+                         "collected": [stats["collected"] for stats in gc.get_stats()]}
     body["workers_probed"] = upstream().health.probing
     current_app.extensions[VERBOSE] = (time.monotonic(), body)
     return body

@@ -1,10 +1,11 @@
 """Getting finished spans (app.telemetry.tracing) out of the process that serves requests.
 
-Ended spans wait in a bounded queue as plain tuples. One background thread (a greenlet
-under gevent) sends them in batches, ``marshal``-ed, over a local SOCK_SEQPACKET socket to
-a helper process (app.telemetry.export_process) which encodes them with OpenTelemetry's
-SDK and exports them to the collector. Encoding a span costs ~40 us of Python; in the
-helper it is off the CPU time of the process that serves the requests.
+Ended spans wait in a bounded queue, and become plain tuples when sent. One background
+thread (a greenlet under gevent) sends them in batches, ``marshal``-ed, over a local
+SOCK_SEQPACKET socket to a helper process (app.telemetry.export_process) which encodes
+them with OpenTelemetry's SDK and exports them to the collector. Encoding a span costs
+~40 us of Python; in the helper it is off the CPU time of the process that serves the
+requests.
 
 Nothing here ever waits: a full queue, or a socket the helper has not emptied, drops the
 spans and counts them, and so does the helper when an export fails (it reports its count
@@ -26,7 +27,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 log = logging.getLogger("flaskchat.tracing")
 
@@ -40,6 +41,12 @@ RESTART_SECONDS = 10.0  # before a dead helper is started again; doubled while i
 MAX_RESTART_SECONDS = 300.0  # dying within a minute of its start, up to this
 COUNT = struct.Struct("<I")  # a message's span count (a drop report is only that)
 _ROOT = str(Path(__file__).resolve().parents[2])  # where the app package is
+
+
+class Ended(Protocol):
+    """An ended span (app.telemetry.tracing.Span): its record is made when it is sent."""
+
+    def record(self) -> tuple[Any, ...]: ...
 
 
 def missing_exporter() -> str | None:
@@ -75,7 +82,7 @@ class SpanShipper:
         self._max_batch = max_batch or _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", MAX_BATCH)
         self._helper_args = [url, service, role, str(self._max_batch)]
         self._delay = delay or _delay()
-        self._queue: deque[tuple[Any, ...]] = deque()
+        self._queue: deque[Ended] = deque()
         self._wake = threading.Event()
         self._send_lock = threading.Lock()
         self._stopped = False
@@ -89,7 +96,7 @@ class SpanShipper:
         self._warned = -60.0
         os.register_at_fork(after_in_child=self._forked)
 
-    def add(self, span: tuple[Any, ...]) -> None:
+    def add(self, span: Ended) -> None:
         """Queues an ended span (never waits)."""
         if self._stopped:
             return
@@ -142,7 +149,8 @@ class SpanShipper:
                 self._send(self._take())
 
     def _take(self) -> list[tuple[Any, ...]]:
-        return [self._queue.popleft() for _ in range(min(len(self._queue), MESSAGE_SPANS))]
+        return [self._queue.popleft().record()
+                for _ in range(min(len(self._queue), MESSAGE_SPANS))]
 
     def _send(self, batch: list[tuple[Any, ...]], wait: float = 0.0) -> None:
         """Sends ``batch`` in messages of at most MAX_MESSAGE bytes; what cannot be sent

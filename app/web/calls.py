@@ -35,7 +35,6 @@ def _start() -> None:
                 f"{method} {route}", request.headers,
                 {"http.request.method": method, "http.route": route,
                  "flaskchat.request_id": g.call.request_id})
-            tracing.ACTIVE.set(g.call.trace)
 
 
 def _finish(response: Response) -> Response:
