@@ -142,6 +142,9 @@ def test_a_streamed_chat_is_one_trace_from_the_gateway_to_the_worker(
     assert attempt.attributes["flaskchat.ttfb_ms"] >= 0
     assert stream.attributes["flaskchat.stream.end"] == "done"
     assert stream.attributes["gen_ai.usage.output_tokens"] == completion_tokens
+    # the first token went out after the answer's head, within the request
+    assert attempt.attributes["flaskchat.ttfb_ms"] <= stream.attributes["flaskchat.ttft_ms"] \
+        == root.attributes["flaskchat.ttft_ms"]
     prompt, decode = one(spans, "prompt"), one(spans, "decode")
     assert prompt.attributes["gen_ai.usage.input_tokens"] == \
         root.attributes["gen_ai.usage.input_tokens"]
@@ -267,7 +270,8 @@ def test_an_openai_compatible_upstream_gets_the_traceparent(
     upstream.stop()
     attempt = one(spans, "upstream attempt")
     assert sent.startswith(f"00-{attempt.trace_id}-{attempt.span_id}-")  # then the flags
-    assert one(spans, "stream").attributes["flaskchat.stream.end"] == "done"
+    relayed = one(spans, "stream").attributes
+    assert relayed["flaskchat.stream.end"] == "done" and relayed["flaskchat.ttft_ms"] > 0
 
 
 def test_a_failover_shows_two_attempts(stack: dict[str, Any], receiver: OtlpReceiver) -> None:

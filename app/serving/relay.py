@@ -161,8 +161,8 @@ def _relay(stream: UpstreamStream[bytes], target: OpenAITarget, events: "_Events
     finally:
         stream.close()
         if span is not None:
-            tracing.close(span, {"flaskchat.stream.end": ended, "gen_ai.usage.output_tokens":
-                                 call.meter.completion()}, broke)
+            tracing.end_stream(span, call, ended, broke,
+                               {"gen_ai.usage.output_tokens": call.meter.completion()})
 
 
 class _Events:

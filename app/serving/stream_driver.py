@@ -90,9 +90,9 @@ def drive(source: WorkerStreams, fmt: ChunkFormat, trackers: Sequence[TextTracke
         totals = usage.total()
         call.meter.report(totals["prompt_tokens"], totals["completion_tokens"])
         if span is not None:
-            tracing.close(span, {"flaskchat.stream.end": ended, "flaskchat.choices":
-                                 len(trackers), "gen_ai.usage.output_tokens":
-                                 totals["completion_tokens"]}, broke)
+            tracing.end_stream(span, call, ended, broke, {
+                "flaskchat.choices": len(trackers),
+                "gen_ai.usage.output_tokens": totals["completion_tokens"]})
 
 
 def _advance(tracker: TextTracker, frames: list[Frame] | None, usage: UsageTally,

@@ -360,6 +360,17 @@ def end_request(call: Any, status: int, model: str | None, principal: Any,
     root.end()
 
 
+def end_stream(span: Span | _Unsampled, call: Any, ended: str, broke: str | None,
+               attributes: dict[str, Any]) -> None:
+    """Ends a gateway request's ``stream`` span (``ended``: how; ``broke``: what the
+    upstream broke off with), with the time from the request's start to its first token
+    (the upstream attempt before it ends at the stream's head)."""
+    attributes["flaskchat.stream.end"] = ended
+    if call.first_token_at is not None:
+        attributes["flaskchat.ttft_ms"] = round((call.first_token_at - call.started) * 1000, 2)
+    close(span, attributes, broke)
+
+
 def close(span: Span | _Unsampled, attributes: Mapping[str, Any],
           error: str | None = None) -> None:
     """Ends a span from ``Trace.open`` (``error``: what went wrong, marking it failed)."""
