@@ -28,7 +28,8 @@ def create_app(settings: "Settings | None" = None,
     from app.telemetry.logs import configure_logging
     from app.telemetry.metrics import AccessMetrics, QueueMetrics, UpstreamFailures
     from app.upstream.clients import Upstream
-    from app.web import access, admission, calls, cors, handlers, lifecycle, request_end, sse
+    from app.web import (access, admission, calls, cors, handlers, lifecycle, request_end,
+                         routing, sse)
     from app.web.context import SCHEMAS, UPSTREAM
     from schemas import RequestSchemas
 
@@ -75,4 +76,5 @@ def create_app(settings: "Settings | None" = None,
     admin.init_app(app)
     if settings.demo:
         demo.init_app(app, settings)
+    routing.remember_fixed_paths(app)
     return app

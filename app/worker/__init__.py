@@ -13,7 +13,7 @@ log = logging.getLogger("flaskchat.worker")
 
 def create_worker_app(settings: WorkerSettings, register: bool = True) -> Flask:
     from app.telemetry import tracing
-    from app.web import handlers
+    from app.web import handlers, routing
     from app.worker import loading, registration
     from app.worker.routes import STATE, WorkerState, bp
     from app.worker.slots import Slots
@@ -50,6 +50,7 @@ def create_worker_app(settings: WorkerSettings, register: bool = True) -> Flask:
     app.extensions[STATE] = state
     handlers.init_app(app)
     app.register_blueprint(bp)
+    routing.remember_fixed_paths(app)  # (the worker serves a few fixed paths)
     if register and not settings.no_register:
         registration.start(settings, state.status)
     return app
