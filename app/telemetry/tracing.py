@@ -215,12 +215,14 @@ class Span:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  traceback: Any) -> None:
-        if exc is not None and not isinstance(exc, GeneratorExit):
-            self.set_attribute("error.type", type(exc).__name__)
-            self.fail(getattr(exc, "message", None) or str(exc))
-        _CURRENT.reset(self._token)
-        self._token = None
-        self.end()
+        try:
+            if exc is not None and not isinstance(exc, GeneratorExit):
+                self.set_attribute("error.type", type(exc).__name__)
+                self.fail(str(getattr(exc, "message", None) or exc))
+        finally:  # (an exception whose text cannot be had still ends its span)
+            _CURRENT.reset(self._token)
+            self._token = None
+            self.end()
 
 
 class _Unsampled:

@@ -49,6 +49,8 @@ class _FixedPathMatcher:
         self._matcher.update()
 
     def __getattr__(self, name: str) -> Any:  # merge_slashes and whatever else it has
+        if name in ("_matcher", "_found"):  # (not set yet: a copy being made)
+            raise AttributeError(name)
         return getattr(self._matcher, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
