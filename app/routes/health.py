@@ -51,11 +51,12 @@ def _verbose() -> dict[str, object]:
     body["greenlets"] = len(alive)
     body["greenlets_waiting_in"] = dict(Counter(_where(g) for g in alive).most_common(8))
     # (app.runtime.collector: start-up's objects frozen)
+    generations = gc.get_stats()
     body["collector"] = {"frozen_objects": gc.get_freeze_count(),
                          "threshold": list(gc.get_threshold()),
-                         "collections": [stats["collections"] for stats in gc.get_stats()],
+                         "collections": [stats["collections"] for stats in generations],
                          # cyclic garbage found, per generation: what refcounting missed
-                         "collected": [stats["collected"] for stats in gc.get_stats()]}
+                         "collected": [stats["collected"] for stats in generations]}
     body["workers_probed"] = upstream().health.probing
     current_app.extensions[VERBOSE] = (time.monotonic(), body)
     return body
